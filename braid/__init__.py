@@ -1,0 +1,1 @@
+"""braid: distributed pretraining for hybrid language models."""

@@ -1,0 +1,272 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated up front.
+
+Kept free of torch imports so that a bad command line fails in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from braid.errors import ConfigError
+from braid.models.presets import load_preset, preset_names
+
+
+@dataclass
+class RunConfig:
+    name: str = "braid"
+    dir: Optional[str] = None  # default: runs/<name>
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    # One letter per layer; letters are resolved through braid.models.registry.
+    pattern: str = "AAAA"
+    # FFN letter per layer (same length as pattern) or a single letter used for every layer.
+    ffn_pattern: str = "S"
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # default: n_heads (no GQA)
+    head_dim: Optional[int] = None  # default: d_model // n_heads
+    ffn_hidden: Optional[int] = None  # default: 8/3 d_model rounded up to ffn_multiple
+    ffn_multiple: int = 64
+    vocab_size: Optional[int] = None  # default: tokenizer vocabulary padded to vocab_multiple
+    vocab_multiple: int = 64
+    pos_emb: str = "rope"  # rope | none
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    window: Optional[int] = None  # sliding window (keys within the last `window` positions)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | local file/dir | Hugging Face dataset name
+    tokenizer: str = "bytes"  # bytes | local tokenizer path
+    seq_len: int = 256
+    text_field: str = "text"
+    hf_split: str = "train"
+    valid_fraction: float = 0.01  # documents held out for evaluation
+    reset_position_ids: bool = False  # positions restart at every document
+    document_mask: bool = True  # attention never crosses a document boundary
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 4  # micro-batches per rank for each evaluation
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    threads: Optional[int] = None  # CPU intra-op threads
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    keep: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint dir
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: str = "off"  # off | offline | online
+    wandb_project: str = "braid"
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    dp: Optional[int] = None  # default: the world size
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_keys(tree: Any, schema: Any, where: str) -> None:
+    """Reject unknown keys with the list of allowed ones (OmegaConf's message is multi-line)."""
+    if not isinstance(tree, dict):
+        return
+    allowed = typing.get_type_hints(schema)
+    for key, value in tree.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in allowed:
+            raise ConfigError(f"unknown config key '{name}' (allowed: {', '.join(allowed)})")
+        sub = allowed[key]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' is a section, not a value")
+            _check_keys(value, sub, name)
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        if not _KEY_RE.match(key):
+            raise ConfigError(f"override '{item}': '{key}' is not a dotted section.key name")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"overrides could not be parsed: {_first_line(exc)}") from None
+
+
+def _load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml errors are multi-line; keep the first
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config: dataclass defaults ← model preset ← YAML file ← overrides.
+
+    The preset named by ``model.preset`` (command line first, then file) supplies the whole model
+    section; other ``model.*`` keys in the file or overrides adjust it.
+    """
+    file_tree = _load_yaml(path) if path is not None else {}
+    cli_tree = _parse_overrides(overrides or [])
+    _check_keys(file_tree, Config, "")
+    _check_keys(cli_tree, Config, "")
+
+    preset = cli_tree.get("model", {}).get("preset", file_tree.get("model", {}).get("preset"))
+    layers = [OmegaConf.structured(Config)]
+    if preset is not None:
+        if not isinstance(preset, str) or preset not in preset_names():
+            raise ConfigError(f"model.preset '{preset}' is unknown (allowed: {', '.join(preset_names())})")
+        preset_tree = load_preset(preset)
+        _check_keys(preset_tree, ModelConfig, f"preset '{preset}'")
+        layers.append(OmegaConf.create({"model": preset_tree}))
+    layers += [OmegaConf.create(file_tree), OmegaConf.create(cli_tree)]
+    try:
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {_first_line(exc)}") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    cfg.model.preset = preset
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; each failure names its key."""
+    from braid.models.registry import ffn_letters, mixer_letters
+
+    m, d, t, c, lg, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.logging, cfg.parallel
+    _require(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.run.name)), "run.name",
+             "letters, digits, '.', '_' or '-' only", cfg.run.name)
+    _require(len(m.pattern) > 0 and all(ch in mixer_letters() for ch in m.pattern), "model.pattern",
+             f"a non-empty string of mixer letters {''.join(sorted(mixer_letters()))}", m.pattern)
+    _require(len(m.ffn_pattern) in (1, len(m.pattern)) and all(ch in ffn_letters() for ch in m.ffn_pattern),
+             "model.ffn_pattern",
+             f"one FFN letter of {''.join(sorted(ffn_letters()))} or one per layer of model.pattern",
+             m.ffn_pattern)
+    for key in ("d_model", "n_heads", "ffn_multiple", "vocab_multiple"):
+        _require(getattr(m, key) > 0, f"model.{key}", "must be > 0", getattr(m, key))
+    _require(m.d_model % m.n_heads == 0 or m.head_dim is not None, "model.n_heads",
+             f"must divide model.d_model={m.d_model} unless model.head_dim is set", m.n_heads)
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads",
+             f"must be > 0 and divide model.n_heads={m.n_heads}", m.n_kv_heads)
+    hd = m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
+    _require(hd > 0 and hd % 2 == 0, "model.head_dim", "must be a positive even number", hd)
+    _require(m.pos_emb in ("rope", "none"), "model.pos_emb", "rope | none", m.pos_emb)
+    _require(m.window is None or m.window > 0, "model.window", "null or > 0", m.window)
+    _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "null or > 0", m.vocab_size)
+    _require(m.ffn_hidden is None or m.ffn_hidden > 0, "model.ffn_hidden", "null or > 0", m.ffn_hidden)
+    _require(m.init_std > 0, "model.init_std", "must be > 0", m.init_std)
+
+    _require(bool(d.source), "data.source", "embedded, a local file/dir or a dataset name", d.source)
+    _require(d.tokenizer == "bytes" or Path(d.tokenizer).exists(), "data.tokenizer",
+             "'bytes' or an existing local tokenizer path", d.tokenizer)
+    _require(d.seq_len > 0, "data.seq_len", "must be > 0", d.seq_len)
+    _require(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)", d.valid_fraction)
+
+    for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_iters"):
+        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
+    _require(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
+    _require(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", "cosine | wsd | constant",
+             t.schedule)
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _require(0.0 <= t.decay_fraction <= 1.0, "train.decay_fraction", "must be in [0, 1]", t.decay_fraction)
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)", t.grad_clip)
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", "auto | cpu | cuda", t.device)
+    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto | bf16 | fp32", t.precision)
+    _require(t.threads is None or t.threads > 0, "train.threads", "null or > 0", t.threads)
+    dp = p.dp or 1
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+             f"must be a multiple of train.micro_batch_size × parallel.dp = {t.micro_batch_size * dp}",
+             t.global_batch_size)
+
+    _require(c.interval > 0, "checkpoint.interval", "must be > 0", c.interval)
+    _require(c.keep > 0, "checkpoint.keep", "must be > 0", c.keep)
+    _require(c.resume in ("auto", "none") or Path(c.resume).is_dir(), "checkpoint.resume",
+             "auto | none | an existing checkpoint directory", c.resume)
+    _require(lg.interval > 0, "logging.interval", "must be > 0", lg.interval)
+    _require(lg.wandb in ("off", "offline", "online"), "logging.wandb", "off | offline | online", lg.wandb)
+    _require(p.dp is None or p.dp > 0, "parallel.dp", "null (= world size) or > 0", p.dp)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

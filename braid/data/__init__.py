@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, packing into fixed-length sequences, and the sharded, resumable batch order."""

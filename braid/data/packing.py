@@ -1,0 +1,89 @@
+"""Pack documents into fixed-length training sequences, keeping document boundaries."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from braid.config import DataConfig
+from braid.data.sources import load_documents
+from braid.errors import DataSourceError
+from braid.data.tokenizer import Tokenizer
+
+
+class PackedSequences:
+    """Documents, each followed by EOS, concatenated into one stream and cut into samples.
+
+    Sample ``i`` covers stream positions ``[i·L, i·L + L]`` (L + 1 tokens: inputs and shifted labels),
+    so consecutive samples share one token and no token is lost or repeated as an input.
+    """
+
+    def __init__(self, docs: Sequence[np.ndarray], eos_id: int, seq_len: int, reset_position_ids: bool):
+        if not docs:
+            raise DataSourceError("no documents to pack")
+        lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+        dtype = np.uint16 if max(int(d.max(initial=0)) for d in docs) < 2**16 and eos_id < 2**16 else np.int32
+        stream = np.empty(int(lengths.sum()), dtype=dtype)
+        pos = 0
+        for d in docs:
+            stream[pos : pos + len(d)] = d
+            stream[pos + len(d)] = eos_id
+            pos += len(d) + 1
+        self.tokens = stream
+        self.doc_index = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)
+        self.doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.seq_len = seq_len
+        self.reset_position_ids = reset_position_ids
+        self.n_documents = len(docs)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s, L = i * self.seq_len, self.seq_len
+        chunk = self.tokens[s : s + L + 1].astype(np.int64)
+        docs = self.doc_index[s : s + L].astype(np.int64)
+        if self.reset_position_ids:
+            positions = np.arange(s, s + L) - self.doc_start[docs]
+        else:
+            positions = np.arange(L)
+        return {
+            "input_ids": chunk[:-1],
+            "labels": chunk[1:],
+            "doc_ids": docs - docs[0],
+            "position_ids": positions.astype(np.int64),
+        }
+
+
+def split_documents(n: int, valid_fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic held-out split: every k-th document (k ≈ 1/valid_fraction) is for evaluation."""
+    if n < 2:
+        raise DataSourceError(f"need at least 2 documents for a train/valid split, got {n}")
+    k = max(2, round(1 / valid_fraction))
+    valid = [i for i in range(n) if i % k == k // 2] or [n // 2]
+    held = set(valid)
+    return [i for i in range(n) if i not in held], valid
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False,
+                   batch_docs: int = 256) -> tuple[PackedSequences, PackedSequences]:
+    """Train and valid ``PackedSequences`` for the data config."""
+    docs = load_documents(cfg.source, cfg.text_field, cfg.hf_split)
+    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction)
+    texts = [text for _, text in docs]
+    from tqdm import tqdm
+
+    tokens: list[np.ndarray] = []
+    for start in tqdm(range(0, len(texts), batch_docs), desc="tokenizing", unit="batch",
+                      disable=not progress, leave=False, delay=2.0):
+        tokens.extend(tokenizer.encode_batch(texts[start : start + batch_docs]))
+    train = PackedSequences([tokens[i] for i in train_idx], tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
+    valid = PackedSequences([tokens[i] for i in valid_idx], tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
+    for name, ds in (("training", train), ("held-out", valid)):
+        if len(ds) == 0:
+            raise DataSourceError(f"data.source '{cfg.source}': the {name} split is shorter than "
+                                  f"data.seq_len={cfg.seq_len} tokens")
+    return train, valid

@@ -1,0 +1,5 @@
+"""Token-mixing ops. Each op family has a torch reference; Triton kernels plug in behind the same call."""
+
+from braid.kernels.attention import attention
+
+__all__ = ["attention"]

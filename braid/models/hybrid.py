@@ -1,0 +1,111 @@
+"""HybridLM: embedding → blocks (connection, mixer, FFN per the layer pattern) → RMSNorm → LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from braid.config import ModelConfig
+from braid.models.connections import PreNormResidual
+from braid.models.ffn import NoFFN
+from braid.models.layers import RMSNorm, SeqInfo
+from braid.models.registry import ffn_class, mixer_class
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, mixer_letter: str, ffn_letter: str):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_conn = PreNormResidual(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer_class(mixer_letter)(cfg, layer_idx)
+        ffn = ffn_class(ffn_letter)(cfg, layer_idx)
+        self.ffn = None if isinstance(ffn, NoFFN) else ffn
+        self.ffn_conn = PreNormResidual(cfg.d_model, cfg.norm_eps) if self.ffn is not None else None
+
+    def forward(self, h: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        h = self.mixer_conn(h, lambda x: self.mixer(x, seq))
+        if self.ffn is not None:
+            h = self.ffn_conn(h, self.ffn)
+        return h
+
+
+class HybridLM(nn.Module):
+    """A causal LM whose layer ``i`` uses mixer ``cfg.pattern[i]`` and FFN ``cfg.ffn_pattern[i]``.
+
+    ``cfg.vocab_size`` must be resolved (see ``braid.models.stats.resolve_vocab``) before building.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved before building HybridLM")
+        self.cfg = cfg
+        ffn_letters = cfg.ffn_pattern * len(cfg.pattern) if len(cfg.ffn_pattern) == 1 else cfg.ffn_pattern
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            Block(cfg, i, m, f) for i, (m, f) in enumerate(zip(cfg.pattern, ffn_letters))
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "_braid_residual_out", False) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            labels: ``[B, T]`` next-token targets (``-100`` = ignored), or None.
+            position_ids: ``[B, T]`` positions; default ``0..T-1``.
+            doc_ids: ``[B, T]`` document ids of packed sequences; mixers never cross a boundary.
+        Returns:
+            per-token loss ``[B, T]`` in fp32 (0 where ignored) when labels are given, else logits
+            ``[B, T, V]``.
+        """
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, seq)
+        h = self.norm(h)
+        logits = F.linear(h, self._head_weight())
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return loss.view(b, t)

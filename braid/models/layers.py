@@ -1,0 +1,70 @@
+"""Small building blocks shared by mixers: RMSNorm, rotary embeddings, the per-sequence info."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class SeqInfo:
+    """What mixers may need besides the hidden states.
+
+    position_ids: ``[B, T]`` int64 positions (global ones under context parallelism).
+    doc_ids: ``[B, T]`` document ids of packed sequences, or None for one document per row.
+    """
+
+    position_ids: torch.Tensor
+    doc_ids: Optional[torch.Tensor] = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (the statistic is the precision-sensitive part), scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, rotate-half convention (as Llama in Hugging Face transformers)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_parameters(self) -> None:
+        # Buffers are not in the state dict: recompute after a meta-device build.
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x ``[B, T, H, D]``, position_ids ``[B, T]`` → rotated x (angles in fp32)."""
+        angles = position_ids[..., None].float() * self.inv_freq  # [B, T, D/2]
+        cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
+        sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def mark_output_projection(linear: nn.Linear) -> nn.Linear:
+    """Tag a projection that writes into the residual stream (initialised with std/sqrt(2·layers))."""
+    linear._braid_residual_out = True
+    return linear

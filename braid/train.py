@@ -1,0 +1,46 @@
+"""``python -m braid.train --config configs/<file>.yaml [section.key=value ...]``.
+
+Under ``torchrun --nproc_per_node=N -m braid.train ...`` the same command trains data parallel.
+Exit codes: 0 done; 2 bad configuration or input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from braid.config import load_config
+from braid.errors import BraidError, ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    print(f"braid: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="braid.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+    # Heavy imports only after the config is known to be valid.
+    from braid.parallel.distributed import shutdown
+    from braid.trainer.trainer import Trainer
+
+    try:
+        Trainer(cfg).train()
+    except BraidError as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

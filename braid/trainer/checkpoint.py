@@ -1,0 +1,148 @@
+"""DCP checkpoints that are complete or invisible.
+
+Layout under ``<run.dir>/checkpoints/``:
+    step_<N>/            DCP shards of model + optimizer + trainer state, ``rng_rank<r>.pt``, and
+                         the completion marker ``COMPLETE`` (JSON: step, world size, time)
+    latest               text file naming the newest complete ``step_<N>``
+    .step_<N>.tmp/       a save in progress; never read, removed by the next save of that step
+
+A save writes into the temporary directory, adds the marker, then renames it into place; a run
+killed at any moment therefore leaves either the whole checkpoint or nothing ``resume`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from braid.errors import CheckpointError
+from braid.parallel.distributed import DistInfo, barrier
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every complete checkpoint, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint (by step, not by the ``latest`` pointer, which may lag a crash)."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep: int, info: DistInfo):
+        self.root, self.keep, self.info = Path(root), keep, info
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".step_{step}.tmp"
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # DCP warns that a lone process saves without a process group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
+        barrier()
+        if self.info.is_main:
+            meta = {"step": step, "world_size": self.info.world_size, "time": time.time()}
+            _fsync_write(tmp / MARKER, json.dumps(meta) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again after a resume: replace it
+                trash = self.root / f".step_{step}.old"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            _fsync_write(self.root / "latest", final.name + "\n")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in complete_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
+        """Restore model, optimizer and RNG in place; returns the saved trainer state.
+
+        ``trainer_state`` is a template with the keys to read (DCP loads into a given structure).
+        """
+        path = Path(path)
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker); refusing to load it")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{self.info.rank}.pt"
+        if rng_file.is_file():  # absent when resuming on more ranks than were saved
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state["trainer"]

@@ -1,0 +1,290 @@
+"""The training loop: config → data → model → parallelism → steps, evaluation, checkpoints, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from braid.config import Config, to_yaml
+from braid.errors import ConfigError
+from braid.data.loader import SampleOrder, micro_batches
+from braid.data.packing import build_datasets
+from braid.data.tokenizer import load_tokenizer
+from braid.models.hybrid import IGNORE_INDEX, HybridLM
+from braid.models.stats import ModelStats, model_stats, resolve_vocab
+from braid.parallel.data_parallel import apply_ddp, grad_average_factor, no_sync, unwrap
+from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from braid.trainer.checkpoint import CheckpointManager, latest_checkpoint
+from braid.trainer.metrics import MetricsLogger, init_wandb, memory_gib, peak_flops
+from braid.trainer.optim import build_optimizer
+from braid.trainer.schedule import lr_at
+
+
+class Trainer:
+    """Owns one run. ``Trainer(cfg).train()`` returns the per-step training losses it computed."""
+
+    def __init__(self, cfg: Config, info: Optional[DistInfo] = None):
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.train.device)
+        t, p = cfg.train, cfg.parallel
+        self.dp = self.info.world_size
+        if p.dp is not None and p.dp != self.dp:
+            raise ConfigError(f"config key 'parallel.dp' = {p.dp} does not match the world size {self.dp}")
+        if t.global_batch_size % (t.micro_batch_size * self.dp):
+            raise ConfigError(
+                f"config key 'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size × data-parallel size = {t.micro_batch_size * self.dp}"
+            )
+        self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = self.info.device
+        self.autocast_dtype = self._autocast_dtype()
+
+        # Data before any file is written: a bad source fails with nothing on disk.
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer, progress=self.info.is_main)
+        self.order = SampleOrder(len(self.train_data), t.seed)
+
+        torch.manual_seed(t.seed)
+        self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
+        self.stats: ModelStats = model_stats(self.model_cfg, cfg.data.seq_len)
+        model = HybridLM(self.model_cfg).to(self.device)
+        self.model = apply_ddp(model, self.info)
+        self.optimizer = build_optimizer(model, t)
+        self.loss_factor = grad_average_factor(self.model, self.info)
+
+        self.run_dir = cfg.run_dir
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info)
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_iterations = 0
+        self.nan_iterations = 0
+        self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+        self.peak = peak_flops(self.device)
+        self.logger: Optional[MetricsLogger] = None
+        self.stopped_by: Optional[str] = None
+
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        precision = self.cfg.train.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---------------------------------------------------------------- state
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "skipped_iterations": self.skipped_iterations,
+            "nan_iterations": self.nan_iterations,
+            "window_loss_sum": self.window["loss_sum"],
+            "window_steps": self.window["steps"],
+            "window_time": self.window["time"],
+            "scheduler": {"kind": self.cfg.train.schedule, "step": self.step},
+        }
+
+    def _resume(self) -> Optional[Path]:
+        spec = self.cfg.checkpoint.resume
+        if spec == "none":
+            return None
+        path = latest_checkpoint(self.ckpt.root) if spec == "auto" else Path(spec)
+        if path is None:
+            return None
+        state = self.ckpt.load(path, self.model, self.optimizer, self.trainer_state())
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_iterations = int(state["skipped_iterations"])
+        self.nan_iterations = int(state["nan_iterations"])
+        self.window = {"loss_sum": float(state["window_loss_sum"]), "steps": int(state["window_steps"]),
+                       "time": float(state["window_time"])}
+        return path
+
+    def _prepare_run_dir(self) -> None:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        barrier()
+
+    # ---------------------------------------------------------------- steps
+
+    def _forward_loss_sum(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                         doc_ids=batch.get("doc_ids"))
+        tokens = (batch["labels"] != IGNORE_INDEX).sum()
+        return loss.sum(), tokens
+
+    def train_step(self) -> float:
+        """One optimizer step over a global batch; returns the global mean per-token loss."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = micro_batches(self.train_data, self.order, self.consumed_samples, t.global_batch_size,
+                                t.micro_batch_size, self.info.rank, self.dp, self.device,
+                                with_doc_ids=self.cfg.data.document_mask)
+        # Normalise by the tokens of the whole global batch, so every rank/micro-batch split agrees.
+        local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
+        global_tokens = all_reduce_sum(local_tokens.clone()).item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        for i, batch in enumerate(batches):
+            with no_sync(self.model, skip=i < len(batches) - 1):
+                micro_sum, _ = self._forward_loss_sum(self.model, batch)
+                (micro_sum * (self.loss_factor / global_tokens)).backward()
+            loss_sum += micro_sum.detach().to(torch.float64)
+        loss = all_reduce_sum(loss_sum).item() / global_tokens
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # Megatron semantics: the iteration counts, the update is skipped.
+            self.skipped_iterations += 1
+            self.nan_iterations += int(not math.isfinite(loss))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-token loss over ``eval_iters`` global batches of the held-out split (dp-invariant)."""
+        t = self.cfg.train
+        model = unwrap(self.model)
+        model.eval()
+        order = SampleOrder(len(self.valid_data), t.seed, shuffle=False)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        for it in range(t.eval_iters):
+            for batch in micro_batches(self.valid_data, order, it * t.global_batch_size, t.global_batch_size,
+                                       t.micro_batch_size, self.info.rank, self.dp, self.device,
+                                       with_doc_ids=self.cfg.data.document_mask):
+                s, n = self._forward_loss_sum(model, batch)
+                loss_sum += s.to(torch.float64)
+                tokens += n.to(torch.float64)
+        return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
+
+    # ---------------------------------------------------------------- loop
+
+    def _log_step(self, loss: float, dt: float) -> None:
+        t, w = self.cfg.train, self.window
+        w["loss_sum"] += loss
+        w["steps"] += 1
+        w["time"] += dt
+        if self.step % self.cfg.logging.interval and self.step != t.steps:
+            return
+        step_time = w["time"] / w["steps"]
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        tokens_per_s = tokens_per_step / step_time
+        tflops = self.stats.flops_per_token * tokens_per_s / self.info.world_size / 1e12
+        mem, mem_kind = memory_gib(self.device)
+        record = {
+            "step": self.step,
+            "loss": w["loss_sum"] / w["steps"],
+            "lr": self._last["lr"],
+            "grad_norm": self._last["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_samples * self.cfg.data.seq_len,
+            "global_batch_size": t.global_batch_size,
+            "step_time_s": step_time,
+            "tflops": tflops if self.device.type == "cuda" else None,
+            "mfu": tflops * 1e12 / self.peak if self.peak else None,
+            "skipped_iterations": self.skipped_iterations,
+            "nan_iterations": self.nan_iterations,
+            "memory_gib": mem,
+        }
+        self.logger.console(self.logger.train_line(record, t.steps, mem_kind))
+        self.logger.write(record)
+        self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+
+    def _banner(self, resumed: Optional[Path]) -> None:
+        s, t = self.stats, self.cfg.train
+        self.logger.console(
+            f"braid: run dir {self.run_dir} | {self.info.world_size} rank(s) on {self.device.type} | "
+            f"pattern {self.model_cfg.pattern} | params {s.params / 1e6:.2f}M "
+            f"({s.non_embedding_params / 1e6:.2f}M non-embedding) | {s.flops_per_token / 1e6:.1f} MFLOP/token | "
+            f"train {len(self.train_data)} / valid {len(self.valid_data)} sequences of {self.cfg.data.seq_len} | "
+            f"grad accumulation {self.grad_accum}"
+        )
+        if resumed is not None:
+            self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "
+                                f"({self.consumed_samples} samples consumed)")
+
+    def _install_stop_handlers(self) -> dict:
+        """SIGTERM/SIGUSR1 (slurm's pre-timeout signal) → checkpoint at the next step boundary, exit."""
+        received: dict = {"signal": None, "previous": {}}
+        if threading.current_thread() is not threading.main_thread():
+            return received
+
+        def handler(signum, frame):
+            received["signal"] = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            received["previous"][sig] = signal.signal(sig, handler)
+        return received
+
+    def _should_stop(self, received: dict) -> bool:
+        # Ranks may see the signal at different steps; agree so that all stop at the same one.
+        flag = torch.tensor(float(received["signal"] is not None), device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
+    def train(self) -> list[float]:
+        """Train to ``train.steps``, or until SIGTERM/SIGUSR1 (then checkpoint and return early)."""
+        cfg, t = self.cfg, self.cfg.train
+        self._prepare_run_dir()
+        resumed = self._resume()
+        wandb_run = None
+        if self.info.is_main and cfg.logging.wandb != "off":
+            wandb_run = init_wandb(self.run_dir, cfg.logging.wandb, cfg.logging.wandb_project,
+                                   cfg.logging.wandb_entity, cfg.run.name, dataclasses.asdict(cfg))
+        self.logger = MetricsLogger(self.run_dir, self.info.is_main, wandb_run)
+        self.logger.truncate_after(self.step)
+        self._banner(resumed)
+        losses: list[float] = []
+        received = self._install_stop_handlers()
+        try:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                loss = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                losses.append(loss)
+                self._log_step(loss, time.perf_counter() - start)
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    eval_loss = self.evaluate()
+                    self.logger.console(self.logger.eval_line(self.step, eval_loss))
+                    self.logger.write({"step": self.step, "eval_loss": eval_loss,
+                                       "eval_ppl": math.exp(min(eval_loss, 50.0))})
+                stop = self._should_stop(received)
+                if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or stop:
+                    path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+                    self.logger.console(f" saved checkpoint {path}")
+                if stop:
+                    self.stopped_by = received["signal"] or "a signal on another rank"
+                    self.logger.console(f"braid: stopping at iteration {self.step} on {self.stopped_by}; "
+                                        "resume with checkpoint.resume=auto")
+                    return losses
+        finally:
+            for sig, previous in received["previous"].items():
+                signal.signal(sig, previous)
+            if wandb_run is not None:
+                wandb_run.finish()
+        self.logger.console(f"braid: done at iteration {self.step}; run dir {self.run_dir}")
+        return losses

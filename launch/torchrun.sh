@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Single-node launcher for braid: one torchrun agent, N worker processes.
+#
+#   launch/torchrun.sh [--nproc N] --config configs/x.yaml [section.key=value ...]
+#
+# N comes from, in order: --nproc, $NPROC_PER_NODE, $CUDA_VISIBLE_DEVICES (its entry
+# count), the GPUs `nvidia-smi -L` lists, else 1 (a CPU run).
+#
+# Environment:
+#   PYTHON          interpreter to run (default: python). We call
+#                   `python -m torch.distributed.run` instead of a `torchrun` binary so the
+#                   interpreter you pick (e.g. the venv's) is the one that runs the workers.
+#   BRAID_DRY_RUN=1 print the command, shell-quoted on one line, and run nothing.
+#
+# Every argument other than --nproc is handed to `braid.train` unchanged and in order.
+set -euo pipefail
+
+die() {
+    # One line on stderr and exit 2, so wrappers can tell usage errors from training failures.
+    printf 'torchrun.sh: error: %s\n' "$*" >&2
+    exit 2
+}
+
+# Print argv as one line that a POSIX shell (or Python's shlex.split) reads back verbatim.
+# printf %q would do, but its $'...' and backslash forms are harder to read and to paste.
+shell_quote() {
+    local a out=()
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+            out+=("$a")
+        else
+            out+=("'${a//\'/\'\\\'\'}'")
+        fi
+    done
+    local IFS=' '
+    printf '%s\n' "${out[*]}"
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+gpu_count() {
+    # CUDA_VISIBLE_DEVICES narrows what the workers can see, so it beats the hardware count.
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        local -a ids
+        IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+        return
+    fi
+    local n=0 line
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        # A broken driver makes nvidia-smi fail; that just means "no usable GPUs".
+        while IFS= read -r line; do
+            [[ $line == GPU\ * ]] && n=$((n + 1))
+        done < <(nvidia-smi -L 2>/dev/null || true)
+    fi
+    echo "$n"
+}
+
+nproc=""
+have_config=0
+train_args=()
+while (($#)); do
+    case $1 in
+        --nproc)
+            (($# >= 2)) || die "--nproc needs a value"
+            nproc=$2
+            shift 2
+            continue
+            ;;
+        --nproc=*)
+            nproc=${1#--nproc=}
+            ;;
+        --config)
+            (($# >= 2)) || die "--config needs a value"
+            have_config=1
+            train_args+=("$1" "$2")
+            shift 2
+            continue
+            ;;
+        --config=?*)
+            have_config=1
+            train_args+=("$1")
+            ;;
+        *)
+            train_args+=("$1")
+            ;;
+    esac
+    shift
+done
+
+((have_config)) || die "--config <file.yaml> is required (usage: launch/torchrun.sh [--nproc N] --config FILE [key=value ...])"
+
+if [[ -z $nproc ]]; then
+    if [[ -n ${NPROC_PER_NODE:-} ]]; then
+        nproc=$NPROC_PER_NODE
+    else
+        nproc=$(gpu_count)
+        ((nproc > 0)) || nproc=1
+    fi
+fi
+is_count "$nproc" || die "process count must be a positive integer, got '$nproc'"
+
+cmd=(
+    "${PYTHON:-python}" -m torch.distributed.run
+    --standalone --nnodes=1 --nproc_per_node="$nproc"
+    -m braid.train "${train_args[@]}"
+)
+
+if [[ ${BRAID_DRY_RUN:-0} == 1 ]]; then
+    shell_quote "${cmd[@]}"
+    exit 0
+fi
+
+# exec so Ctrl-C and SIGTERM reach torchrun directly; it forwards them to the workers,
+# which braid turns into "checkpoint at the next step boundary, then exit".
+exec "${cmd[@]}"

@@ -1,0 +1,136 @@
+"""Config loading, presets and every error path (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from braid.config import load_config
+from braid.errors import ConfigError
+from braid.models.presets import load_preset, preset_names
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def test_defaults_and_tiny_yaml_load():
+    cfg = load_config(TINY)
+    assert cfg.model.preset == "tiny"
+    assert cfg.data.source == "embedded" and cfg.data.tokenizer == "bytes"
+    assert cfg.run_dir == Path("runs") / cfg.run.name
+    assert load_config(None).run_dir == Path("runs/braid")
+
+
+def test_overrides_are_typed_and_win_over_file():
+    cfg = load_config(TINY, ["train.steps=7", "train.lr=1e-4", "model.qk_norm=true", "run.dir=/tmp/x"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.model.qk_norm is True
+    assert cfg.run_dir == Path("/tmp/x")
+
+
+def test_tiny_yaml_chooses_its_model_only_through_the_preset():
+    text = TINY.read_text()
+    model_lines = text.split("model:")[1].split("\ndata:")[0].strip().splitlines()
+    assert [ln.strip() for ln in model_lines] == ["preset: tiny"]
+
+
+def test_preset_on_command_line_switches_architecture_completely():
+    other = load_preset("tiny-swa")
+    cfg = load_config(TINY, ["model.preset=tiny-swa"])
+    for key, value in other.items():
+        assert getattr(cfg.model, key) == value, key
+    assert cfg.model.preset == "tiny-swa"
+    # ... and model keys given alongside still adjust the chosen preset.
+    cfg = load_config(TINY, ["model.preset=tiny-swa", "model.window=16"])
+    assert cfg.model.window == 16 and cfg.model.pattern == other["pattern"]
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_is_a_complete_valid_model_section(name):
+    cfg = load_config(None, [f"model.preset={name}"])
+    assert set(load_preset(name)) >= {"pattern", "d_model", "n_heads"}
+    assert cfg.model.pattern
+
+
+ERRORS = [
+    (["bogus.key=1"], "bogus"),
+    (["train.bogus=1"], "train.bogus"),
+    (["train.steps=abc"], "train.steps"),
+    (["train.steps=0"], "train.steps"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
+    (["train.schedule=linear"], "train.schedule"),
+    (["train.warmup_steps=-1"], "train.warmup_steps"),
+    (["train.device=tpu"], "train.device"),
+    (["logging.wandb=maybe"], "logging.wandb"),
+    (["logging.interval=0"], "logging.interval"),
+    (["checkpoint.resume=/does/not/exist"], "checkpoint.resume"),
+    (["checkpoint.keep=0"], "checkpoint.keep"),
+    (["model.preset=nope"], "model.preset"),
+    (["model.pattern=AQ"], "model.pattern"),
+    (["model.ffn_pattern=SSX"], "model.ffn_pattern"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["model.pos_emb=alibi"], "model.pos_emb"),
+    (["model.d_model=notanint"], "model.d_model"),
+    (["data.seq_len=-5"], "data.seq_len"),
+    (["data.tokenizer=/no/such/tokenizer"], "data.tokenizer"),
+    (["data.valid_fraction=1.5"], "data.valid_fraction"),
+    (["parallel.dp=0"], "parallel.dp"),
+    (["run.name=a/b"], "run.name"),
+    (["train"], "train"),
+    (["=3"], "=3"),
+    (["train=3"], "train"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", ERRORS, ids=[" ".join(o) for o, _ in ERRORS])
+def test_config_errors_name_the_key_in_one_line(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, overrides)
+    message = str(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(unknown)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="'train' is a section"):
+        load_config(scalar)
+
+
+CLI_ERRORS = [
+    (["--config", str(TINY), "train.steps=abc"], "train.steps"),
+    (["--config", str(TINY), "nosuch.key=1"], "'nosuch'"),
+    (["--config", str(TINY), "logging.wandb=on"], "logging.wandb"),
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--config", str(TINY), "model.preset=nope"], "model.preset"),
+    (["--config", str(TINY), "data.source=./no_such_corpus.txt"], "no_such_corpus.txt"),
+    (["--config", str(TINY), "data.seq_len=100000"], "data.seq_len"),
+]
+
+
+@pytest.mark.parametrize("args,key", CLI_ERRORS, ids=[a[-1] for a, _ in CLI_ERRORS])
+def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, key):
+    proc = subprocess.run([sys.executable, "-m", "braid.train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("braid: error:") and key in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == [], "a failed start must not write files"
