@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: install dev train test clean
+.PHONY: install train test clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,10 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Wheels the GPU machine's image lacks (Python 3.12, no internet there); carried as .whl/.
+gpu-wheels:
+	grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3

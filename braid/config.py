@@ -10,7 +10,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,6 +23,82 @@ from braid.models.presets import load_preset, preset_names
 class RunConfig:
     name: str = "braid"
     dir: Optional[str] = None  # default: runs/<name>
+
+
+@dataclass
+class FoxConfig:
+    """Forgetting Transformer (letter F). The Pro block = qk_norm + output_gate + output_norm + kv_shift."""
+
+    rope: bool = False  # FoX uses no positional embedding by default
+    output_gate: bool = False  # o_proj(norm(o) * sigmoid(Linear(x)))
+    output_norm: bool = False  # RMSNorm per head on the attention output
+    kv_shift: bool = False  # k_t = a_t k_{t-1} + (1 - a_t) k_t (same for v), a = sigmoid(Linear(x))
+    forget_bias_init: Optional[float] = None  # None: default Linear init of the forget-gate bias
+
+
+@dataclass
+class KDAConfig:
+    """Kimi Delta Attention (letter K)."""
+
+    n_heads: Optional[int] = None  # default: model.n_heads
+    head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
+    conv_size: int = 4
+    chunk_size: int = 64
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (letter M), DeepSeek-V2/V3."""
+
+    n_heads: Optional[int] = None  # default: model.n_heads
+    q_lora_rank: Optional[int] = None  # None: full-rank q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope: bool = True  # False: NoPE (Kimi Linear), the rope slice is kept but not rotated
+
+
+@dataclass
+class HymbaConfig:
+    """Hymba hybrid heads (letter H): attention heads (model.n_heads/n_kv_heads/head_dim) + Mamba-1 SSM."""
+
+    v_head_dim: Optional[int] = None  # default: the q/k head dim
+    ssm_inner: Optional[int] = None  # SSM channels; default: 2 · d_model
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: Optional[int] = None  # default: ceil(d_model / 16)
+    # Cross-layer KV sharing: in each group the first layer computes K/V, the others reuse them.
+    kv_share_groups: List[List[int]] = field(default_factory=list)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (FFN letter E)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: Optional[int] = None  # default: the dense FFN hidden size
+    n_shared_experts: int = 0
+    shared_hidden: Optional[int] = None  # default: expert_hidden × n_shared_experts
+    router: str = "softmax"  # softmax (Mixtral/Qwen3) | sigmoid (DeepSeek-V3)
+    renormalize: bool = True  # renormalise the chosen weights to sum to 1
+    routed_scaling: float = 1.0
+    n_groups: int = 1  # group-limited routing: choose topk_groups of n_groups first
+    topk_groups: int = 1
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step γ (DeepSeek-V3: 1e-3); 0 = off
+    aux_loss_coef: float = 0.0  # sequence-level balance loss α
+    z_loss_coef: float = 0.0
+    capacity_factor: Optional[float] = None  # None: dropless
+
+
+@dataclass
+class HyperConnectionConfig:
+    """Hyper-connections (model.connection=hc): n residual streams mixed by learned matrices."""
+
+    rate: int = 4
+    dynamic: bool = False
+    sinkhorn_iters: int = 0  # > 0: mHC, residual mixing projected to doubly stochastic
 
 
 @dataclass
@@ -44,9 +120,19 @@ class ModelConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = False
     window: Optional[int] = None  # sliding window (keys within the last `window` positions)
+    global_layers: List[int] = field(default_factory=list)  # layers that ignore `window`
+    attn_gate: str = "headwise"  # gated attention (letter G): headwise | elementwise
+    meta_tokens: int = 0  # learned tokens prepended to every sequence, visible to all (Hymba)
+    connection: str = "residual"  # residual | hc
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    fox: FoxConfig = field(default_factory=FoxConfig)
+    kda: KDAConfig = field(default_factory=KDAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    hymba: HymbaConfig = field(default_factory=HymbaConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    hc: HyperConnectionConfig = field(default_factory=HyperConnectionConfig)
 
 
 @dataclass

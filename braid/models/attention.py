@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from braid.config import ModelConfig
 from braid.kernels import attention
-from braid.models.layers import RMSNorm, Rotary, SeqInfo, mark_output_projection
+from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 
 
@@ -18,7 +18,7 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        self.window = cfg.window
+        self.window = layer_window(cfg, layer_idx)
         d, hd = cfg.d_model, self.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)

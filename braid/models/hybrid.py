@@ -51,6 +51,8 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, i, m, f) for i, (m, f) in enumerate(zip(cfg.pattern, ffn_letters))
         )
+        # Hymba's meta tokens: learned prefix states every query may attend to; dropped before the head.
+        self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -61,7 +63,11 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers).
+
+        Then every other module's own ``reset_parameters()`` runs, so a mixer's special inits (decay
+        rates, gate biases, ...) override the generic one, including on its child Linears.
+        """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.n_layers)
         for module in self.modules():
@@ -71,7 +77,11 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
-            elif module is not self and hasattr(module, "reset_parameters"):
+        if self.meta is not None:
+            nn.init.normal_(self.meta, 0.0, 1.0)
+        for module in self.modules():
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) \
+                    and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
     def _head_weight(self) -> torch.Tensor:
@@ -97,11 +107,14 @@ class HybridLM(nn.Module):
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids)
         h = self.embed(input_ids)
+        m = 0 if self.meta is None else self.meta.shape[0]
+        if m:
+            h, position_ids, doc_ids = self._prepend_meta(h, position_ids, doc_ids)
+        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m)
         for layer in self.layers:
             h = layer(h, seq)
-        h = self.norm(h)
+        h = self.norm(h[:, m:])
         logits = F.linear(h, self._head_weight())
         if labels is None:
             return logits
@@ -109,3 +122,26 @@ class HybridLM(nn.Module):
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )
         return loss.view(b, t)
+
+    def _prepend_meta(self, h: torch.Tensor, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
+        """Meta tokens take positions 0..M-1 and text shifts by M; they belong to no document."""
+        b, m = h.shape[0], self.meta.shape[0]
+        h = torch.cat([self.meta.to(h.dtype).expand(b, m, -1), h], dim=1)
+        meta_pos = torch.arange(m, device=h.device).expand(b, m)
+        position_ids = torch.cat([meta_pos, position_ids + m], dim=1)
+        if doc_ids is not None:
+            doc_ids = torch.cat([torch.full((b, m), -1, dtype=doc_ids.dtype, device=h.device), doc_ids], dim=1)
+        return h, position_ids, doc_ids
+
+
+def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of the auxiliary losses (MoE balance, z-loss) recorded by modules in the last forward.
+
+    A module records one by setting ``self.aux_loss`` (a scalar, coefficients already applied).
+    """
+    total = None
+    for module in model.modules():
+        value = getattr(module, "aux_loss", None)
+        if isinstance(value, torch.Tensor):
+            total = value if total is None else total + value
+    return total

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -15,10 +15,21 @@ class SeqInfo:
 
     position_ids: ``[B, T]`` int64 positions (global ones under context parallelism).
     doc_ids: ``[B, T]`` document ids of packed sequences, or None for one document per row.
+    meta_tokens: the first ``meta_tokens`` positions are learned prefix tokens that every query may
+        see (attention passes them as ``sink``), whatever its window or document.
+    shared: per-forward scratch space for cross-layer reuse (e.g. Hymba's shared K/V), keyed by
+        the producing layer's index.
     """
 
     position_ids: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
+    meta_tokens: int = 0
+    shared: dict = field(default_factory=dict)
+
+
+def layer_window(cfg, layer_idx: int) -> Optional[int]:
+    """The sliding window of layer ``layer_idx``: ``cfg.window`` unless listed in ``cfg.global_layers``."""
+    return None if layer_idx in cfg.global_layers else cfg.window
 
 
 class RMSNorm(nn.Module):

@@ -15,9 +15,15 @@ _Entry = Union[str, type]
 
 _MIXERS: dict[str, _Entry] = {
     "A": "braid.models.attention:Attention",  # softmax attention (GQA, RoPE, QK-norm, window)
+    "G": "braid.models.gated_attention:GatedAttention",  # + sigmoid output gate (Qiu et al.)
+    "F": "braid.models.fox:FoX",  # Forgetting Transformer
+    "K": "braid.models.kda:KDA",  # Kimi Delta Attention
+    "M": "braid.models.mla:MLA",  # multi-head latent attention
+    "H": "braid.models.hymba:Hymba",  # Hymba hybrid attention + SSM heads
 }
 _FFNS: dict[str, _Entry] = {
     "S": "braid.models.ffn:SwiGLU",
+    "E": "braid.models.moe:MoE",
     "-": "braid.models.ffn:NoFFN",  # mixer-only layer
 }
 

@@ -9,7 +9,8 @@ from braid.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no decay on norms, biases (1-D) and embeddings (tied heads included)."""
+    """Decay matrices only: no decay on norms, biases (1-D), embeddings (tied heads included) and
+    parameters a module marks with ``_no_weight_decay = True`` (decay rates, connection matrices)."""
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -17,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+        exempt = p.ndim < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False)
+        (no_decay if exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -18,7 +18,7 @@ from braid.errors import ConfigError
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
-from braid.models.hybrid import IGNORE_INDEX, HybridLM
+from braid.models.hybrid import IGNORE_INDEX, HybridLM, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
 from braid.parallel.data_parallel import apply_ddp, grad_average_factor, no_sync, unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -60,6 +60,9 @@ class Trainer:
         model = HybridLM(self.model_cfg).to(self.device)
         self.model = apply_ddp(model, self.info)
         self.optimizer = build_optimizer(model, t)
+        self.has_moe = "E" in self.model_cfg.ffn_pattern
+        self._aux: Optional[float] = None
+        self._moe_metrics: dict = {}
         self.loss_factor = grad_average_factor(self.model, self.info)
 
         self.run_dir = cfg.run_dir
@@ -142,17 +145,29 @@ class Trainer:
         local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
         global_tokens = all_reduce_sum(local_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         for i, batch in enumerate(batches):
             with no_sync(self.model, skip=i < len(batches) - 1):
-                micro_sum, _ = self._forward_loss_sum(self.model, batch)
-                (micro_sum * (self.loss_factor / global_tokens)).backward()
+                micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
+                objective = micro_sum / global_tokens
+                aux = aux_loss(unwrap(self.model))
+                if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
+                    weighted_aux = aux * (micro_tokens / global_tokens)
+                    objective = objective + weighted_aux
+                    aux_sum += weighted_aux.detach().to(torch.float64)
+                (objective * self.loss_factor).backward()
             loss_sum += micro_sum.detach().to(torch.float64)
         loss = all_reduce_sum(loss_sum).item() / global_tokens
+        self._aux = all_reduce_sum(aux_sum).item() if self.has_moe else None
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
+                from braid.models.moe import moe_step
+
+                self._moe_metrics = moe_step(unwrap(self.model), all_reduce=all_reduce_sum)
         else:  # Megatron semantics: the iteration counts, the update is skipped.
             self.skipped_iterations += 1
             self.nan_iterations += int(not math.isfinite(loss))
@@ -210,6 +225,9 @@ class Trainer:
             "nan_iterations": self.nan_iterations,
             "memory_gib": mem,
         }
+        if self.has_moe:
+            record["aux_loss"] = self._aux
+            record.update(self._moe_metrics)
         self.logger.console(self.logger.train_line(record, t.steps, mem_kind))
         self.logger.write(record)
         self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}

@@ -1,0 +1,20 @@
+"""Small shared helpers for the unit tests."""
+
+from __future__ import annotations
+
+import torch
+
+from braid.config import ModelConfig
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error ``||a - b|| / ||b||`` (computed in fp64; ``b`` is the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A resolved, very small model config (2 layers, d_model 32, GQA 4/2, vocab 64)."""
+    fields = dict(pattern="AA", d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_multiple=16)
+    fields.update(overrides)
+    return ModelConfig(**fields)
