@@ -352,6 +352,61 @@ def validate(cfg: Config) -> None:
     _require(lg.interval > 0, "logging.interval", "must be > 0", lg.interval)
     _require(lg.wandb in ("off", "offline", "online"), "logging.wandb", "off | offline | online", lg.wandb)
     _require(p.dp is None or p.dp > 0, "parallel.dp", "null (= world size) or > 0", p.dp)
+    _validate_mixers(m)
+
+
+def _validate_mixers(m: ModelConfig) -> None:
+    """Checks of the per-mixer sections; only the sections a pattern uses can fail."""
+    n_layers = len(m.pattern)
+    ffn = m.ffn_pattern * n_layers if len(m.ffn_pattern) == 1 else m.ffn_pattern
+    for i in m.global_layers:
+        _require(0 <= i < n_layers, "model.global_layers", f"layer indices in [0, {n_layers})", m.global_layers)
+    _require(m.attn_gate in ("headwise", "elementwise"), "model.attn_gate", "headwise | elementwise", m.attn_gate)
+    _require(m.meta_tokens >= 0, "model.meta_tokens", "must be >= 0", m.meta_tokens)
+    _require(m.connection in ("residual", "hc"), "model.connection", "residual | hc", m.connection)
+    _require(m.hc.rate >= 1, "model.hc.rate", "must be >= 1", m.hc.rate)
+    _require(m.hc.sinkhorn_iters >= 0, "model.hc.sinkhorn_iters", "must be >= 0", m.hc.sinkhorn_iters)
+    if "K" in m.pattern:
+        k = m.kda
+        _require(k.n_heads is None or k.n_heads > 0, "model.kda.n_heads", "null or > 0", k.n_heads)
+        _require(k.head_dim is None or k.head_dim > 0, "model.kda.head_dim", "null or > 0", k.head_dim)
+        _require(k.conv_size >= 1, "model.kda.conv_size", "must be >= 1", k.conv_size)
+        _require(k.chunk_size >= 1, "model.kda.chunk_size", "must be >= 1", k.chunk_size)
+    if "M" in m.pattern:
+        a = m.mla
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _require(getattr(a, key) > 0, f"model.mla.{key}", "must be > 0", getattr(a, key))
+        _require(a.qk_rope_head_dim >= 0 and a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
+                 "an even number >= 0", a.qk_rope_head_dim)
+        _require(a.q_lora_rank is None or a.q_lora_rank > 0, "model.mla.q_lora_rank", "null or > 0", a.q_lora_rank)
+    if "H" in m.pattern:
+        h = m.hymba
+        _require(h.d_state > 0, "model.hymba.d_state", "must be > 0", h.d_state)
+        _require(h.d_conv >= 1, "model.hymba.d_conv", "must be >= 1", h.d_conv)
+        seen: set[int] = set()
+        for group in h.kv_share_groups:
+            ok = len(group) >= 1 and all(0 <= i < n_layers and m.pattern[i] == "H" for i in group) \
+                and list(group) == sorted(group) and not seen & set(group)
+            _require(ok, "model.hymba.kv_share_groups",
+                     "disjoint, ascending lists of indices of H layers", h.kv_share_groups)
+            seen |= set(group)
+    if "E" in ffn:
+        e = m.moe
+        _require(e.n_experts >= 1, "model.moe.n_experts", "must be >= 1", e.n_experts)
+        _require(1 <= e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]",
+                 e.top_k)
+        _require(e.router in ("softmax", "sigmoid"), "model.moe.router", "softmax | sigmoid", e.router)
+        _require(e.n_groups >= 1 and e.n_experts % e.n_groups == 0, "model.moe.n_groups",
+                 f"must divide model.moe.n_experts={e.n_experts}", e.n_groups)
+        _require(1 <= e.topk_groups <= e.n_groups, "model.moe.topk_groups",
+                 f"in [1, model.moe.n_groups={e.n_groups}]", e.topk_groups)
+        _require(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups), "model.moe.top_k",
+                 "at most topk_groups × experts per group", e.top_k)
+        _require(e.n_shared_experts >= 0, "model.moe.n_shared_experts", "must be >= 0", e.n_shared_experts)
+        for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+            _require(getattr(e, key) >= 0, f"model.moe.{key}", "must be >= 0", getattr(e, key))
+        _require(e.capacity_factor is None or e.capacity_factor > 0, "model.moe.capacity_factor",
+                 "null (dropless) or > 0", e.capacity_factor)
 
 
 def to_yaml(cfg: Config) -> str:
