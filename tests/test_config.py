@@ -133,6 +133,7 @@ CLI_ERRORS = [
     (["--config", str(TINY), "model.preset=nope"], "model.preset"),
     (["--config", str(TINY), "data.source=./no_such_corpus.txt"], "no_such_corpus.txt"),
     (["--config", str(TINY), "data.seq_len=100000"], "data.seq_len"),
+    (["--config", str(TINY), "parallel.dp=2"], "parallel.dp"),
 ]
 
 

@@ -28,10 +28,20 @@ class ModelStats:
     params: int
     embedding_params: int
     flops_per_token: float  # training (forward + backward) FLOPs per token
+    active_params: int  # parameters one token uses (MoE: top-k of the routed experts)
 
     @property
     def non_embedding_params(self) -> int:
         return self.params - self.embedding_params
+
+
+def _inactive_params(module: torch.nn.Module) -> int:
+    """Routed-expert parameters a token does not use: (E − k)/E of the stacked expert weights."""
+    n_experts, top_k = getattr(module, "n_experts", None), getattr(module, "top_k", None)
+    if not n_experts or not top_k:
+        return 0
+    routed = sum(p.numel() for name, p in module.named_parameters(recurse=False))
+    return routed * (n_experts - top_k) // n_experts
 
 
 def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
@@ -39,6 +49,7 @@ def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
 
     FLOPs follow Megatron's convention: 2 per multiply-add in every matmul (projections, attention
     scores and values over the visible keys, LM head), backward = 2 × forward, no recomputation.
+    Each layer's mixer, FFN and connections contribute their ``flops_per_token(seq_len)``.
     """
     from braid.models.hybrid import HybridLM
 
@@ -48,7 +59,9 @@ def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
     embedding = model.embed.weight.numel()
     forward = 2 * cfg.d_model * cfg.vocab_size
     for layer in model.layers:
-        forward += layer.mixer.flops_per_token(seq_len)
-        if layer.ffn is not None:
-            forward += layer.ffn.flops_per_token(seq_len)
-    return ModelStats(params=params, embedding_params=embedding, flops_per_token=3 * forward)
+        for part in (layer.mixer, layer.ffn, getattr(layer, "mixer_conn", None), getattr(layer, "ffn_conn", None)):
+            if part is not None and hasattr(part, "flops_per_token"):
+                forward += part.flops_per_token(seq_len)
+    inactive = sum(_inactive_params(m) for m in model.modules())
+    return ModelStats(params=params, embedding_params=embedding, flops_per_token=3 * forward,
+                      active_params=params - inactive)
