@@ -15,7 +15,9 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # No buffer needs rank 0's copy: MoE load counts are per rank until summed, expert biases are
+    # updated identically everywhere from the summed counts.
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

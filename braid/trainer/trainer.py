@@ -171,6 +171,9 @@ class Trainer:
         else:  # Megatron semantics: the iteration counts, the update is skipped.
             self.skipped_iterations += 1
             self.nan_iterations += int(not math.isfinite(loss))
+            for module in self.model.modules():  # a skipped batch must not steer expert balancing
+                if hasattr(module, "load_counts"):
+                    module.load_counts.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.consumed_samples += t.global_batch_size

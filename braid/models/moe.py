@@ -1,0 +1,277 @@
+"""Mixture of experts (FFN letter E): top-k routing, SwiGLU experts, shared experts, load balancing.
+
+Routing (router logits and scores in fp32):
+  - ``router="softmax"`` (Mixtral, Qwen3-MoE): ``s = softmax(logits)``.
+  - ``router="sigmoid"`` (DeepSeek-V3): ``s = sigmoid(logits)``.
+  Experts are chosen by top-k on ``s + b`` (``b`` = ``expert_bias``, aux-loss-free balancing, no
+  gradient; zero unless ``bias_update_rate > 0``), optionally limited to the ``topk_groups`` best of
+  ``n_groups`` expert groups (group score = sum of its two best ``s + b``). The weights are ``s`` at
+  the chosen experts (without ``b``), renormalised to sum to 1 if ``renormalize``, times
+  ``routed_scaling``. Shared experts (one SwiGLU) are added ungated.
+
+Dispatch: token–expert pairs are sorted by expert, the tokens gathered, both expert matmuls run as
+grouped GEMMs over the stacked expert weights, and the weighted results are scatter-added back.
+
+Capacity (``capacity_factor`` set): each expert keeps at most ``ceil(cf · tokens · k / E)`` pairs of
+the micro-batch; the overflow is dropped by LATEST POSITION (ties across rows: higher row index).
+Dropping the lowest routing weight instead would let a future token evict an earlier one, leaking
+the future into the past; dropping by position keeps every sequence causal.
+
+Auxiliary losses (recorded in ``self.aux_loss``, coefficients applied; None when both are 0):
+  - sequence-level balance loss (DeepSeek-V3 eq. 17-20): per sequence of T tokens,
+    ``L = α Σ_i f_i P_i``, ``f_i = E/(k·T) · count_i``, ``P_i = (1/T) Σ_t s'_{t,i}`` with
+    ``s' = s / Σ_j s_j`` (the softmax scores already sum to 1), i.e.
+    ``α · E/(k·T²) · Σ_i count_i · Σ_t s'_{t,i}``; averaged over the sequences of the micro-batch.
+    ``count_i`` counts the experts actually chosen (bias and group limit included, before drops).
+  - z-loss: ``coef · mean_t logsumexp(logits_t)²``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from braid.config import ModelConfig
+from braid.errors import ConfigError
+from braid.kernels.grouped_gemm import grouped_mm
+from braid.models.ffn import SwiGLU, ffn_hidden_size
+from braid.models.registry import register_ffn
+
+
+def _check(ok: bool, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"config key 'model.moe.{key}' = {value!r} is invalid: {allowed}")
+
+
+def _validate(m) -> None:
+    _check(m.router in ("softmax", "sigmoid"), "router", "softmax | sigmoid", m.router)
+    _check(m.n_experts > 0, "n_experts", "must be > 0", m.n_experts)
+    _check(0 < m.top_k <= m.n_experts, "top_k", f"must be in [1, n_experts={m.n_experts}]", m.top_k)
+    _check(m.n_groups > 0 and m.n_experts % m.n_groups == 0, "n_groups",
+           f"must be > 0 and divide n_experts={m.n_experts}", m.n_groups)
+    _check(0 < m.topk_groups <= m.n_groups, "topk_groups", f"must be in [1, n_groups={m.n_groups}]",
+           m.topk_groups)
+    _check(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "top_k",
+           "must not exceed the experts of the topk_groups chosen groups", m.top_k)
+    _check(m.n_shared_experts >= 0, "n_shared_experts", "must be >= 0", m.n_shared_experts)
+    _check(m.capacity_factor is None or m.capacity_factor > 0, "capacity_factor", "null or > 0",
+           m.capacity_factor)
+    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+        _check(getattr(m, key) >= 0, key, "must be >= 0", getattr(m, key))
+
+
+@register_ffn("E")
+class MoE(nn.Module):
+    """Routed SwiGLU experts (+ shared experts); ``forward(x [B, T, d]) -> [B, T, d]`` in x's dtype.
+
+    Parameters: ``router.weight [E, d]``, ``gate_up [E, d, 2h]`` (columns ``[:h]`` gate, ``[h:]``
+    up), ``down [E, h, d]``, optional ``shared`` (a :class:`SwiGLU`). Buffers: ``expert_bias [E]``
+    fp32 (persistent: checkpoints carry it), ``load_counts [E]`` / ``drop_counts [E]`` int64
+    (non-persistent: routed / dropped token–expert pairs of training forwards since the last
+    :func:`moe_step`).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        m = cfg.moe
+        _validate(m)
+        self.layer_idx = layer_idx
+        self.n_experts, self.top_k = m.n_experts, m.top_k
+        self.router_kind, self.renormalize, self.routed_scaling = m.router, m.renormalize, m.routed_scaling
+        self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
+        self.capacity_factor = m.capacity_factor
+        self.aux_loss_coef, self.z_loss_coef = m.aux_loss_coef, m.z_loss_coef
+        self.bias_update_rate = m.bias_update_rate
+        self.init_std = cfg.init_std
+        self.n_layers = len(cfg.pattern)
+        d = cfg.d_model
+        self.hidden = h = m.expert_hidden if m.expert_hidden is not None else ffn_hidden_size(cfg)
+        self.router = nn.Linear(d, m.n_experts, bias=False)
+        # Stacked expert weights: one grouped GEMM per projection, and a leading expert dim that
+        # expert parallelism can shard.
+        self.gate_up = nn.Parameter(torch.empty(m.n_experts, d, 2 * h))
+        self.down = nn.Parameter(torch.empty(m.n_experts, h, d))
+        self.shared = None
+        if m.n_shared_experts > 0:
+            shared_hidden = m.shared_hidden if m.shared_hidden is not None else h * m.n_shared_experts
+            self.shared = SwiGLU(dataclasses.replace(cfg, ffn_hidden=shared_hidden), layer_idx)
+        self.register_buffer("expert_bias", torch.zeros(m.n_experts, dtype=torch.float32))
+        self.register_buffer("load_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("drop_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual outputs (expert and shared down) std/sqrt(2·layers); b = 0.
+
+        HybridLM's generic init only reaches nn.Linear, so the stacked experts are set here; the
+        router and shared Linears are set too so a standalone module matches one inside HybridLM.
+        """
+        std = self.init_std
+        out_std = std / math.sqrt(2 * self.n_layers)
+        nn.init.normal_(self.router.weight, 0.0, std)
+        nn.init.normal_(self.gate_up, 0.0, std)
+        nn.init.normal_(self.down, 0.0, out_std)
+        if self.shared is not None:
+            nn.init.normal_(self.shared.gate_proj.weight, 0.0, std)
+            nn.init.normal_(self.shared.up_proj.weight, 0.0, std)
+            nn.init.normal_(self.shared.down_proj.weight, 0.0, out_std)
+        self.expert_bias.zero_()
+        self.load_counts.zero_()
+        self.drop_counts.zero_()
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, x2: torch.Tensor):
+        """Router for flattened tokens.
+
+        Args:
+            x2: ``[N, d]`` tokens.
+        Returns:
+            ``(experts [N, k] int64, weights [N, k], scores [N, E], logits [N, E])``, the last three
+            in fp32 (fp64 for fp64 input);
+            ``experts`` are distinct per token, ``weights`` the routed (renormalised, scaled) gates.
+        """
+        # fp32 and outside autocast: near-tied logits decide the top-k, and the z-loss squares them.
+        acc = torch.promote_types(x2.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        with torch.autocast(x2.device.type, enabled=False):
+            logits = F.linear(x2.to(acc), self.router.weight.to(acc))
+        scores = logits.softmax(-1) if self.router_kind == "softmax" else logits.sigmoid()
+        choice = scores.detach() + self.expert_bias.to(scores.dtype)  # selection only: b gets no gradient
+        if self.n_groups > 1:
+            choice = self._limit_groups(choice)
+        experts = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, experts)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return experts, weights * self.routed_scaling, scores, logits
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask (-inf) the experts outside the ``topk_groups`` groups with the best top-2 sums."""
+        n = choice.shape[0]
+        grouped = choice.view(n, self.n_groups, -1)
+        best = min(2, grouped.shape[-1])
+        group_score = grouped.topk(best, dim=-1).values.sum(-1)  # [N, G]
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(self.topk_groups, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` (x's dtype); sets ``self.aux_loss``, counts the load."""
+        b, t, d = x.shape
+        n, k, e = b * t, self.top_k, self.n_experts
+        x2 = x.reshape(n, d)
+        experts, weights, scores, logits = self.route(x2)
+        self.aux_loss = self._aux_loss(experts, scores, logits, b, t)
+
+        # Sort the N·k pairs by (expert, position t, row b): position order inside an expert is what
+        # the capacity drop needs, and it costs nothing extra for dropless routing.
+        token = torch.arange(n, device=x.device)
+        priority = (token % t) * b + token // t  # t-major rank of token (row, position)
+        flat_expert = experts.reshape(-1)
+        key = flat_expert * n + priority.repeat_interleave(k)
+        order = torch.argsort(key)
+        # scatter_add, not bincount: bincount reads the max back to the host (a sync on CUDA).
+        counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
+        group_sizes = counts
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * n * k / e)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(n * k, device=x.device) - starts[flat_expert[order]]
+            order = order[rank < capacity]  # boolean indexing: one host sync, capacity mode only
+            group_sizes = counts.clamp(max=capacity)
+        if self.training:
+            with torch.no_grad():
+                self.load_counts += counts
+                self.drop_counts += counts - group_sizes
+
+        pair_token = order // k
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x2[pair_token].to(dtype)
+        gate, up = grouped_mm(xs, self.gate_up.to(dtype), group_sizes).chunk(2, dim=-1)
+        ys = grouped_mm(F.silu(gate) * up, self.down.to(dtype), group_sizes)
+        # Weight and accumulate the k expert outputs of a token in fp32 (the routing weights' dtype).
+        ys = ys.to(weights.dtype) * weights.reshape(-1)[order, None]
+        out = torch.zeros(n, d, dtype=weights.dtype, device=x.device).index_add_(0, pair_token, ys)
+        out = out.view(b, t, d).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x).to(x.dtype)
+        return out
+
+    def _aux_loss(self, experts, scores, logits, b: int, t: int) -> Optional[torch.Tensor]:
+        """Coefficient-weighted balance loss + z-loss (fp32 scalar), or None when both are off."""
+        total = None
+        if self.aux_loss_coef > 0:
+            e, k = self.n_experts, self.top_k
+            chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0)
+            count = chosen.view(b, t, e).sum(1)  # [B, E]
+            s_norm = scores / scores.sum(-1, keepdim=True)
+            p = s_norm.view(b, t, e).sum(1)  # [B, E]
+            per_seq = (count * p).sum(-1) * (e / (k * t * t))
+            total = self.aux_loss_coef * per_seq.mean()
+        if self.z_loss_coef > 0:
+            z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+            total = z if total is None else total + z
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward matmul FLOPs per token: router + top_k active experts + shared experts."""
+        d = self.router.in_features
+        flops = 2 * d * self.n_experts + self.top_k * 2 * 3 * d * self.hidden
+        if self.shared is not None:
+            flops += self.shared.flops_per_token(seq_len)
+        return float(flops)
+
+
+def moe_step(model: nn.Module, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+    """Once per optimizer step: aux-loss-free bias update, reset of the load counts, metrics.
+
+    For every :class:`MoE` in ``model``: sum ``load_counts``/``drop_counts`` over ranks with
+    ``all_reduce`` (a callable summing a tensor over the data-parallel ranks, in place or returned;
+    one call for all layers), apply ``b += γ · sign(mean_load − load_i)`` (skipped when γ = 0),
+    reset the counts.
+
+    Returns:
+        ``{"moe/layer{i}/load_max_over_mean": float, "moe/layer{i}/drop_rate": float (capacity
+        only), "moe/layer{i}/aux_loss": float (this rank's last forward, when recorded)}``.
+    """
+    mods = [m for m in model.modules() if isinstance(m, MoE)]
+    if not mods:
+        return {}
+    stats = torch.cat([torch.cat([m.load_counts, m.drop_counts]) for m in mods])
+    if all_reduce is not None:
+        reduced = all_reduce(stats)
+        stats = stats if reduced is None else reduced
+    names, values = [], []
+    offset = 0
+    with torch.no_grad():
+        for m in mods:
+            e = m.n_experts
+            load = stats[offset:offset + e].double()
+            dropped = stats[offset + e:offset + 2 * e].double()
+            offset += 2 * e
+            mean = load.mean()
+            prefix = f"moe/layer{m.layer_idx}/"
+            names.append(prefix + "load_max_over_mean")
+            values.append(load.max() / mean.clamp(min=1e-12))
+            if m.capacity_factor is not None:
+                names.append(prefix + "drop_rate")
+                values.append(dropped.sum() / load.sum().clamp(min=1))
+            if m.aux_loss is not None:
+                names.append(prefix + "aux_loss")
+                values.append(m.aux_loss.detach().double())
+            if m.bias_update_rate > 0:
+                m.expert_bias += (m.bias_update_rate * torch.sign(mean - load)).to(m.expert_bias.dtype)
+            m.load_counts.zero_()
+            m.drop_counts.zero_()
+    # One device→host copy for all metrics.
+    return dict(zip(names, torch.stack(values).tolist()))
