@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.models.connections import PreNormResidual
+from braid.models.connections import expand_streams, make_connection, merge_streams, n_streams
 from braid.models.ffn import NoFFN
 from braid.models.layers import RMSNorm, SeqInfo
 from braid.models.registry import ffn_class, mixer_class
@@ -19,16 +19,29 @@ IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, mixer_letter: str, ffn_letter: str):
+    """One layer: ``mixer_conn`` around the mixer, then ``ffn_conn`` around the FFN (absent for ``-``).
+
+    ``first_sublayer`` numbers the mixer among all sublayers of the model (the FFN is the next one);
+    hyper-connections use it to pick the stream a sublayer reads at init. Default: ``2·layer_idx``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, mixer_letter: str, ffn_letter: str,
+                 first_sublayer: Optional[int] = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.mixer_conn = PreNormResidual(cfg.d_model, cfg.norm_eps)
+        k = 2 * layer_idx if first_sublayer is None else first_sublayer
+        self.mixer_conn = make_connection(cfg, k)
         self.mixer = mixer_class(mixer_letter)(cfg, layer_idx)
         ffn = ffn_class(ffn_letter)(cfg, layer_idx)
         self.ffn = None if isinstance(ffn, NoFFN) else ffn
-        self.ffn_conn = PreNormResidual(cfg.d_model, cfg.norm_eps) if self.ffn is not None else None
+        self.ffn_conn = make_connection(cfg, k + 1) if self.ffn is not None else None
+
+    @property
+    def n_sublayers(self) -> int:
+        return 1 if self.ffn is None else 2
 
     def forward(self, h: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """h: the residual stream(s), ``[B, T, d]`` (residual) or ``[B, T, n, d]`` (hyper-connections)."""
         h = self.mixer_conn(h, lambda x: self.mixer(x, seq))
         if self.ffn is not None:
             h = self.ffn_conn(h, self.ffn)
@@ -37,6 +50,9 @@ class Block(nn.Module):
 
 class HybridLM(nn.Module):
     """A causal LM whose layer ``i`` uses mixer ``cfg.pattern[i]`` and FFN ``cfg.ffn_pattern[i]``.
+
+    With ``cfg.connection == "hc"`` the residual stream is ``cfg.hc.rate`` hyper-connection streams:
+    the embedding (meta tokens included) is copied into each, and their mean feeds the final norm.
 
     ``cfg.vocab_size`` must be resolved (see ``braid.models.stats.resolve_vocab``) before building.
     """
@@ -47,10 +63,17 @@ class HybridLM(nn.Module):
             raise ValueError("model.vocab_size must be resolved before building HybridLM")
         self.cfg = cfg
         ffn_letters = cfg.ffn_pattern * len(cfg.pattern) if len(cfg.ffn_pattern) == 1 else cfg.ffn_pattern
+        if len(ffn_letters) != len(cfg.pattern):
+            raise ValueError(f"model.ffn_pattern {cfg.ffn_pattern!r} must be one letter or one per layer of "
+                             f"model.pattern {cfg.pattern!r}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(
-            Block(cfg, i, m, f) for i, (m, f) in enumerate(zip(cfg.pattern, ffn_letters))
-        )
+        # 0: one plain [B, T, d] residual stream; n: hyper-connection streams [B, T, n, d].
+        self.n_streams = n_streams(cfg)
+        self.layers = nn.ModuleList()
+        sublayer = 0  # counted over the model so hyper-connections spread their reads over the streams
+        for i, (m, f) in enumerate(zip(cfg.pattern, ffn_letters)):
+            self.layers.append(Block(cfg, i, m, f, first_sublayer=sublayer))
+            sublayer += self.layers[-1].n_sublayers
         # Hymba's meta tokens: learned prefix states every query may attend to; dropped before the head.
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -112,8 +135,12 @@ class HybridLM(nn.Module):
         if m:
             h, position_ids, doc_ids = self._prepend_meta(h, position_ids, doc_ids)
         seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m)
+        if self.n_streams:
+            h = expand_streams(h, self.n_streams)
         for layer in self.layers:
             h = layer(h, seq)
+        if self.n_streams:
+            h = merge_streams(h)
         h = self.norm(h[:, m:])
         logits = F.linear(h, self._head_weight())
         if labels is None:
