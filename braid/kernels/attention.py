@@ -1,11 +1,36 @@
-"""Softmax attention: the public op and its torch implementation (SDPA)."""
+"""Softmax attention: the public op, its dispatch and the mask helper.
+
+Semantics (shared by every implementation: SDPA, the blocked torch path, a future Triton kernel):
+
+* q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` (Dv may differ), ``T ≤ S``;
+  query ``i`` sits at key position ``p_i = S − T + i`` (the last T positions, as when decoding
+  with a cache). Query head ``h`` uses kv head ``h // (Hq / Hkv)``.
+* logits ``s_ij = scale · q_i·k_j (+ c_{p_i} − c_j with FoX)``, ``c = cumsum(log_forget)`` over the
+  S positions in fp32 (so ``c_{p_i} − c_j = Σ_{j<l≤p_i} log f_l``). Sink keys (``j < sink``) get no
+  forget term: they never fade, and the gates of other documents between a sink and a query (which
+  ``c_{p_i} − c_j`` would sum) cannot leak into it.
+* key j is visible to query i iff ``causal_ok ∧ (j < sink ∨ (in_window ∧ same_doc))``:
+  causal_ok = ``j ≤ p_i`` (or always, when not causal); in_window = ``p_i − j < window`` (and
+  ``j − p_i < window`` when not causal); same_doc = ``doc_ids[p_i] == doc_ids[j]``. Sinks (Hymba
+  meta tokens, doc id −1) are seen by every later query whatever its window or document.
+* ``o_i = Σ_j softmax_j(s_ij) v_j`` over visible keys, returned in q's dtype; ``lse_i`` = fp32
+  log-sum-exp of the visible logits. A row with no visible key has o = 0 and lse = −∞.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from braid.kernels import attention_blocked
+from braid.kernels.attention_blocked import visibility
+
+# Above this many (query, key) pairs per (batch row, head) an explicit SDPA mask costs too much memory
+# (it grows as T·S), so masked attention takes the blocked path. Plain causal/full attention needs no
+# mask and always uses SDPA (its flash / memory-efficient backends are O(T) memory).
+SDPA_MASK_MAX_PAIRS = 2048 * 2048
 
 
 def attention_mask(
@@ -15,30 +40,44 @@ def attention_mask(
     causal: bool = True,
     window: Optional[int] = None,
     doc_ids: Optional[torch.Tensor] = None,
-    device: torch.device | str = "cpu",
+    sink: int = 0,
+    device: Union[torch.device, str] = "cpu",
 ) -> Optional[torch.Tensor]:
     """Boolean mask (True = may attend) ``[B or 1, 1, T, S]``; None when plain causal/full suffices.
 
     Queries are the last ``t`` of the ``s`` key positions (so decoding with a cache lines up).
     None means no mask is needed beyond SDPA's own ``is_causal`` for square causal attention.
     ``doc_ids`` ``[B, S]``: keys and queries attend only within the same document id.
+    ``sink``: the first ``sink`` keys are visible to every (later, if causal) query.
     """
     if window is None and doc_ids is None and (t == s or not causal):
-        return None
-    q_pos = torch.arange(s - t, s, device=device)[:, None]
-    k_pos = torch.arange(s, device=device)[None, :]
-    mask = torch.ones(t, s, dtype=torch.bool, device=device)
-    if causal:
-        mask &= k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) < window
-        if not causal:
-            mask &= (k_pos - q_pos) < window
-    mask = mask[None, None]
-    if doc_ids is not None:
-        same = doc_ids[:, -t:, None] == doc_ids[:, None, :]
-        mask = mask & same[:, None]
-    return mask
+        return None  # sinks add nothing when every earlier key is visible anyway
+    q_doc = None if doc_ids is None else doc_ids[:, s - t:]
+    mask = visibility(torch.arange(s - t, s, device=device), torch.arange(s, device=device),
+                      causal=causal, window=window, sink=sink, q_doc=q_doc, k_doc=doc_ids)
+    return mask[:, None]
+
+
+def _check(q, k, v, doc_ids, log_forget) -> None:
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or hq % hkv != 0:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} "
+                         "must be [B,T,Hq,D] and [B,S,Hkv,D] with Hq a multiple of Hkv")
+    if t > s:
+        raise ValueError(f"attention: {t} queries but only {s} keys; queries are the last T of S")
+    if doc_ids is not None and tuple(doc_ids.shape) != (b, s):
+        raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be [B,S] = {(b, s)}")
+    if log_forget is not None and tuple(log_forget.shape) != (b, s, hq):
+        raise ValueError(f"attention: log_forget {tuple(log_forget.shape)} must be [B,S,Hq] = {(b, s, hq)}")
+
+
+def _use_sdpa(t: int, s: int, *, causal: bool, log_forget, window, sink: int, doc_ids, return_lse: bool) -> bool:
+    """SDPA when it is exact (no forget gate, no lse wanted) and cheap (no mask, or a small one)."""
+    if log_forget is not None or return_lse:
+        return False
+    needs_mask = window is not None or doc_ids is not None or (causal and t != s)
+    return not needs_mask or t * s <= SDPA_MASK_MAX_PAIRS
 
 
 def attention(
@@ -48,28 +87,49 @@ def attention(
     *,
     causal: bool = True,
     scale: Optional[float] = None,
+    log_forget: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
+    sink: int = 0,
     doc_ids: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Scaled dot-product attention with GQA.
+    return_lse: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Scaled dot-product attention with GQA, sliding window, sinks, documents and FoX forget gates.
 
     Args:
-        q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]`` with ``Hq % Hkv == 0`` (K/V are not repeated).
-        causal: query i (the i-th of the last T positions) sees keys j ≤ its position.
+        q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``,
+            ``T ≤ S`` (K/V are not repeated for GQA).
+        causal: query i (at position S − T + i) sees keys j ≤ its position.
         scale: logit scale, default ``D ** -0.5``.
+        log_forget: ``[B, S, Hq]`` natural log of the FoX forget gate (≤ 0) at every key position,
+            best in fp32; logits get ``c_i − c_j`` with ``c`` its inclusive cumulative sum (fp32),
+            except on sink keys.
         window: if set, only keys within the last ``window`` positions (self included) are visible.
-        doc_ids: ``[B, S]`` integer document ids of a packed sequence; attention stays within a document.
+        sink: the first ``sink`` key positions are visible to every query (outside the window,
+            whatever the document), e.g. Hymba's meta tokens.
+        doc_ids: ``[B, S]`` integer document ids of a packed sequence; attention stays within a
+            document (except for sinks).
+        return_lse: also return the log-sum-exp of each row's visible logits.
     Returns:
-        ``[B, T, Hq, D]`` in the dtype of ``q``.
+        o ``[B, T, Hq, Dv]`` in the dtype of ``q``; with ``return_lse`` also lse ``[B, Hq, T]`` fp32
+        (fp64 for fp64 inputs), differentiable.
+        Rows with no visible key give o = 0 and lse = −inf (never NaN).
     """
-    b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or hq % hkv != 0:
-        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} "
-                         "must be [B,T,Hq,D] and [B,S,Hkv,D] with Hq a multiple of Hkv")
-    if doc_ids is not None and tuple(doc_ids.shape) != (b, s):
-        raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be [B,S] = {(b, s)}")
-    mask = attention_mask(t, s, causal=causal, window=window, doc_ids=doc_ids, device=q.device)
+    _check(q, k, v, doc_ids, log_forget)
+    t, s = q.shape[1], k.shape[1]
+    if _use_sdpa(t, s, causal=causal, log_forget=log_forget, window=window, sink=sink, doc_ids=doc_ids,
+                 return_lse=return_lse):
+        return _sdpa(q, k, v, causal=causal, scale=scale, window=window, sink=sink, doc_ids=doc_ids)
+    o, lse = attention_blocked.blocked_attention(
+        q, k, v, causal=causal, scale=scale, log_forget=log_forget, window=window, sink=sink,
+        doc_ids=doc_ids, block_q=attention_blocked.BLOCK_Q, block_k=attention_blocked.BLOCK_K,
+    )
+    return (o, lse) if return_lse else o
+
+
+def _sdpa(q, k, v, *, causal, scale, window, sink, doc_ids) -> torch.Tensor:
+    """The fast path: torch SDPA with an explicit boolean mask only when one is needed."""
+    t, s = q.shape[1], k.shape[1]
+    mask = attention_mask(t, s, causal=causal, window=window, doc_ids=doc_ids, sink=sink, device=q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -77,6 +137,6 @@ def attention(
         attn_mask=mask,
         is_causal=causal and mask is None and t == s,
         scale=scale,
-        enable_gqa=hq != hkv,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)

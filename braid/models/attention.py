@@ -1,6 +1,12 @@
-"""Softmax attention mixer: GQA, RoPE or none, optional QK-norm and sliding window."""
+"""Softmax attention mixer: GQA, RoPE or none, optional QK-norm and sliding window.
+
+The steps are separate methods (``_q``, ``_kv``, ``_norm_rope``, ``_attend``) so that the gated
+attention and FoX mixers reuse them and only override what differs.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -9,6 +15,17 @@ from braid.config import ModelConfig
 from braid.kernels import attention
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or kept in fp64 (``.float()`` would drop fp64 inputs, e.g. under gradcheck, to fp32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def mean_visible_keys(seq_len: int, window: Optional[int]) -> float:
+    """Mean number of keys a causal query sees: ``min(t + 1, window)`` over ``t = 0..seq_len-1``."""
+    w = window or seq_len
+    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
 
 
 @register_mixer("A")
@@ -28,23 +45,42 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(hd, cfg.rope_theta) if cfg.pos_emb == "rope" else None
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, T, d]`` → q ``[B, T, H, D]`` (before norm/RoPE)."""
+        return self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+
+    def _kv(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, T, d]`` → k, v ``[B, T, Hkv, D]`` (before norm/RoPE)."""
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return k, v
+
+    def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm (per head, over D) then RoPE, each if configured; shapes unchanged."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, seq.position_ids), self.rotary(k, seq.position_ids)
-        o = attention(q, k, v, causal=True, window=self.window, doc_ids=seq.doc_ids)
-        return self.o_proj(o.reshape(b, t, -1))
+        return q, k
+
+    def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal attention ``[B, T, H, D]`` with this layer's window, the documents and meta-token sinks."""
+        return attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
+                         doc_ids=seq.doc_ids, log_forget=log_forget)
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""
+        k, v = self._kv(x, seq)
+        q, k = self._norm_rope(self._q(x), k, seq)
+        o = self._attend(q, k, v, seq)
+        return self.o_proj(o.flatten(2))
+
+    def _mixing_flops(self, seq_len: int) -> float:
+        """QKᵀ and PV: 2 matmuls × 2 FLOPs × H·D per visible key."""
+        return 4 * self.n_heads * self.head_dim * mean_visible_keys(seq_len, self.window)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token, averaged over the positions of a causal sequence."""
         d = self.q_proj.in_features
         proj = 2 * d * (2 * self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        w = self.window or seq_len
-        # Mean number of visible keys: min(t + 1, w) over t = 0..seq_len-1.
-        visible = sum(min(i + 1, w) for i in range(seq_len)) / seq_len
-        return proj + 4 * self.n_heads * self.head_dim * visible
+        return proj + self._mixing_flops(seq_len)

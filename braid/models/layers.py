@@ -66,10 +66,11 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, H, D]``, position_ids ``[B, T]`` → rotated x (angles in fp32)."""
-        angles = position_ids[..., None].float() * self.inv_freq  # [B, T, D/2]
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 (gradchecks)
+        angles = position_ids[..., None].to(dtype) * self.inv_freq.to(dtype)  # [B, T, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
         sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]
-        xf = x.float()
+        xf = x.to(dtype)
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)

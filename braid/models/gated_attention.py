@@ -1,0 +1,59 @@
+"""Gated attention (Qiu et al., "G1"): softmax attention whose output is multiplied by a sigmoid gate
+computed from the same normalised input, before the output projection.
+
+Gate layout: the gate logits come from a widened q projection. Its output is laid out per KV group,
+``[B, T, Hkv, G·D | G·E]`` with ``G = H / Hkv`` query heads per group and ``E`` = 1 (headwise: one
+gate per head) or D (elementwise: one gate per channel). Within a group the first ``G·D`` channels are
+the group's G query heads, the last ``G·E`` their gates. Sharding the projection by KV group (tensor
+parallelism) therefore keeps each head's q and gate on the same rank, and export can split the weight
+group by group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from braid.config import ModelConfig
+from braid.models.attention import Attention, at_least_fp32
+from braid.models.layers import SeqInfo
+from braid.models.registry import register_mixer
+
+
+@register_mixer("G")
+class GatedAttention(Attention):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        if cfg.attn_gate not in ("headwise", "elementwise"):
+            raise ValueError(f"model.attn_gate = {cfg.attn_gate!r} is invalid: headwise | elementwise")
+        self.gate_dim = 1 if cfg.attn_gate == "headwise" else self.head_dim
+        self.group = self.n_heads // self.n_kv_heads
+        # Replaces Attention's q projection by the widened one (layout in the module docstring).
+        self.q_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.group * (self.head_dim + self.gate_dim),
+                                bias=False)
+
+    def _q_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, T, d]`` → q ``[B, T, H, D]`` and gate logits ``[B, T, H, E]`` (E = 1 or D)."""
+        y = self.q_proj(x).unflatten(-1, (self.n_kv_heads, self.group * (self.head_dim + self.gate_dim)))
+        q, gate = y.split([self.group * self.head_dim, self.group * self.gate_dim], dim=-1)
+        # [B, T, Hkv, G·X] → [B, T, Hkv·G, X]: query head h = kv·G + g, as attention's GQA expects.
+        q = q.unflatten(-1, (self.group, self.head_dim)).flatten(2, 3)
+        gate = gate.unflatten(-1, (self.group, self.gate_dim)).flatten(2, 3)
+        return q, gate
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        return self._q_and_gate(x)[0]
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]``; the gate is a sigmoid in fp32, applied in x's dtype."""
+        q, gate = self._q_and_gate(x)
+        k, v = self._kv(x, seq)
+        q, k = self._norm_rope(q, k, seq)
+        o = self._attend(q, k, v, seq)
+        o = o * torch.sigmoid(at_least_fp32(gate)).to(o.dtype)
+        return self.o_proj(o.flatten(2))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Attention's FLOPs plus the gate columns of the widened q projection."""
+        gate_proj = 2 * self.q_proj.in_features * self.n_heads * self.gate_dim
+        return super().flops_per_token(seq_len) + gate_proj
