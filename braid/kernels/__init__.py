@@ -1,5 +1,6 @@
 """Token-mixing ops. Each op family has a torch reference; Triton kernels plug in behind the same call."""
 
 from braid.kernels.attention import attention
+from braid.kernels.kda import kda
 
-__all__ = ["attention"]
+__all__ = ["attention", "kda"]

@@ -1,0 +1,157 @@
+"""Kimi Delta Attention mixer (letter K): projections, short convolutions, gates around the KDA op."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from braid.config import ModelConfig
+from braid.kernels import kda
+from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
+from braid.models.registry import register_mixer
+
+
+def segment_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` document ids → ``[B, T]`` int64 index of the contiguous run each token is in.
+
+    Comparing segments rather than raw ids keeps two separate documents apart even if they share an id.
+    """
+    starts = torch.ne(doc_ids[:, 1:], doc_ids[:, :-1]).to(torch.int64)
+    return F.pad(starts, (1, 0)).cumsum(-1)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution + SiLU over ``[B, T, C]`` (no bias).
+
+    With ``doc_ids`` a tap that would reach back across a document start is dropped, so packed
+    documents never see each other.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        # A Conv1d child keeps the weight layout of the usual checkpoints and its default init.
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x ``[B, T, C]`` (any float dtype), doc_ids ``[B, T]`` or None → ``[B, T, C]`` in x's dtype."""
+        w = self.conv.weight[:, 0, :].to(x.dtype)  # [C, ks]; tap ks-1 is the current token
+        if doc_ids is None:
+            y = F.conv1d(F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0)), w[:, None, :], groups=w.shape[0])
+            return F.silu(y.transpose(1, 2))
+        seg = segment_ids(doc_ids)
+        y = x * w[:, -1]
+        for lag in range(1, min(self.kernel_size, x.shape[1])):
+            same = (seg[:, lag:] == seg[:, :-lag]).to(x.dtype)[..., None]  # tap stays in the document
+            y = y + F.pad(x[:, :-lag] * same * w[:, -1 - lag], (0, 0, lag, 0))
+        return F.silu(y)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or kept in fp64 (so that fp64 tests and gradcheck see fp64 arithmetic)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(Σ x² + eps)`` over the last dim, computed and returned in fp32 (fp64 stays fp64)."""
+    x = _up(x)
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm(o) · w ⊙ sigmoid(gate)`` per head, in fp32 (fp64 stays fp64), returned in o's dtype.
+
+    o, gate_logits ``[..., D]``; ``norm`` supplies the weight ``[D]`` and eps. One fused step (a
+    kernel later), and unlike ``RMSNorm.forward`` it keeps fp64 inputs in fp64.
+    """
+    of = _up(o)
+    y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(of.dtype)
+    return (y * torch.sigmoid(_up(gate_logits))).to(o.dtype)
+
+
+@register_mixer("K")
+class KDA(nn.Module):
+    """Kimi Delta Attention: a gated delta-rule linear attention with per-channel decay (Kimi Linear)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads = cfg.kda.n_heads or cfg.n_heads
+        self.head_dim = cfg.kda.head_dim or cfg.d_model // self.n_heads
+        self.chunk_size = cfg.kda.chunk_size
+        self.conv_size = cfg.kda.conv_size
+        d, h, hd = cfg.d_model, self.n_heads, self.head_dim
+        inner = h * hd
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.q_conv = ShortConv(inner, cfg.kda.conv_size)
+        self.k_conv = ShortConv(inner, cfg.kda.conv_size)
+        self.v_conv = ShortConv(inner, cfg.kda.conv_size)
+        # Decay: low rank d → head_dim → H·K, then −exp(A_log) · softplus(· + dt_bias).
+        self.f_a = nn.Linear(d, hd, bias=False)
+        self.f_b = nn.Linear(hd, inner, bias=False)
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.dt_bias = nn.Parameter(torch.empty(inner))
+        self.b_proj = nn.Linear(d, h, bias=False)
+        # Output gate: low rank d → head_dim → H·V.
+        self.g_a = nn.Linear(d, hd, bias=False)
+        self.g_b = nn.Linear(hd, inner, bias=True)
+        self.o_norm = RMSNorm(hd, cfg.norm_eps)
+        self.o_proj = mark_output_projection(nn.Linear(inner, d, bias=False))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decay parameters as in Kimi Linear / Mamba; both are excluded from weight decay.
+
+        ``A_log = log U(1, 16)`` per head; ``dt_bias = softplus⁻¹(dt)`` with
+        ``dt = exp U(ln 1e-3, ln 0.1)`` clamped ≥ 1e-4, per key channel.
+        """
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        lo, hi = math.log(1e-3), math.log(0.1)
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(lo, hi)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # Decay rates are not weights: shrinking them towards 0 would change the memory horizon.
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents."""
+        b, t, _ = x.shape
+        h, hd = self.n_heads, self.head_dim
+        doc = seq.doc_ids
+        q = l2_normalize(self.q_conv(self.q_proj(x), doc).view(b, t, h, hd))
+        k = l2_normalize(self.k_conv(self.k_proj(x), doc).view(b, t, h, hd))
+        v = self.v_conv(self.v_proj(x), doc).view(b, t, h, hd)
+        # Gates in fp32: g is a log decay summed over a chunk, β scales the delta-rule step.
+        f = _up(self.f_b(self.f_a(x))).view(b, t, h, hd) + _up(self.dt_bias).view(h, hd)
+        g = -torch.exp(_up(self.A_log))[:, None] * F.softplus(f)
+        beta = torch.sigmoid(_up(self.b_proj(x)))
+        o, _ = kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))
+        return self.o_proj(o.reshape(b, t, h * hd))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward matmul FLOPs per token: projections, short convs and the chunked KDA algorithm.
+
+        The chunked part counts the causal (lower-triangular) work of a chunk of C = min(chunk,
+        seq_len) tokens per head: scores βKKᵀ and QKᵀ, the triangular solve for [w | u], the intra
+        output P·v', and three K×V products with the state (w·S, q·S, the state update).
+        """
+        d, h, hd = self.q_proj.in_features, self.n_heads, self.head_dim
+        inner = h * hd
+        proj = 2 * d * inner * 4  # q, k, v, o
+        proj += 2 * 2 * (d * hd + hd * inner)  # f_a/f_b and g_a/g_b
+        proj += 2 * d * h  # b_proj
+        conv = 2 * 3 * inner * self.conv_size
+        c = min(self.chunk_size, seq_len)
+        lower, strict = c * (c + 1) / 2, c * (c - 1) / 2  # pairs j ≤ i and j < i in a chunk
+        per_chunk = 2 * hd * (strict + lower)  # A and P
+        per_chunk += 2 * strict * 2 * hd  # forward substitution, K + V right-hand columns
+        per_chunk += 2 * lower * hd  # P · v'
+        per_chunk += 3 * 2 * c * hd * hd  # w S, q S, Kᵀ v'
+        return proj + conv + h * per_chunk / c
