@@ -2,5 +2,6 @@
 
 from braid.kernels.attention import attention
 from braid.kernels.kda import kda
+from braid.kernels.ssm import selective_scan
 
-__all__ = ["attention", "kda"]
+__all__ = ["attention", "kda", "selective_scan"]

@@ -1,0 +1,235 @@
+"""Hymba hybrid-head mixer (letter H, Dong et al.): attention heads and a Mamba-1 SSM in parallel.
+
+One ``in_proj`` makes, per token, ``[q | k | v | x | z]``: queries (H · Dqk), keys (Hkv · Dqk) and
+values (Hkv · Dv) for GQA attention (RoPE per ``model.pos_emb``, optional QK-norm, the layer's
+window, meta tokens as sinks, documents), and the SSM input x and gate z (``ssm_inner`` each).
+
+SSM (Mamba-1): ``x ← silu(depthwise causal conv(x))``; ``x_proj(x) = [dt | B | C]`` (dt_rank,
+d_state, d_state), each RMS-normalised with a learned weight, as in the released Hymba code
+(``mamba_inner_layernorms``; reference.md's "dt, B, C RMS-normalised"); ``dt = softplus(dt_proj(dt))``;
+``A = −exp(A_log)``; ``y = selective_scan(x, dt, A, B, C, D) · silu(z)``.
+
+Fusion: ``out_proj((RMSNorm₁(attn) + RMSNorm₂(ssm)) / 2)``, so H · Dv must equal ``ssm_inner``.
+
+Cross-layer KV sharing (``hymba.kv_share_groups``): the first layer of a group stores its post-RoPE
+K/V in ``seq.shared[layer_idx]``; the others build no k/v columns and attend with those.
+
+Packed documents (``seq.doc_ids``): attention stays in its document; conv taps and the SSM state do
+not cross a document start. With meta tokens, each document starts from the meta prefix instead:
+its first conv taps read the last meta positions and its SSM state starts from the state after the
+meta tokens, so a packed document computes exactly what it would alone behind the meta tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from braid.config import ModelConfig
+from braid.kernels import attention, selective_scan
+from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
+from braid.models.mla import mean_visible_keys
+from braid.models.registry import register_mixer
+
+# Mamba's dt initialisation range: dt ~ logUniform(DT_MIN, DT_MAX), floored at DT_FLOOR.
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
+# FLOPs per (channel, state) per token of the selective scan (discretisation, update, readout),
+# the convention of Mamba's own FLOP estimate.
+SCAN_FLOPS_PER_STATE = 9
+
+
+def _kv_producer(cfg: ModelConfig, layer_idx: int) -> Optional[int]:
+    """The layer whose K/V layer ``layer_idx`` reuses (None: it computes its own), validated."""
+    groups = [g for g in cfg.hymba.kv_share_groups if layer_idx in g]
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise ValueError(f"model.hymba.kv_share_groups: layer {layer_idx} is in more than one group")
+    group = list(groups[0])
+    if group != sorted(set(group)) or group[-1] >= len(cfg.pattern):
+        raise ValueError(f"model.hymba.kv_share_groups: group {group} must list distinct layers in "
+                         f"increasing order, below {len(cfg.pattern)}")
+    if cfg.pattern[group[0]] != "H":
+        raise ValueError(f"model.hymba.kv_share_groups: group {group} starts at layer {group[0]}, "
+                         f"which is '{cfg.pattern[group[0]]}', not a Hymba layer")
+    return None if group[0] == layer_idx else group[0]
+
+
+@register_mixer("H")
+class Hymba(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        h = cfg.hymba
+        d = cfg.d_model
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim or d // cfg.n_heads
+        self.v_head_dim = h.v_head_dim or self.head_dim
+        self.ssm_inner = h.ssm_inner or 2 * d
+        self.d_state, self.d_conv = h.d_state, h.d_conv
+        self.dt_rank = h.dt_rank or math.ceil(d / 16)
+        self.window = layer_window(cfg, layer_idx)
+        self.sink_default = cfg.meta_tokens  # for flops only; forward uses seq.meta_tokens
+        if self.n_heads * self.v_head_dim != self.ssm_inner:
+            raise ValueError(
+                f"Hymba layer {layer_idx}: attention output channels model.n_heads × model.hymba.v_head_dim "
+                f"= {self.n_heads} × {self.v_head_dim} = {self.n_heads * self.v_head_dim} must equal "
+                f"model.hymba.ssm_inner = {self.ssm_inner} (the two branches are summed); e.g. set "
+                f"model.hymba.v_head_dim = {self.ssm_inner / self.n_heads:g}")
+        self.kv_source = _kv_producer(cfg, layer_idx)
+        self.stores_kv = self.kv_source is None and any(layer_idx in g for g in h.kv_share_groups)
+        own_kv = self.kv_source is None
+
+        self.q_dim = self.n_heads * self.head_dim
+        self.k_dim = self.n_kv_heads * self.head_dim if own_kv else 0
+        self.v_dim = self.n_kv_heads * self.v_head_dim if own_kv else 0
+        self.in_proj = nn.Linear(d, self.q_dim + self.k_dim + self.v_dim + 2 * self.ssm_inner, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm and own_kv else None
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+
+        inner, n = self.ssm_inner, self.d_state
+        self.conv1d = nn.Conv1d(inner, inner, self.d_conv, groups=inner, padding=self.d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * n, bias=False)
+        self.dt_layernorm = RMSNorm(self.dt_rank, cfg.norm_eps)
+        self.B_layernorm = RMSNorm(n, cfg.norm_eps)
+        self.C_layernorm = RMSNorm(n, cfg.norm_eps)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, n))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.pre_avg_layernorm1 = RMSNorm(inner, cfg.norm_eps)  # attention branch
+        self.pre_avg_layernorm2 = RMSNorm(inner, cfg.norm_eps)  # SSM branch
+        self.out_proj = mark_output_projection(nn.Linear(inner, d, bias=False))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's SSM init: A = −(1..d_state) per channel, D = 1, dt_proj bias = softplus⁻¹(dt) with
+        dt ~ logU(1e-3, 0.1), dt_proj weight ~ U(±dt_rank^-½). Runs after HybridLM's generic init."""
+        dev = self.A_log.device
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=dev)
+        self.A_log.copy_(torch.log(a).expand_as(self.A_log))
+        self.D.fill_(1.0)
+        bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        u = torch.rand(self.ssm_inner, device=dev)
+        dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt), stable for small dt
+        # Decay rates and skips are not weights to shrink. Marked here rather than in __init__ so
+        # that parameters re-created when a meta-device model is materialised get it back too.
+        for p in (self.A_log, self.D, self.dt_proj.bias):
+            p._no_weight_decay = True
+
+    # ------------------------------------------------------------------ attention branch
+
+    def _attention(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
+        """q ``[B,T,Hq·Dqk]``, k/v of this layer or None → attention output ``[B, T, H·Dv]``."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.rotary is not None:
+            q = self.rotary(q, seq.position_ids)
+        if self.kv_source is None:
+            k = k.view(b, t, self.n_kv_heads, self.head_dim)
+            v = v.view(b, t, self.n_kv_heads, self.v_head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.rotary is not None:
+                k = self.rotary(k, seq.position_ids)
+            if self.stores_kv:
+                seq.shared[self.layer_idx] = (k, v)
+        else:
+            if self.kv_source not in seq.shared:
+                raise RuntimeError(f"Hymba layer {self.layer_idx} reuses the K/V of layer {self.kv_source}, "
+                                   "which has not run in this forward pass")
+            k, v = seq.shared[self.kv_source]
+        o = attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+        return o.reshape(b, t, self.n_heads * self.v_head_dim)
+
+    # ------------------------------------------------------------------ SSM branch
+
+    def _doc_layout(self, seq: SeqInfo, t: int):
+        """For packed documents: ``(reset [B,T] bool, conv source index [B,T,K])``, else (None, None).
+
+        reset marks document starts (and position 0). Source ``[b, t, k]`` is the position whose x
+        feeds conv tap k (k steps back) at t: t − k inside the document, else the matching meta
+        position (as if the document followed the meta prefix directly), else −1 (zero padding).
+        """
+        if seq.doc_ids is None:
+            return None, None
+        doc, m = seq.doc_ids, seq.meta_tokens
+        pos = torch.arange(t, device=doc.device)
+        reset = torch.ones_like(doc, dtype=torch.bool)
+        reset[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        if 0 < m < t:
+            reset[:, m] = True  # the first text position starts a document after the prefix
+        start = torch.where(reset, pos, 0).cummax(dim=1).values
+        offset = pos - start  # position inside the document (or inside the meta prefix)
+        prefix = torch.where(pos >= m, m, 0)  # meta positions a document may read before its start
+        k = torch.arange(self.d_conv, device=doc.device)
+        inside = pos[:, None] - k  # [T, K]
+        before = (prefix + offset)[..., None] - k  # [B, T, K], an index into the meta prefix
+        src = torch.where(offset[..., None] >= k, inside, torch.where(before >= 0, before, -1))
+        return reset, src
+
+    def _conv(self, x: torch.Tensor, src: Optional[torch.Tensor]) -> torch.Tensor:
+        """Depthwise causal conv over time, x ``[B, T, C]`` → ``[B, T, C]``; taps from ``src`` if given."""
+        t = x.shape[1]
+        if src is None:
+            y = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                         padding=self.d_conv - 1, groups=self.ssm_inner)
+            return y[..., :t].transpose(1, 2)
+        w = self.conv1d.weight[:, 0, :].to(x.dtype)  # [C, K]; w[:, K−1−k] multiplies x_{t−k}
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)  # index t = zero
+        y = self.conv1d.bias.to(x.dtype).expand_as(x)
+        for k in range(self.d_conv):
+            idx = torch.where(src[:, :, k] >= 0, src[:, :, k], t)
+            tap = padded.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
+            y = y + tap * w[:, self.d_conv - 1 - k]
+        return y
+
+    def ssm(self, x: torch.Tensor, z: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """The Mamba-1 branch: SSM input x and gate z ``[B, T, ssm_inner]`` → ``[B, T, ssm_inner]``."""
+        reset, src = self._doc_layout(seq, x.shape[1])
+        x = F.silu(self._conv(x, src))
+        dt, b_in, c_out = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, b_in, c_out = self.dt_layernorm(dt), self.B_layernorm(b_in), self.C_layernorm(c_out)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 under gradcheck)
+        # The bias is added in fp32: softplus of a bf16-rounded bias (≈ −5) would move dt by ~2 %.
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        A = -torch.exp(self.A_log.to(acc))
+        m = seq.meta_tokens
+        if reset is None or m == 0 or m >= x.shape[1]:
+            return selective_scan(x, dt, A, b_in, c_out, self.D, z, reset=reset)
+        # Documents after meta tokens restart from the state the meta prefix leaves.
+        y_meta, h_meta = selective_scan(x[:, :m], dt[:, :m], A, b_in[:, :m], c_out[:, :m], self.D, z[:, :m],
+                                        output_final_state=True)
+        y_text = selective_scan(x[:, m:], dt[:, m:], A, b_in[:, m:], c_out[:, m:], self.D, z[:, m:],
+                                initial_state=h_meta, reset=reset[:, m:])
+        return torch.cat([y_meta, y_text], 1)
+
+    # ------------------------------------------------------------------ the mixer
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype)."""
+        q, k, v, xs, z = self.in_proj(x).split(
+            [self.q_dim, self.k_dim, self.v_dim, self.ssm_inner, self.ssm_inner], dim=-1)
+        attn = self._attention(q, k, v, seq)
+        ssm = self.ssm(xs, z, seq)
+        return self.out_proj((self.pre_avg_layernorm1(attn) + self.pre_avg_layernorm2(ssm)) / 2)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: projections, the conv, the scan (9 per channel·state) and attention
+        scores/values over the mean visible keys (window and meta-token sinks included)."""
+        proj = sum(mod.weight.numel() for mod in self.modules() if isinstance(mod, nn.Linear))
+        conv = self.ssm_inner * self.d_conv
+        scan = SCAN_FLOPS_PER_STATE * self.ssm_inner * self.d_state
+        visible = mean_visible_keys(seq_len, self.window, self.sink_default)
+        attn = 2 * self.n_heads * (self.head_dim + self.v_head_dim) * visible
+        return 2 * (proj + conv) + scan + attn
