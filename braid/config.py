@@ -63,7 +63,7 @@ class MLAConfig:
 class HymbaConfig:
     """Hymba hybrid heads (letter H): attention heads (model.n_heads/n_kv_heads/head_dim) + Mamba-1 SSM."""
 
-    v_head_dim: Optional[int] = None  # default: the q/k head dim
+    v_head_dim: Optional[int] = None  # default: ssm_inner // n_heads (the branches are summed)
     ssm_inner: Optional[int] = None  # SSM channels; default: 2 · d_model
     d_state: int = 16
     d_conv: int = 4
@@ -382,6 +382,10 @@ def _validate_mixers(m: ModelConfig) -> None:
     if "H" in m.pattern:
         h = m.hymba
         _require(h.d_state > 0, "model.hymba.d_state", "must be > 0", h.d_state)
+        inner = h.ssm_inner or 2 * m.d_model
+        v_dim = h.v_head_dim or inner // m.n_heads
+        _require(m.n_heads * v_dim == inner, "model.hymba.v_head_dim",
+                 f"model.n_heads × v_head_dim must equal model.hymba.ssm_inner = {inner}", h.v_head_dim)
         _require(h.d_conv >= 1, "model.hymba.d_conv", "must be >= 1", h.d_conv)
         seen: set[int] = set()
         for group in h.kv_share_groups:

@@ -18,7 +18,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def test_defaults_and_tiny_yaml_load():
     cfg = load_config(TINY)
-    assert cfg.model.preset == "tiny"
+    assert cfg.model.preset == "hybrid-tiny"
     assert cfg.data.source == "embedded" and cfg.data.tokenizer == "bytes"
     assert cfg.run_dir == Path("runs") / cfg.run.name
     assert load_config(None).run_dir == Path("runs/braid")
@@ -35,7 +35,7 @@ def test_overrides_are_typed_and_win_over_file():
 def test_tiny_yaml_chooses_its_model_only_through_the_preset():
     text = TINY.read_text()
     model_lines = text.split("model:")[1].split("\ndata:")[0].strip().splitlines()
-    assert [ln.strip() for ln in model_lines] == ["preset: tiny"]
+    assert [ln.strip() for ln in model_lines] == ["preset: hybrid-tiny"]
 
 
 def test_preset_on_command_line_switches_architecture_completely():
@@ -89,9 +89,9 @@ ERRORS = [
     (["model.ffn_pattern=E", "model.moe.router=relu"], "model.moe.router"),
     (["model.ffn_pattern=E", "model.moe.n_groups=3"], "model.moe.n_groups"),
     (["model.ffn_pattern=E", "model.moe.capacity_factor=0"], "model.moe.capacity_factor"),
-    (["model.pattern=HHA", "model.hymba.kv_share_groups=[[1,2]]"], "model.hymba.kv_share_groups"),
-    (["model.pattern=MA", "model.mla.qk_rope_head_dim=3"], "model.mla.qk_rope_head_dim"),
-    (["model.pattern=KA", "model.kda.conv_size=0"], "model.kda.conv_size"),
+    (["model.pattern=HHA", "model.ffn_pattern=S", "model.hymba.kv_share_groups=[[1,2]]"], "model.hymba.kv_share_groups"),
+    (["model.pattern=MA", "model.ffn_pattern=S", "model.mla.qk_rope_head_dim=3"], "model.mla.qk_rope_head_dim"),
+    (["model.pattern=KA", "model.ffn_pattern=S", "model.kda.conv_size=0"], "model.kda.conv_size"),
     (["model.moe.bogus=1"], "model.moe.bogus"),
     (["train"], "train"),
     (["=3"], "=3"),

@@ -69,8 +69,8 @@ class Hymba(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or d // cfg.n_heads
-        self.v_head_dim = h.v_head_dim or self.head_dim
         self.ssm_inner = h.ssm_inner or 2 * d
+        self.v_head_dim = h.v_head_dim or self.ssm_inner // self.n_heads
         self.d_state, self.d_conv = h.d_state, h.d_conv
         self.dt_rank = h.dt_rank or math.ceil(d / 16)
         self.window = layer_window(cfg, layer_idx)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion (Hugging Face export/import) and evaluation entry points: see the conversion issue."""
