@@ -187,7 +187,21 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: Optional[int] = None  # default: the world size
+    """Parallel layout. dp_replicate × dp_shard × cp × tp = world size; ep divides dp_shard × cp."""
+
+    dp: Optional[int] = None  # data-parallel size (alias of dp_shard when the others are 1); default: world
+    dp_replicate: int = 1  # HSDP replicas (FSDP2 shards within a replica)
+    dp_shard: Optional[int] = None  # FSDP2 shard size; default: world / (dp_replicate × cp × tp)
+    tp: int = 1  # tensor parallel (DTensor plans per mixer)
+    cp: int = 1  # context parallel
+    cp_kind: str = "ring"  # ring | s2 | tree | ulysses
+    ep: int = 1  # expert parallel (experts sharded over ep ranks of dp_shard × cp)
+    engine: str = "fsdp"  # fsdp (torch FSDP2 / DDP) | deepspeed
+    zero_stage: int = 1  # deepspeed ZeRO stage 1 | 2 | 3
+    cpu_offload: bool = False  # deepspeed optimizer/parameter offload to CPU
+    activation_checkpoint: str = "none"  # none | full | every_<N> (every N-th block)
+    compile: bool = False  # per-block torch.compile (GPU)
+    sequence_parallel: bool = True  # with tp > 1: shard norms/residuals along the sequence
 
 
 @dataclass
@@ -352,6 +366,15 @@ def validate(cfg: Config) -> None:
     _require(lg.interval > 0, "logging.interval", "must be > 0", lg.interval)
     _require(lg.wandb in ("off", "offline", "online"), "logging.wandb", "off | offline | online", lg.wandb)
     _require(p.dp is None or p.dp > 0, "parallel.dp", "null (= world size) or > 0", p.dp)
+    for key in ("dp_replicate", "tp", "cp", "ep"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1", getattr(p, key))
+    _require(p.dp_shard is None or p.dp_shard >= 1, "parallel.dp_shard", "null (derived) or >= 1", p.dp_shard)
+    _require(p.cp_kind in ("ring", "s2", "tree", "ulysses"), "parallel.cp_kind", "ring | s2 | tree | ulysses",
+             p.cp_kind)
+    _require(p.engine in ("fsdp", "deepspeed"), "parallel.engine", "fsdp | deepspeed", p.engine)
+    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "1 | 2 | 3", p.zero_stage)
+    _require(bool(re.fullmatch(r"none|full|every_[1-9][0-9]*", p.activation_checkpoint)),
+             "parallel.activation_checkpoint", "none | full | every_<N>", p.activation_checkpoint)
     _validate_mixers(m)
 
 
