@@ -102,6 +102,16 @@ class HyperConnectionConfig:
 
 
 @dataclass
+class S2Config:
+    """S2 strided block-sparse attention pattern (Lin et al.) for the attention mixers (A, G, F)."""
+
+    enabled: bool = False
+    block: int = 64  # block size in tokens
+    local_blocks: int = 32  # recent blocks every head sees
+    vert_stride: int = 8  # every vert_stride-th older block, offset per head
+
+
+@dataclass
 class ModelConfig:
     preset: Optional[str] = None
     # One letter per layer; letters are resolved through braid.models.registry.
@@ -133,6 +143,7 @@ class ModelConfig:
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     hc: HyperConnectionConfig = field(default_factory=HyperConnectionConfig)
+    s2: S2Config = field(default_factory=S2Config)
 
 
 @dataclass
