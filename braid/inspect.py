@@ -1,0 +1,100 @@
+"""``python -m braid.inspect <run.dir>``: what a run did — config, progress, checkpoints, losses.
+
+Reads only files (no torch import), so it is instant and safe to point at a live run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs
+
+EXIT_BAD_INPUT = 2
+
+
+def _records(run_dir: Path) -> tuple[list[dict], int]:
+    """Parsed metrics.jsonl lines and the count of unreadable ones (a line cut by a crash)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def summarize(run_dir: Path) -> dict:
+    """A JSON-able summary of the run directory."""
+    records, bad_lines = _records(run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    checkpoints = []
+    for step, path in checkpoint_dirs(run_dir / "checkpoints"):
+        meta = path / MARKER
+        checkpoints.append({"step": step, "path": str(path), "complete": meta.is_file(),
+                            **(json.loads(meta.read_text()) if meta.is_file() else {})})
+    latest_file = run_dir / "checkpoints" / "latest"
+    config = run_dir / "config.yaml"
+    summary = {
+        "run_dir": str(run_dir),
+        "config": config.read_text() if config.is_file() else None,
+        "last_step": train[-1]["step"] if train else None,
+        "consumed_tokens": train[-1].get("consumed_tokens") if train else None,
+        "first_loss": train[0]["loss"] if train else None,
+        "last_loss": train[-1]["loss"] if train else None,
+        "best_eval_loss": min((r["eval_loss"] for r in evals), default=None),
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "skipped_iterations": train[-1].get("skipped_iterations", 0) if train else 0,
+        "nan_iterations": train[-1].get("nan_iterations", 0) if train else 0,
+        "checkpoints": checkpoints,
+        "latest_pointer": latest_file.read_text().strip() if latest_file.is_file() else None,
+        "unreadable_metric_lines": bad_lines,
+        "wandb_id": (run_dir / "wandb_id").read_text().strip() if (run_dir / "wandb_id").is_file() else None,
+    }
+    return summary
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(s: dict) -> str:
+    lines = [f"run dir        {s['run_dir']}",
+             f"last step      {_fmt(s['last_step'])}   consumed tokens {_fmt(s['consumed_tokens'])}",
+             f"train loss     {_fmt(s['first_loss'], '.4f')} → {_fmt(s['last_loss'], '.4f')}",
+             f"eval loss      last {_fmt(s['last_eval_loss'], '.4f')}   best {_fmt(s['best_eval_loss'], '.4f')}",
+             f"skipped steps  {s['skipped_iterations']} (NaN: {s['nan_iterations']})",
+             f"wandb run id   {_fmt(s['wandb_id'])}",
+             f"checkpoints    latest → {_fmt(s['latest_pointer'])}"]
+    for c in s["checkpoints"]:
+        state = "complete" if c["complete"] else "INCOMPLETE (ignored by resume)"
+        lines.append(f"  step {c['step']:>8}  {state}  {c['path']}")
+    if s["unreadable_metric_lines"]:
+        lines.append(f"metrics.jsonl  {s['unreadable_metric_lines']} unreadable line(s) (cut by a crash?)")
+    if s["config"]:
+        lines += ["config", *("  " + ln for ln in s["config"].splitlines())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="braid.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"braid: error: run dir '{args.run_dir}' does not exist", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    summary = summarize(args.run_dir)
+    print(json.dumps(summary, indent=2) if args.json else render(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Names of the checkpoint directory layout, torch-free so tools can read a run instantly."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+MARKER = "COMPLETE"  # written last into a checkpoint directory; without it the directory is ignored
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every ``step_<N>`` directory, complete or not, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(root).iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every complete checkpoint, oldest first."""
+    return [(s, p) for s, p in checkpoint_dirs(root) if (p / MARKER).is_file()]
