@@ -156,6 +156,9 @@ class DataConfig:
     valid_fraction: float = 0.01  # documents held out for evaluation
     reset_position_ids: bool = False  # positions restart at every document
     document_mask: bool = True  # attention never crosses a document boundary
+    cache_dir: str = ""  # indexed sources: megatron-core's cached sample indices ("" = cache/ next to the data)
+    streaming: bool = False  # read data.source (one name/file or a "w1 srcA w2 srcB" blend) as a HF stream
+    stream_lanes: int = 8  # streaming: independent packing lanes (dp-invariant); must divide global batch
 
 
 @dataclass
@@ -351,6 +354,7 @@ def validate(cfg: Config) -> None:
              "'bytes' or an existing local tokenizer path", d.tokenizer)
     _require(d.seq_len > 0, "data.seq_len", "must be > 0", d.seq_len)
     _require(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)", d.valid_fraction)
+    _require(d.stream_lanes > 0, "data.stream_lanes", "must be > 0", d.stream_lanes)
 
     for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_iters"):
         _require(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))

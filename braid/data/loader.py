@@ -6,19 +6,25 @@ very next sample even on a different number of data-parallel ranks.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
-from braid.data.packing import PackedSequences
+
+
+UNBOUNDED = sys.maxsize  # the length of a stream (braid.data.streaming): read in order, never permuted
 
 
 class SampleOrder:
-    """Global sample ``g`` → dataset index: epoch ``g // n`` is a permutation seeded by (seed, epoch)."""
+    """Global sample ``g`` → dataset index: epoch ``g // n`` is a permutation seeded by (seed, epoch).
+
+    An ``UNBOUNDED`` dataset (a stream) is read in order: it has no random access to shuffle.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.n, self.seed, self.shuffle = n, seed, shuffle and n < UNBOUNDED
         self._epoch: Optional[int] = None
         self._perm: Optional[np.ndarray] = None
 
@@ -30,6 +36,8 @@ class SampleOrder:
         return self._perm
 
     def __call__(self, g: int) -> int:
+        if not self.shuffle:  # no permutation to hold: n may be huge (a stream's sys.maxsize)
+            return g % self.n
         return int(self._permutation(g // self.n)[g % self.n])
 
 
@@ -48,7 +56,7 @@ def rank_sample_ids(start: int, global_batch: int, dp_rank: int, dp_size: int) -
 
 
 def micro_batches(
-    dataset: PackedSequences,
+    dataset,
     order: SampleOrder,
     start: int,
     global_batch: int,
@@ -58,7 +66,11 @@ def micro_batches(
     device: torch.device,
     with_doc_ids: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of this rank for the global batch that begins at global sample ``start``."""
+    """The micro-batches of this rank for the global batch that begins at global sample ``start``.
+
+    ``dataset`` is anything with ``dataset[i]`` → dict of ``[seq_len]`` int64 numpy arrays
+    (``PackedSequences``, ``IndexedSequences``, ``StreamingSequences``); each batch value is ``[micro, seq_len]``.
+    """
     ids = rank_sample_ids(start, global_batch, dp_rank, dp_size)
     out = []
     for m in range(0, len(ids), micro_batch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -68,9 +68,26 @@ def split_documents(n: int, valid_fraction: float) -> tuple[list[int], list[int]
     return [i for i in range(n) if i not in held], valid
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False,
-                   batch_docs: int = 256) -> tuple[PackedSequences, PackedSequences]:
-    """Train and valid ``PackedSequences`` for the data config."""
+def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False, batch_docs: int = 256, *,
+                   seed: int = 1234, num_samples: Optional[int] = None, cache_dir: Optional[str] = None,
+                   global_batch_size: Optional[int] = None):
+    """Train and valid datasets for the data config, each with ``len`` and ``ds[i]`` → dict of ``[seq_len]``
+    int64 arrays (``input_ids``, ``labels``, ``doc_ids``, ``position_ids``).
+
+    - ``data.streaming``: ``StreamingSequences`` (read in order; ``global_batch_size`` places lanes).
+    - an indexed prefix or a Megatron blend: megatron-core ``IndexedSequences`` (``seed`` shuffles,
+      ``num_samples`` sizes a weighted blend, ``cache_dir`` overrides ``data.cache_dir``).
+    - anything else (embedded, local files, a HF dataset name): in-memory ``PackedSequences``.
+    """
+    if cfg.streaming:
+        from braid.data.streaming import build_streaming_datasets
+
+        return build_streaming_datasets(cfg, tokenizer, global_batch_size)
+    from braid.data.indexed import build_indexed_datasets, parse_blend
+
+    blend = parse_blend(cfg.source)
+    if blend is not None:
+        return build_indexed_datasets(cfg, tokenizer, blend, seed, num_samples, cache_dir)
     docs = load_documents(cfg.source, cfg.text_field, cfg.hf_split)
     train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction)
     texts = [text for _, text in docs]
