@@ -1,0 +1,107 @@
+"""Read a braid run's DCP checkpoint into a plain single-process model, and write one back.
+
+DCP stores tensors under their fully qualified names whatever the parallel layout (DDP, FSDP2 shards,
+...), so a freshly built unsharded ``HybridLM`` can load any checkpoint without a process group.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from braid.config import Config, ModelConfig, load_config
+from braid.errors import CheckpointError
+from braid.trainer.checkpoint import MARKER
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """``<run>/checkpoints/step_N``, ``<run>/checkpoints/latest`` (the pointer file), the
+    ``checkpoints`` dir or the run dir → the checkpoint directory to read."""
+    p = Path(path)
+    if p.name == "latest" and p.is_file():
+        p = p.parent / p.read_text().strip()
+    elif (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.is_dir() and not (p / ".metadata").is_file() and (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if not (p / ".metadata").is_file():
+        raise CheckpointError(f"'{path}' is not a braid DCP checkpoint (no .metadata under {p})")
+    if not (p / MARKER).is_file():
+        raise CheckpointError(f"checkpoint '{p}' is incomplete (no {MARKER} marker); refusing to read it")
+    return p
+
+
+def run_config(ckpt_dir: Path) -> Config:
+    """The run's resolved config: ``<run.dir>/config.yaml`` two levels above ``step_N``."""
+    cfg_path = ckpt_dir.parent.parent / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no run config at '{cfg_path}' (expected <run.dir>/config.yaml next to checkpoints/)")
+    return load_config(cfg_path)
+
+
+def _saved_vocab(ckpt_dir: Path) -> Optional[int]:
+    meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
+    entry = meta.state_dict_metadata.get("model.embed.weight")
+    return None if entry is None else int(entry.size[0])
+
+
+def model_config_for(ckpt_dir: Path, cfg: Config) -> ModelConfig:
+    """The model section with ``vocab_size`` resolved from the saved embedding's shape."""
+    mcfg = copy.deepcopy(cfg.model)
+    if mcfg.vocab_size is None:
+        mcfg.vocab_size = _saved_vocab(ckpt_dir)
+    if mcfg.vocab_size is None:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' has no model.embed.weight")
+    return mcfg
+
+
+def load_state_dict_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Fill ``model`` (unsharded, CPU) from the ``model`` entry of a DCP checkpoint, in place."""
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that a lone process loads without a process group
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=str(ckpt_dir))
+    model.load_state_dict(state["model"])
+
+
+def load_braid_checkpoint(path: str | Path):
+    """Checkpoint dir (``latest`` accepted) → ``(HybridLM in eval mode, fp32, CPU; Config)``."""
+    from braid.models.hybrid import HybridLM
+
+    ckpt = resolve_checkpoint_dir(path)
+    cfg = run_config(ckpt)
+    mcfg = model_config_for(ckpt, cfg)
+    cfg.model = mcfg
+    model = HybridLM(mcfg).float()
+    load_state_dict_into(model, ckpt)
+    return model.eval(), cfg
+
+
+def save_braid_checkpoint(model: torch.nn.Module, cfg: Config, run_dir: str | Path, step: int = 0) -> Path:
+    """Write ``<run_dir>/config.yaml`` and ``checkpoints/step_<step>`` (model weights only, DCP, with
+    the completion marker and the ``latest`` pointer) so that a run can start from it.
+
+    A run resuming from it (``checkpoint.resume=<path>``) gets the weights; optimizer and trainer
+    state are absent, so the trainer must start them fresh (see the conversion notes in the report).
+    """
+    import json
+    import time
+
+    from braid.config import to_yaml
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints" / f"step_{step}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save({"model": sd}, checkpoint_id=str(ckpt))
+    (ckpt / MARKER).write_text(json.dumps({"step": step, "world_size": 1, "time": time.time()}) + "\n")
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return ckpt

@@ -1,0 +1,154 @@
+"""Write a braid model as a Hugging Face directory and read one back.
+
+``export_hf``: config.json, safetensors (one file, or shards + ``model.safetensors.index.json`` above
+``max_shard_bytes``), generation_config.json, tokenizer files when the run used one, and for
+architectures without a stock class the generated ``modeling_braid.py`` (``auto_map``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from braid.config import Config, ModelConfig
+from braid.convert import stock
+from braid.convert.remote_code import modeling_source
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+BRAID_ARCH = "BraidForCausalLM"
+PROGRESS_MIN_BYTES = 256 * 1024**2  # show a progress bar for exports at least this large
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index; returns the file names."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    shards = _shards(state, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=total < PROGRESS_MIN_BYTES)
+    for name, shard in zip(names, shards):
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
+        bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    bar.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"'{path}' has no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return state
+
+
+def _tokenizer_ids(cfg: Optional[Config]) -> tuple[Optional[int], Optional[int]]:
+    """(bos, eos) ids of the run's tokenizer (bos None for the byte tokenizer, which has none)."""
+    if cfg is None:
+        return None, None
+    from braid.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    bos = getattr(getattr(tok, "tok", None), "bos_token_id", None)
+    return bos, tok.eos_id
+
+
+def export_hf(model: torch.nn.Module, cfg: Config, out: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              force_remote_code: bool = False) -> dict:
+    """Write ``model`` (a HybridLM; ``cfg`` its run config, ``cfg.model.vocab_size`` resolved) to ``out``.
+
+    Returns ``{"architecture": class name, "files": [...]}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m: ModelConfig = cfg.model
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    arch = None if force_remote_code else stock.stock_architecture(m, state)
+    bos, eos = _tokenizer_ids(cfg)
+    if arch is not None:
+        hf_cfg = stock.hf_config(m, arch)
+        weights = stock.to_hf_state(state)
+    else:
+        arch = BRAID_ARCH
+        hf_cfg = dict(architectures=[arch], model_type="braid", vocab_size=m.vocab_size,
+                      hidden_size=m.d_model, num_hidden_layers=len(m.pattern), tie_word_embeddings=False,
+                      braid_model=dataclasses.asdict(m), dtype="float32", use_cache=False,
+                      auto_map={"AutoConfig": "modeling_braid.BraidConfig",
+                                "AutoModelForCausalLM": "modeling_braid.BraidForCausalLM"})
+        weights = {f"braid.{k}": v for k, v in state.items()}
+        (out / "modeling_braid.py").write_text(modeling_source())
+    hf_cfg.update(bos_token_id=bos, eos_token_id=eos, braid_tokenizer=cfg.data.tokenizer,
+                  braid_seq_len=cfg.data.seq_len)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"do_sample": False, "bos_token_id": bos, "eos_token_id": eos, "max_length": cfg.data.seq_len}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
+    files = write_safetensors(weights, out, max_shard_bytes)
+    if cfg.data.tokenizer != "bytes":
+        from braid.data.tokenizer import load_tokenizer
+
+        load_tokenizer(cfg.data.tokenizer).save(out)
+    # The byte tokenizer is built into braid (ids 0..255 = UTF-8 bytes, 256 = EOS): no files to write.
+    return {"architecture": arch, "files": files}
+
+
+def hf_model_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json of a HF dir → (the dict, braid's ModelConfig): braid exports or stock classes."""
+    hf = json.loads((path / "config.json").read_text())
+    if "braid_model" in hf:
+        from braid.convert.config_dict import model_config_from_dict
+
+        return hf, model_config_from_dict(hf["braid_model"])
+    return hf, stock.model_config_from_hf(hf)
+
+
+def load_hf_dir(path: str | Path):
+    """A braid-exported or supported stock HF directory → (HybridLM eval fp32 CPU, ModelConfig, config dict)."""
+    from braid.models.hybrid import HybridLM
+
+    path = Path(path)
+    hf, m = hf_model_config(path)
+    tensors = read_safetensors(path)
+    if "braid_model" in hf:
+        state = {k[len("braid."):]: v for k, v in tensors.items() if k.startswith("braid.")}
+    else:
+        state = stock.from_hf_state(tensors, n_experts=m.moe.n_experts if "E" in m.ffn_pattern else 0)
+    if m.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model = HybridLM(m)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"'{path}': weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.float().eval(), m, hf

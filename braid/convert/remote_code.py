@@ -1,0 +1,225 @@
+"""Self-contained Hugging Face modeling code for braid models no stock class matches.
+
+The generated ``modeling_braid.py`` depends only on torch and transformers. It carries braid's own
+model source (``braid.models``, ``braid.kernels`` and the model section of ``braid.config``) as
+embedded module texts, served to Python by a small import hook under a private package name
+(``_braid_<hash>``), so the exported model runs exactly braid's forward — every mixer, connection
+and kernel — without importing (or needing) braid. Generating it from the source, rather than keeping
+a second hand-written implementation, is what makes parity exact and keeps new mixers exportable.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+from pathlib import Path
+
+import braid
+
+BRAID_ROOT = Path(braid.__file__).resolve().parent
+CONFIG_CLASSES_SKIP = {"RunConfig", "DataConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig",
+                       "ParallelConfig", "Config"}
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return BRAID_ROOT / "__init__.py"
+    rel = Path(*parts)
+    for cand in (BRAID_ROOT / rel.with_suffix(".py"), BRAID_ROOT / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _braid_imports(source: str, name: str, is_pkg: bool) -> set[str]:
+    """Modules of braid imported anywhere in ``source`` (also inside functions and try blocks)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name == "braid" or a.name.startswith("braid.")}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative import
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([mod] if mod else []))
+            if mod == "braid" or mod.startswith("braid."):
+                found.add(mod)
+                for alias in node.names:  # `from braid.kernels import attention_blocked` (a submodule)
+                    if _module_file(f"{mod}.{alias.name}") is not None:
+                        found.add(f"{mod}.{alias.name}")
+    return found
+
+
+def _config_source() -> str:
+    """braid.config reduced to the model-section dataclasses (no omegaconf, no presets)."""
+    source = (BRAID_ROOT / "config.py").read_text()
+    tree = ast.parse(source)
+    parts = ['"""braid.config: the model-section dataclasses only (generated)."""',
+             "from __future__ import annotations",
+             "from dataclasses import dataclass, field",
+             "from typing import Any, Dict, List, Optional, Tuple, Union"]
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name not in CONFIG_CLASSES_SKIP:
+            parts.append(ast.get_source_segment(source, node, padded=False))
+            decos = [ast.get_source_segment(source, d) for d in node.decorator_list]
+            parts[-1] = "".join(f"@{d}\n" for d in decos) + parts[-1]
+    return "\n\n\n".join(parts) + "\n"
+
+
+def model_sources() -> dict[str, tuple[str, bool]]:
+    """``{module name: (source, is_package)}`` of everything a HybridLM forward imports."""
+    from braid.models import registry
+
+    roots = {"braid", "braid.models", "braid.models.hybrid", "braid.models.registry"}
+    for table in (registry._MIXERS, registry._FFNS):
+        for entry in table.values():
+            roots.add(entry.split(":")[0] if isinstance(entry, str) else entry.__module__)
+    done: dict[str, tuple[str, bool]] = {}
+    todo = sorted(roots)
+    while todo:
+        name = todo.pop()
+        if name in done:
+            continue
+        if name == "braid.config":
+            done[name] = (_config_source(), False)
+            continue
+        path = _module_file(name)
+        if path is None:
+            # An optional path braid itself imports lazily and does not have yet (e.g. a kernel that
+            # lands later): the exported code fails at the same call braid would.
+            continue
+        source = path.read_text()
+        is_pkg = path.name == "__init__.py"
+        done[name] = (source, is_pkg)
+        todo += sorted(_braid_imports(source, name, is_pkg) - set(done))
+    for pkg in {n.rsplit(".", 1)[0] for n in done if "." in n}:  # parents of every module
+        while pkg and pkg not in done:
+            done[pkg] = ((_module_file(pkg) or BRAID_ROOT / "__init__.py").read_text(), True)
+            pkg = pkg.rsplit(".", 1)[0] if "." in pkg else ""
+    return done
+
+
+def _rename(source: str, package: str) -> str:
+    # Every reference to the braid package (imports, the registry's "braid.models.x:Cls" entries).
+    return re.sub(r"\bbraid(?=[.\s:])", package, source)
+
+
+_TEMPLATE = '''"""Hugging Face modeling code for a braid model (generated by `python -m braid.convert to-hf`).
+
+Self-contained: needs torch and transformers only. braid's model source is embedded below and
+served by an import hook under the private package name {package!r}; the classes at the end wrap
+its HybridLM as a transformers causal LM (load with trust_remote_code=True).
+"""
+
+import dataclasses
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+_PACKAGE = {package!r}
+_SOURCES = {sources}
+
+
+class _BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the embedded modules (and only them) to the import system."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name in _SOURCES:
+            return importlib.util.spec_from_loader(name, self, is_package=_SOURCES[name][1])
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        exec(compile(_SOURCES[module.__name__][0], "<" + module.__name__ + ">", "exec"), module.__dict__)
+
+
+if not any(getattr(f, "braid_package", None) == _PACKAGE for f in sys.meta_path):
+    _importer = _BundleImporter()
+    _importer.braid_package = _PACKAGE
+    sys.meta_path.insert(0, _importer)
+
+_config_mod = importlib.import_module(_PACKAGE + ".config")
+_hybrid = importlib.import_module(_PACKAGE + ".models.hybrid")
+
+
+def _model_config(d):
+    """The nested dict of config.json's ``braid_model`` → braid's ModelConfig dataclass."""
+    kwargs = {{}}
+    for f in dataclasses.fields(_config_mod.ModelConfig):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            value = type(f.default_factory())(**value)
+        kwargs[f.name] = value
+    return _config_mod.ModelConfig(**kwargs)
+
+
+class BraidConfig(PretrainedConfig):
+    model_type = "braid"
+
+    def __init__(self, braid_model=None, **kwargs):
+        self.braid_model = dict(braid_model or {{}})
+        kwargs.setdefault("tie_word_embeddings", False)  # braid ties inside its own module
+        super().__init__(**kwargs)
+
+
+class BraidForCausalLM(PreTrainedModel, GenerationMixin):
+    """braid's HybridLM; ``forward(input_ids [B, T])`` → ``.logits [B, T, V]`` (no KV cache: every
+    call runs the whole sequence; braid.generate decodes incrementally)."""
+
+    config_class = BraidConfig
+    base_model_prefix = "braid"
+    _supports_cache_class = False
+    _no_split_modules = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.braid = _hybrid.HybridLM(_model_config(config.braid_model))
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Weights come from the checkpoint; only buffers outside the state dict (rotary
+        # frequencies) must be recomputed after a meta-device build.
+        if hasattr(module, "inv_freq") and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    def get_input_embeddings(self):
+        return self.braid.embed
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is not None and attention_mask.shape == input_ids.shape:
+            # Right padding is harmless for a causal model; left padding would shift positions.
+            if bool(((attention_mask[:, 1:] > attention_mask[:, :-1])).any()):
+                raise ValueError("braid models do not support left padding; pad on the right")
+        logits = self.braid(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {{"input_ids": input_ids, "attention_mask": attention_mask}}
+'''
+
+
+def modeling_source() -> str:
+    """The text of ``modeling_braid.py`` for the current braid source tree."""
+    sources = model_sources()
+    digest = hashlib.sha256(repr(sorted(sources.items())).encode()).hexdigest()[:12]
+    package = f"_braid_{digest}"
+    renamed = {package + name[len("braid"):]: (_rename(src, package), is_pkg) for name, (src, is_pkg) in sources.items()}
+    body = "{\n" + "".join(f"    {name!r}: ({src!r}, {is_pkg!r}),\n" for name, (src, is_pkg) in sorted(renamed.items())) + "}"
+    return _TEMPLATE.format(package=package, sources=body)

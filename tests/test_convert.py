@@ -1,0 +1,119 @@
+"""Hugging Face export: every tiny preset's export, loaded by AutoModelForCausalLM, gives braid's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from braid.config import load_config
+from braid.convert import load_model
+from braid.convert.braid_checkpoint import save_braid_checkpoint
+from braid.convert.hf_export import export_hf
+from braid.models.hybrid import HybridLM
+from braid.models.presets import preset_names
+
+VOCAB = 320
+TINY = [p for p in preset_names() if p.endswith("-tiny") or p in ("tiny", "tiny-swa")]
+STOCK = {"llama-tiny": "LlamaForCausalLM", "tiny": "LlamaForCausalLM", "tiny-swa": "Qwen3ForCausalLM",
+         "moe-tiny": "Qwen3MoeForCausalLM"}
+# The default run covers each stock class and the remote code on Hymba (meta tokens, windows, KV
+# sharing, SSM); every other preset runs with -m slow.
+FAST = {"llama-tiny", "moe-tiny", "hymba-tiny"}  # tiny-swa (Qwen3) is covered by the sharded test
+
+
+def random_run(tmp_path, preset: str, *overrides: str, seed: int = 0):
+    """A checkpoint of a randomly initialised ``preset`` model whose weights are all moved off their
+    init (norm weights ≠ 1, biases ≠ 0, ...), so a mis-mapped weight cannot hide."""
+    cfg = load_config(None, [f"model.preset={preset}", f"model.vocab_size={VOCAB}", *overrides])
+    torch.manual_seed(seed)
+    model = HybridLM(cfg.model).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ckpt = save_braid_checkpoint(model, cfg, tmp_path / "run", step=7)
+    return model, cfg, ckpt
+
+
+def auto_logits(path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(input_ids=x).logits, type(hf).__name__
+
+
+@pytest.mark.parametrize("preset", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in TINY])
+def test_export_parity(tmp_path, preset):
+    """Loaded back from the checkpoint (as to-hf does) and exported, the HF model's logits equal
+    braid's: max abs diff ≤ 1e-4 in fp32 on CPU; stock class where the architecture matches."""
+    model, cfg, ckpt = random_run(tmp_path, preset)
+    reloaded = load_model(tmp_path / "run" / "checkpoints" / "latest")
+    info = export_hf(reloaded, cfg, tmp_path / "hf")
+    assert info["architecture"] == STOCK.get(preset, "BraidForCausalLM")
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    logits, cls = auto_logits(tmp_path / "hf", x)
+    assert cls == info["architecture"]
+    assert (logits - ref).abs().max().item() <= 1e-4
+    # The exported directory also loads back into braid with identical weights.
+    back = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(back(x), reloaded(x))
+
+
+@pytest.mark.slow
+def test_remote_code_is_self_contained(tmp_path):
+    """The generated modeling file never imports braid (its own embedded copy only)."""
+    model, cfg, _ = random_run(tmp_path, "gated-attn-tiny")
+    export_hf(model, cfg, tmp_path / "hf")
+    src = (tmp_path / "hf" / "modeling_braid.py").read_text()
+    code = compile(src, "modeling_braid.py", "exec")
+    assert "braid" not in {n.split(".")[0] for n in code.co_names if n.startswith("braid")}
+    # sys.modules[name] = None makes every import of braid fail in the child process.
+    script = ("import sys, torch; sys.modules['braid'] = None\n"
+              "from transformers import AutoModelForCausalLM\n"
+              f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True)\n"
+              "print(m(input_ids=torch.tensor([[1, 2, 3]])).logits.shape)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"torch.Size([1, 3, {VOCAB}])" in out.stdout
+
+
+def test_sharded_export_with_index(tmp_path):
+    model, cfg, _ = random_run(tmp_path, "tiny-swa")
+    export_hf(model, cfg, tmp_path / "hf", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((tmp_path / "hf" / f).is_file() for f in files)
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.state_dict().values())
+    x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits, _ = auto_logits(tmp_path / "hf", x)
+    with torch.no_grad():
+        assert (logits - model(x)).abs().max().item() <= 1e-4
+
+
+def test_export_files_and_bad_input(tmp_path):
+    """CLI: config.json, generation_config.json and weights; a non-checkpoint path exits 2, one line."""
+    random_run(tmp_path, "llama-tiny")
+    out = subprocess.run([sys.executable, "-m", "braid.convert", "to-hf", "--checkpoint",
+                          str(tmp_path / "run" / "checkpoints" / "latest"), "--out", str(tmp_path / "hf")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == VOCAB
+    assert gen["eos_token_id"] == 256 and gen["do_sample"] is False  # the byte tokenizer's EOS
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "braid.convert", "to-hf", "--checkpoint", str(tmp_path),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "checkpoint" in bad.stderr
