@@ -142,6 +142,12 @@ class HybridLM(nn.Module):
         if self.n_streams:
             h = merge_streams(h)
         h = self.norm(h[:, m:])
+        return self.output(h, labels)
+
+    def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """LM head and loss: h ``[B, T, d]`` → per-token fp32 loss ``[B, T]``, or logits ``[B, T, V]``
+        without labels. Tensor parallelism replaces it per instance (vocab-parallel head and loss)."""
+        b, t = h.shape[:2]
         logits = F.linear(h, self._head_weight())
         if labels is None:
             return logits

@@ -196,9 +196,7 @@ class MoE(nn.Module):
 
         pair_token = order // k
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x2[pair_token].to(dtype)
-        gate, up = grouped_mm(xs, self.gate_up.to(dtype), group_sizes).chunk(2, dim=-1)
-        ys = grouped_mm(F.silu(gate) * up, self.down.to(dtype), group_sizes)
+        ys = self.experts(x2[pair_token].to(dtype), group_sizes)
         # Weight and accumulate the k expert outputs of a token in fp32 (the routing weights' dtype).
         ys = ys.to(weights.dtype) * weights.reshape(-1)[order, None]
         out = torch.zeros(n, d, dtype=weights.dtype, device=x.device).index_add_(0, pair_token, ys)
@@ -206,6 +204,19 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x).to(x.dtype)
         return out
+
+    def experts(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        """The routed experts on token copies sorted by expert.
+
+        Args:
+            xs: ``[P, d]`` the P kept token–expert pairs' inputs, expert-major (compute dtype).
+            group_sizes: ``[E]`` int64 pairs per expert, summing to P.
+        Returns:
+            ``[P, d]`` expert outputs in xs's dtype, same order. Expert parallelism replaces this
+            method per instance (``braid.parallel.expert_parallel``): dispatch, local experts, combine.
+        """
+        gate, up = grouped_mm(xs, self.gate_up.to(xs.dtype), group_sizes).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down.to(xs.dtype), group_sizes)
 
     def _aux_loss(self, experts, scores, logits, b: int, t: int) -> Optional[torch.Tensor]:
         """Coefficient-weighted balance loss + z-loss (fp32 scalar), or None when both are off."""

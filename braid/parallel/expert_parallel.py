@@ -1,0 +1,110 @@
+"""Expert parallelism: the routed experts of every MoE layer sharded over an ep mesh.
+
+Each rank routes its own tokens exactly as the unsharded layer does (router, bias, group limit,
+capacity, load counts and auxiliary losses are untouched: they see this rank's tokens only). Only
+the expert computation (``MoE.experts``) changes:
+
+1. dispatch: the token–expert pairs, already sorted by expert, go to the rank owning their expert
+   (experts ``[j·E/ep, (j+1)·E/ep)`` live on ep rank j) with one ``all_to_all_single``; the per-expert
+   pair counts travel first (one small all-to-all) so every rank knows its split sizes;
+2. the received pairs (grouped by source rank, then local expert) are reordered expert-major and
+   run through the local experts' grouped GEMMs;
+3. combine: the outputs return along the inverse all-to-all, in the original pair order, and the
+   layer weights and scatter-adds them as before.
+
+The backward of each all-to-all is the all-to-all with the splits swapped, so a local expert's
+weight gradient sums over every ep rank's tokens: the data-parallel gradient reduction of
+``gate_up``/``down`` must therefore run only over the replicas of the same experts (the dp ranks
+outside this ep group), while the router and shared experts reduce over all dp ranks as usual.
+Load counts stay per rank; ``moe_step``'s all-reduce over the data × context ranks (which include
+the ep ranks: they see different tokens) sums them as before.
+
+Split sizes are read on the host (``.tolist()``): one sync per layer, as in every all-to-all MoE.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from braid.errors import ConfigError
+from braid.kernels.grouped_gemm import grouped_mm
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with variable splits; backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        grad = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad, None, None, None
+
+
+def _ep_experts(group, ep: int):
+    """The replacement for ``MoE.experts`` (same contract) on an ep group of ``ep`` ranks."""
+
+    def experts(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        e_local = self.n_experts // ep
+        recv_sizes = torch.empty_like(group_sizes)
+        dist.all_to_all_single(recv_sizes, group_sizes.contiguous(), group=group)
+        recv_sizes = recv_sizes.view(ep, e_local)  # [source rank, local expert]
+        in_splits = group_sizes.view(ep, e_local).sum(1).tolist()
+        out_splits = recv_sizes.sum(1).tolist()
+        recv = _AllToAll.apply(xs, out_splits, in_splits, group)
+        # Received rows are source-major; the grouped GEMM needs them local-expert-major.
+        local_expert = torch.arange(e_local, device=xs.device).repeat(ep)
+        row_expert = torch.repeat_interleave(local_expert, recv_sizes.flatten())
+        order = torch.argsort(row_expert, stable=True)
+        w1 = self.gate_up.to_local() if isinstance(self.gate_up, DTensor) else self.gate_up
+        w2 = self.down.to_local() if isinstance(self.down, DTensor) else self.down
+        sizes = recv_sizes.sum(0)
+        gate, up = grouped_mm(recv[order], w1.to(xs.dtype), sizes).chunk(2, dim=-1)
+        y_sorted = grouped_mm(F.silu(gate) * up, w2.to(xs.dtype), sizes)
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to source-major
+        return _AllToAll.apply(y, in_splits, out_splits, group)
+
+    return experts
+
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard the routed experts of every :class:`~braid.models.moe.MoE` in ``model`` over ``ep_mesh``.
+
+    ``gate_up [E, d, 2h]`` and ``down [E, h, d]`` become ``Shard(0)`` DTensors on the 1-D ep mesh
+    (rank 0's values are scattered); the router, the bias and the shared experts stay plain. The
+    ep ranks must feed different tokens (ep is carved out of the data × context ranks).
+    """
+    from braid.models.moe import MoE
+
+    ep = ep_mesh.size()
+    if ep == 1:
+        return
+    group = ep_mesh.get_group()
+    for module in model.modules():
+        if not isinstance(module, MoE):
+            continue
+        if module.n_experts % ep:
+            raise ConfigError(f"config key 'model.moe.n_experts' = {module.n_experts} must be divisible by "
+                              f"parallel.ep = {ep}")
+        for name in ("gate_up", "down"):
+            p = getattr(module, name)
+            if not isinstance(p, DTensor):
+                module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
+        module.experts = types.MethodType(_ep_experts(group, ep), module)
+
+
+__all__ = ["apply_ep"]

@@ -1,0 +1,176 @@
+"""Tensor-parallel plans: one function per mixer class and one for SwiGLU.
+
+A plan names the dim of each sharded parameter (all others replicate, see ``tensor_parallel.py``)
+and the per-rank values of the module's size attributes. The layout is Megatron's: projections
+into heads/channels are split by output rows (dim 0), the output projection by input columns
+(dim 1), and per-head / per-channel parameters (decays, gates, depthwise convs) follow their heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+import torch.nn as nn
+
+from braid.errors import ConfigError
+from braid.models.attention import Attention
+from braid.models.ffn import SwiGLU
+from braid.models.fox import FoX
+from braid.models.gated_attention import GatedAttention
+from braid.models.hymba import Hymba
+from braid.models.kda import KDA
+from braid.models.mla import MLA
+from braid.parallel.tp_plans import comm
+
+
+def _divisible(value: int, tp: int, key: str) -> None:
+    if value % tp:
+        raise ConfigError(f"config key '{key}' = {value} must be divisible by parallel.tp = {tp}")
+
+
+def _present(module: nn.Module, shard: dict[str, int]) -> dict[str, int]:
+    """Drop optional parameters this instance does not have (e.g. FoX without kv_shift)."""
+    names = dict(module.named_parameters())
+    return {k: v for k, v in shard.items() if k in names}
+
+
+def attention_plan(m: Attention, tp: int):
+    """A and G: query, key and value heads split over tp (GQA groups stay on one rank).
+
+    Gated attention's widened ``q_proj`` is laid out per KV group ``[Hkv, G·D | G·E]``, so its
+    contiguous row blocks are whole KV groups: each rank gets its heads' queries and gates together.
+    QK-norm weights (shared by all heads) replicate.
+    """
+    from braid.parallel.tensor_parallel import ModulePlan
+
+    _divisible(m.n_kv_heads, tp, "model.n_kv_heads")
+    shard = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "o_proj.weight": 1}
+    local_heads = m.n_heads // tp
+
+    def setup(module: Attention, group) -> None:
+        if getattr(module, "s2", None) is not None:  # S2 residues follow the global head index
+            start = torch.distributed.get_rank(group) * local_heads
+            module.s2 = dataclasses.replace(module.s2, head_start=module.s2.head_start + start)
+
+    return ModulePlan(shard=shard, local={"n_heads": local_heads, "n_kv_heads": m.n_kv_heads // tp}, setup=setup)
+
+
+def fox_plan(m: FoX, tp: int):
+    """F: attention's split plus the per-head forget gate, per-KV-head shift gates and the
+    per-channel output gate; the output norm (per head, shared weight) replicates."""
+    plan = attention_plan(m, tp)
+    plan.shard.update(_present(m, {"fgate_proj.weight": 0, "fgate_proj.bias": 0, "k_shift_proj.weight": 0,
+                                   "v_shift_proj.weight": 0, "out_gate_proj.weight": 0}))
+    return plan
+
+
+def kda_plan(m: KDA, tp: int):
+    """K: heads split; short convs follow their channels; the low-rank gates' first projections
+    (``f_a``, ``g_a``) replicate and their second (``f_b``, ``g_b``) split; ``A_log``, ``dt_bias``
+    and ``b_proj`` follow their heads; the output norm's weight (shared by heads) replicates."""
+    from braid.parallel.tensor_parallel import ModulePlan
+
+    _divisible(m.n_heads, tp, "model.kda.n_heads")
+    shard = {name: 0 for name in (
+        "q_proj.weight", "k_proj.weight", "v_proj.weight", "q_conv.conv.weight", "k_conv.conv.weight",
+        "v_conv.conv.weight", "f_b.weight", "A_log", "dt_bias", "b_proj.weight", "g_b.weight", "g_b.bias")}
+    shard["o_proj.weight"] = 1
+    return ModulePlan(shard=shard, local={"n_heads": m.n_heads // tp})
+
+
+def mla_plan(m: MLA, tp: int):
+    """M: heads split (q or q_b rows, kv_b rows, o_proj columns); the latent down-projections, their
+    norms and the shared rope key replicate (the rope key's gradient is summed over tp like any
+    replicated weight's)."""
+    from braid.parallel.tensor_parallel import ModulePlan
+
+    _divisible(m.n_heads, tp, "model.mla.n_heads")
+    shard = _present(m, {"q_proj.weight": 0, "q_b_proj.weight": 0, "kv_b_proj.weight": 0})
+    shard["o_proj.weight"] = 1
+    return ModulePlan(shard=shard, local={"n_heads": m.n_heads // tp})
+
+
+def _sharded_rms_forward(full_dim: int, group):
+    """RMSNorm over a channel dim split over tp: the sum of squares is all-reduced (both ways)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        ss = comm.all_reduce_both(xf.pow(2).sum(-1, keepdim=True), group)
+        y = xf * torch.rsqrt(ss / full_dim + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+    return forward
+
+
+def hymba_plan(m: Hymba, tp: int):
+    """H: attention heads and SSM channels split together (rank r's attention output channels are
+    its SSM channels, so the fusion stays local).
+
+    ``in_proj`` packs ``[q | k | v | x | z]``; no single ``Shard`` splits all five blocks, so it stays
+    a replicated DTensor and each rank multiplies by its own rows of every block (memory: the full
+    ``in_proj`` on each rank). The depthwise conv, ``dt_proj``, ``A_log``, ``D`` and the fusion norms
+    follow their channels; ``x_proj`` reduces over channels (split by input columns, output
+    all-reduced); the dt/B/C norms and QK-norms replicate; the fusion norms' statistic is all-reduced.
+    """
+    from braid.parallel.tensor_parallel import ModulePlan
+
+    _divisible(m.n_heads, tp, "model.n_heads")
+    if m.kv_source is None:
+        _divisible(m.n_kv_heads, tp, "model.n_kv_heads")
+    sizes = [m.q_dim, m.k_dim, m.v_dim, m.ssm_inner, m.ssm_inner]
+    shard = {"conv1d.weight": 0, "conv1d.bias": 0, "x_proj.weight": 1, "dt_proj.weight": 0,
+             "dt_proj.bias": 0, "A_log": 0, "D": 0, "pre_avg_layernorm1.weight": 0,
+             "pre_avg_layernorm2.weight": 0, "out_proj.weight": 1}
+    local = {"n_heads": m.n_heads // tp, "n_kv_heads": m.n_kv_heads // tp, "ssm_inner": m.ssm_inner // tp,
+             "q_dim": m.q_dim // tp, "k_dim": m.k_dim // tp, "v_dim": m.v_dim // tp}
+    plan = ModulePlan(shard=shard, local=local)
+    full_inner = m.ssm_inner
+
+    def setup(module: Hymba, group) -> None:
+        rank = torch.distributed.get_rank(group)
+        rows, start = [], 0
+        for size in sizes:
+            chunk = size // tp
+            rows.append(torch.arange(start + rank * chunk, start + (rank + 1) * chunk))
+            start += size
+        plan.rows["in_proj.weight"] = torch.cat(rows)
+        module.x_proj.register_forward_hook(lambda mod, inp, out: comm.all_reduce_both(out, group))
+        for norm in (module.pre_avg_layernorm1, module.pre_avg_layernorm2):
+            norm.forward = types.MethodType(_sharded_rms_forward(full_inner, group), norm)
+
+    plan.setup = setup
+    return plan
+
+
+def swiglu_plan(m: SwiGLU, tp: int):
+    """S: gate/up split by hidden units (rows), down by its input columns."""
+    from braid.parallel.tensor_parallel import ModulePlan
+
+    _divisible(m.gate_proj.out_features, tp, "model.ffn_hidden")
+    return ModulePlan(shard={"gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1})
+
+
+# Exact classes (subclasses share code but not necessarily layouts: each gets its own entry).
+MIXER_PLANS = {Attention: attention_plan, GatedAttention: attention_plan, FoX: fox_plan, KDA: kda_plan,
+               MLA: mla_plan, Hymba: hymba_plan}
+
+
+def mixer_plan(mixer: nn.Module, tp: int):
+    """The plan of ``mixer`` for ``tp`` ranks; an unknown mixer class is an error naming it."""
+    fn = MIXER_PLANS.get(type(mixer))
+    if fn is None:
+        raise ConfigError(f"config key 'parallel.tp' = {tp}: no tensor-parallel plan for mixer "
+                          f"{type(mixer).__name__} (add one to braid/parallel/tp_plans/mixers.py)")
+    return fn(mixer, tp)
+
+
+def ffn_plan(ffn: nn.Module, tp: int):
+    if type(ffn) is not SwiGLU:
+        raise ConfigError(f"config key 'parallel.tp' = {tp}: no tensor-parallel plan for FFN "
+                          f"{type(ffn).__name__}")
+    return swiglu_plan(ffn, tp)
+
+
+__all__ = ["MIXER_PLANS", "mixer_plan", "ffn_plan"]
