@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,15 +35,18 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_spec: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE/...); a single process needs none."""
+def init_distributed(device_spec: str = "auto", single_process_group: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/...); a single process needs none,
+    unless ``single_process_group`` (DeepSpeed needs a process group even for one rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    elif single_process_group and not dist.is_initialized():
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -51,9 +55,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum ``t`` in place over ``group`` (default: all ranks); a no-op without a process group."""
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 

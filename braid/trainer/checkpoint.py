@@ -2,12 +2,19 @@
 
 Layout under ``<run.dir>/checkpoints/``:
     step_<N>/            DCP shards of model + optimizer + trainer state, ``rng_rank<r>.pt``, and
-                         the completion marker ``COMPLETE`` (JSON: step, world size, time)
+                         the completion marker ``COMPLETE`` (JSON: step, world size, time, layout);
+                         with parallel.engine=deepspeed, DeepSpeed's own ZeRO files under
+                         ``deepspeed/`` instead of the DCP shards (trainer state inside them)
     latest               text file naming the newest complete ``step_<N>``
     .step_<N>.tmp/       a save in progress; never read, removed by the next save of that step
 
 A save writes into the temporary directory, adds the marker, then renames it into place; a run
 killed at any moment therefore leaves either the whole checkpoint or nothing ``resume`` would pick.
+
+DCP checkpoints hold every tensor by its fully qualified name with its global shape (FSDP2 and TP
+parameters are DTensors), so they load under any other FSDP/HSDP/TP layout (resharding). DeepSpeed
+checkpoints hold per-rank ZeRO partitions and load under the same engine and world size only; any
+other mismatch is a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -89,12 +96,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def read_marker(path: Path) -> dict:
+    """The JSON of a complete checkpoint's marker (older markers may lack ``layout``)."""
+    try:
+        return json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_layout(path: Path, saved: Optional[dict], current: dict) -> None:
+    """Refuse, in one line, a checkpoint the current layout cannot load."""
+    saved = saved or {"engine": "fsdp"}  # markers before layouts were recorded: DCP checkpoints
+    engine = current.get("engine", "fsdp")
+    if saved.get("engine", "fsdp") != engine:
+        raise CheckpointError(f"checkpoint '{path}' was saved with parallel.engine={saved.get('engine')}, "
+                              f"this run uses parallel.engine={engine}; it cannot be loaded")
+    if engine == "deepspeed":
+        for key in ("world_size", "zero_stage"):
+            if saved.get(key) != current.get(key):
+                raise CheckpointError(f"checkpoint '{path}' holds DeepSpeed ZeRO partitions for {key}="
+                                      f"{saved.get(key)}, this run has {key}={current.get(key)}; "
+                                      "DeepSpeed checkpoints resume on the same layout only")
+
+
 class CheckpointManager:
-    def __init__(self, root: Path, keep: int, info: DistInfo):
+    """Saves and loads ``step_<N>`` checkpoints; ``layout`` (engine, sizes) is recorded in the marker."""
+
+    def __init__(self, root: Path, keep: int, info: DistInfo, layout: Optional[dict] = None):
         self.root, self.keep, self.info = Path(root), keep, info
+        self.layout = dict(layout or {"engine": "fsdp", "world_size": info.world_size})
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.layout.get("engine") == "deepspeed"
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint directory."""
+        """Collective: every rank calls it. Returns the final checkpoint directory.
+
+        ``model`` is the trained module (plain, FSDP2-sharded, or a DeepSpeed engine).
+        """
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.tmp"
         if self.info.is_main:
@@ -102,14 +142,19 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():  # DCP warns that a lone process saves without a process group
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
+        if self.deepspeed:
+            from braid.parallel import deepspeed_engine
+
+            deepspeed_engine.save(model, str(tmp), trainer_state)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            with warnings.catch_warnings():  # DCP warns that a lone process saves without a process group
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+                dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
         barrier()
         if self.info.is_main:
-            meta = {"step": step, "world_size": self.info.world_size, "time": time.time()}
+            meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "layout": self.layout}
             _fsync_write(tmp / MARKER, json.dumps(meta) + "\n")
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again after a resume: replace it
@@ -136,13 +181,27 @@ class CheckpointManager:
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker); refusing to load it")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        check_layout(path, read_marker(path).get("layout"), self.layout)
+        if self.deepspeed:
+            from braid.parallel import deepspeed_engine
+
+            loaded = deepspeed_engine.load(model, str(path))
+        else:
+            loaded = self._load_dcp(path, model, optimizer, trainer_state)
         rng_file = path / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than were saved
             set_rng_state(torch.load(rng_file, weights_only=False))
+        return loaded
+
+    def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as exc:  # DCP's errors are long per-rank reports: keep one line
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise CheckpointError(f"checkpoint '{path}' does not fit this model/layout: {first[:300]}") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return state["trainer"]

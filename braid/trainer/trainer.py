@@ -20,8 +20,12 @@ from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
 from braid.models.hybrid import IGNORE_INDEX, HybridLM, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
-from braid.parallel.data_parallel import apply_ddp, grad_average_factor, no_sync, unwrap
+from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from braid.parallel.fsdp import (clip_grad_norm, expert_sharded_params, grad_divide_factor, reduce_manual_grads,
+                                 scalar_params)
+from braid.parallel.mesh import build_mesh, mesh_summary, resolve_dims
+from braid.parallel.parallelize import check_layout, parallelize
 from braid.trainer.checkpoint import CheckpointManager, latest_checkpoint
 from braid.trainer.metrics import MetricsLogger, init_wandb, memory_gib, peak_flops
 from braid.trainer.optim import build_optimizer
@@ -33,11 +37,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, info: Optional[DistInfo] = None):
         self.cfg = cfg
-        self.info = info or init_distributed(cfg.train.device)
         t, p = cfg.train, cfg.parallel
-        self.dp = self.info.world_size
-        if p.dp is not None and p.dp != self.dp:
-            raise ConfigError(f"config key 'parallel.dp' = {p.dp} does not match the world size {self.dp}")
+        self.deepspeed = p.engine == "deepspeed"
+        self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
+        self.dims = resolve_dims(p, self.info.world_size)
+        check_layout(p, self.dims)
+        self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
         if t.global_batch_size % (t.micro_batch_size * self.dp):
             raise ConfigError(
                 f"config key 'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
@@ -57,16 +62,42 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
         self.stats: ModelStats = model_stats(self.model_cfg, cfg.data.seq_len)
+        self.mesh = build_mesh(self.dims, self.device.type)
+        # Losses and token counts are summed over data × context ranks; tensor ranks hold copies.
+        self.loss_group = self.mesh.group("dp_cp")
         model = HybridLM(self.model_cfg).to(self.device)
-        self.model = apply_ddp(model, self.info)
-        self.optimizer = build_optimizer(model, t)
+        param_dtype = self.autocast_dtype if self.device.type == "cuda" else None
+        model = parallelize(model, self.mesh, p, self.device, param_dtype)
+        self.optimizer = build_optimizer(model, t)  # after sharding: it must hold the sharded parameters
+        # (parameters, group) whose gradients FSDP2 does not reduce: see fsdp.reduce_manual_grads.
+        self.manual_reductions: list = []
+        if self.deepspeed:
+            from braid.parallel.deepspeed_engine import build_engine
+
+            self.model = build_engine(model, self.optimizer, cfg, self.dp, self.grad_accum,
+                                      bf16=self.autocast_dtype == torch.bfloat16)
+            self.loss_factor = float(self.dp)  # DeepSpeed averages gradients over data-parallel ranks
+        else:
+            self.model = model
+            fsdp = self.mesh.fsdp_mesh() if p.engine == "fsdp" and self.dims.dp_cp > 1 else None
+            self.loss_factor = grad_divide_factor(fsdp)  # FSDP2 averages over its mesh: undo it
+            if fsdp is not None:
+                experts, scalars = expert_sharded_params(model), scalar_params(model)
+                if experts:  # replicas of the same experts: dp_replicate × dp_shard / (ep / cp)
+                    replicas = self.mesh.sub("dp_mod_ep")
+                    self.manual_reductions.append((experts, replicas.get_group() if replicas.size() > 1 else None))
+                if scalars:
+                    self.manual_reductions.append((scalars, self.loss_group))
         self.has_moe = "E" in self.model_cfg.ffn_pattern
         self._aux: Optional[float] = None
         self._moe_metrics: dict = {}
-        self.loss_factor = grad_average_factor(self.model, self.info)
 
         self.run_dir = cfg.run_dir
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info)
+        layout = {"engine": p.engine, "world_size": self.info.world_size, "dp_replicate": self.dims.dp_replicate,
+                  "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep}
+        if self.deepspeed:
+            layout["zero_stage"] = p.zero_stage
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout)
         self.step = 0
         self.consumed_samples = 0
         self.skipped_iterations = 0
@@ -125,6 +156,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.loss_group)
+
+    def _batches(self, data, order: SampleOrder, start: int) -> list[dict]:
+        t = self.cfg.train
+        return micro_batches(data, order, start, t.global_batch_size, t.micro_batch_size, self.mesh.dp_rank,
+                             self.dp, self.device, with_doc_ids=self.cfg.data.document_mask)
+
     def _forward_loss_sum(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
@@ -138,43 +177,58 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = micro_batches(self.train_data, self.order, self.consumed_samples, t.global_batch_size,
-                                t.micro_batch_size, self.info.rank, self.dp, self.device,
-                                with_doc_ids=self.cfg.data.document_mask)
+        batches = self._batches(self.train_data, self.order, self.consumed_samples)
         # Normalise by the tokens of the whole global batch, so every rank/micro-batch split agrees.
         local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
-        global_tokens = all_reduce_sum(local_tokens.clone()).item()
+        global_tokens = self._all_reduce(local_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
-        for i, batch in enumerate(batches):
-            with no_sync(self.model, skip=i < len(batches) - 1):
-                micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
-                objective = micro_sum / global_tokens
-                aux = aux_loss(unwrap(self.model))
-                if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
-                    weighted_aux = aux * (micro_tokens / global_tokens)
-                    objective = objective + weighted_aux
-                    aux_sum += weighted_aux.detach().to(torch.float64)
+        for batch in batches:
+            micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
+            objective = micro_sum / global_tokens
+            aux = aux_loss(unwrap(self.model))
+            if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
+                weighted_aux = aux * (micro_tokens / global_tokens)
+                objective = objective + weighted_aux
+                aux_sum += weighted_aux.detach().to(torch.float64)
+            if self.deepspeed:  # the objective is already normalised globally: no 1/accumulation
+                self.model.backward(objective * self.loss_factor, scale_wrt_gas=False)
+                self.model.step()  # DeepSpeed steps (clip, AdamW, zero grads) at the last micro-batch
+            else:
                 (objective * self.loss_factor).backward()
             loss_sum += micro_sum.detach().to(torch.float64)
-        loss = all_reduce_sum(loss_sum).item() / global_tokens
-        self._aux = all_reduce_sum(aux_sum).item() if self.has_moe else None
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
+        loss = self._all_reduce(loss_sum).item() / global_tokens
+        self._aux = self._all_reduce(aux_sum).item() if self.has_moe else None
+        if self.deepspeed:
+            # DeepSpeed has already applied the update; in fp32/bf16 it does not skip non-finite steps.
+            from braid.parallel.deepspeed_engine import global_grad_norm
+
+            grad_norm = global_grad_norm(self.model)
+            grad_norm = float("nan") if grad_norm is None else grad_norm
+            updated = True
+            self.nan_iterations += int(not math.isfinite(loss))  # counted, though not skipped
+        else:
+            for params, group in self.manual_reductions:
+                reduce_manual_grads(params, group, self.loss_factor)
+            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
+            updated = math.isfinite(loss) and math.isfinite(grad_norm)
+            if updated:
+                self.optimizer.step()
+        if updated:
             if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
                 from braid.models.moe import moe_step
 
-                self._moe_metrics = moe_step(unwrap(self.model), all_reduce=all_reduce_sum)
+                self._moe_metrics = moe_step(unwrap(self.model), all_reduce=self._all_reduce)
         else:  # Megatron semantics: the iteration counts, the update is skipped.
             self.skipped_iterations += 1
             self.nan_iterations += int(not math.isfinite(loss))
             for module in self.model.modules():  # a skipped batch must not steer expert balancing
                 if hasattr(module, "load_counts"):
                     module.load_counts.zero_()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.deepspeed:  # DeepSpeed zeroes its own (partitioned) gradients in step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.consumed_samples += t.global_batch_size
         self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
@@ -184,19 +238,17 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean per-token loss over ``eval_iters`` global batches of the held-out split (dp-invariant)."""
         t = self.cfg.train
-        model = unwrap(self.model)
+        model = self.model  # through FSDP2 / DeepSpeed: sharded parameters are gathered per block
         model.eval()
         order = SampleOrder(len(self.valid_data), t.seed, shuffle=False)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for it in range(t.eval_iters):
-            for batch in micro_batches(self.valid_data, order, it * t.global_batch_size, t.global_batch_size,
-                                       t.micro_batch_size, self.info.rank, self.dp, self.device,
-                                       with_doc_ids=self.cfg.data.document_mask):
+            for batch in self._batches(self.valid_data, order, it * t.global_batch_size):
                 s, n = self._forward_loss_sum(model, batch)
                 loss_sum += s.to(torch.float64)
                 tokens += n.to(torch.float64)
-        return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
+        return (self._all_reduce(loss_sum) / self._all_reduce(tokens)).item()
 
     # ---------------------------------------------------------------- loop
 
@@ -242,7 +294,9 @@ class Trainer:
             f"pattern {self.model_cfg.pattern} | params {s.params / 1e6:.2f}M "
             f"({s.non_embedding_params / 1e6:.2f}M non-embedding) | {s.flops_per_token / 1e6:.1f} MFLOP/token | "
             f"train {len(self.train_data)} / valid {len(self.valid_data)} sequences of {self.cfg.data.seq_len} | "
-            f"grad accumulation {self.grad_accum}"
+            f"grad accumulation {self.grad_accum} | {mesh_summary(self.dims)}, engine {self.cfg.parallel.engine}"
+            + (f" ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "")
+            + f", activation checkpoint {self.cfg.parallel.activation_checkpoint}"
         )
         if resumed is not None:
             self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "

@@ -1,0 +1,96 @@
+"""``parallel.engine=deepspeed``: ZeRO stage 1/2/3 (optional CPU offload) behind braid's trainer.
+
+The DeepSpeed config is generated from ours: micro batch, gradient accumulation (Megatron
+semantics), clipping, bf16 on GPU. The optimizer is braid's own AdamW (same parameter groups) passed
+as a client optimizer, so no fused/CPU Adam extension is built, and the learning rate comes from
+``braid.trainer.schedule.lr_at`` each step (DeepSpeed's scheduler is not used).
+
+On CPU DeepSpeed needs its CPU accelerator: ``DS_ACCELERATOR=cpu`` is set before the first import
+(when no CUDA device is present). Its first use on a machine JIT-builds a small shared-memory comm
+extension (about a minute, cached under ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from braid.config import Config
+from braid.errors import CheckpointError, ConfigError
+
+TAG = "deepspeed"  # the sub-directory of a step_<N> checkpoint that DeepSpeed writes
+
+
+def import_deepspeed():
+    """Import DeepSpeed lazily (it is slow to import and only this engine needs it)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def ds_config(cfg: Config, dp: int, grad_accum: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON config equivalent of ours for ``dp`` data-parallel ranks."""
+    t, p = cfg.train, cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(t.grad_clip),  # 0 disables, as ours
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dp: int, grad_accum: int,
+                 bf16: bool):
+    """Wrap ``model``/``optimizer`` in a DeepSpeed engine (needs an initialised process group)."""
+    scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+    if scalars:  # ZeRO flattens every parameter through a byte view, which 0-d tensors do not allow
+        raise ConfigError(f"config key 'parallel.engine' = 'deepspeed' cannot flatten 0-d parameters "
+                          f"({scalars[0]}, ...); use parallel.engine=fsdp")
+    deepspeed = import_deepspeed()
+    if cfg.parallel.zero_stage == 3 and getattr(model, "lm_head", True) is None:
+        # Tied head: the root's forward reads embed.weight after the embedding's own forward, so
+        # ZeRO-3 must gather it for the root too (it would be released after the embedding).
+        deepspeed.zero.register_external_parameter(model, model.embed.weight)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(cfg, dp, grad_accum, bf16),
+                                           dist_init_required=False)
+    return engine
+
+
+def save(engine, directory: str, trainer_state: dict) -> None:
+    """Collective: DeepSpeed's own per-rank files under ``directory/deepspeed``, trainer state inside."""
+    engine.save_checkpoint(directory, tag=TAG, client_state={"braid_trainer": trainer_state}, save_latest=False)
+
+
+def load(engine, directory: str) -> dict:
+    """Collective: restore model, ZeRO optimizer partitions; returns the trainer state."""
+    path, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None or "braid_trainer" not in (client or {}):
+        raise CheckpointError(f"checkpoint '{directory}' holds no DeepSpeed state this run can load")
+    return client["braid_trainer"]
+
+
+def global_grad_norm(engine) -> Optional[float]:
+    """The pre-clipping gradient norm DeepSpeed computed in its last optimizer step."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+__all__ = ["ds_config", "build_engine", "save", "load", "global_grad_norm", "import_deepspeed"]

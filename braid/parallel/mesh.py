@@ -1,0 +1,150 @@
+"""The parallel layout: sizes from the config, checked against the world size, and the DeviceMesh.
+
+Mesh dims, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP2 shards), ``cp``
+(context), ``tp`` (tensor). Flattened views, as torchtitan names them:
+
+- ``dp``          = dp_replicate × dp_shard: ranks that read different samples (data loading);
+- ``dp_shard_cp`` = dp_shard × cp: ranks a parameter is sharded over by FSDP2;
+- ``dp_cp``       = dp_replicate × dp_shard × cp: ranks whose losses and token counts are summed
+  (tensor ranks hold the same loss, so they are left out).
+
+With ``ep > 1`` the ``dp_shard`` dim is split into ``dp_shard_mod_ep`` × ``dp_shard_in_ep``; the ``ep`` view is
+``dp_shard_in_ep × cp`` (experts sharded over data/context ranks, torchtitan-style) and
+``dp_mod_ep`` = ``dp_replicate × dp_shard_mod_ep`` holds the replicas of the same experts.
+The mesh is passed around; nothing here is global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from braid.config import ParallelConfig
+from braid.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved sizes; ``dp_replicate · dp_shard · cp · tp == world``."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    ep: int
+    world: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size: the number of distinct sample streams."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp(self) -> int:
+        return self.dp * self.cp
+
+
+def resolve_dims(p: ParallelConfig, world: int) -> ParallelDims:
+    """Sizes from ``parallel.*`` for ``world`` ranks; one-line ConfigError naming the key otherwise.
+
+    ``parallel.dp`` is the spine's key: the data-parallel size. It is accepted as an alias when it
+    agrees with ``dp_replicate × dp_shard`` (and alone, with the others unset, it sets ``dp_shard``).
+    """
+    rest = p.dp_replicate * p.cp * p.tp
+    if p.dp_shard is None:
+        if world % rest:
+            raise ConfigError(f"config key 'parallel.dp_replicate' × 'parallel.cp' × 'parallel.tp' = {rest} "
+                              f"does not divide the world size {world}")
+        dp_shard = world // rest
+    else:
+        dp_shard = p.dp_shard
+    product = p.dp_replicate * dp_shard * p.cp * p.tp
+    if product != world:
+        raise ConfigError(f"config keys 'parallel.dp_replicate' × 'parallel.dp_shard' × 'parallel.cp' × "
+                          f"'parallel.tp' = {p.dp_replicate}×{dp_shard}×{p.cp}×{p.tp} = {product} "
+                          f"must equal the world size {world}")
+    if p.dp is not None and p.dp != p.dp_replicate * dp_shard:
+        raise ConfigError(f"config key 'parallel.dp' = {p.dp} contradicts parallel.dp_replicate × "
+                          f"parallel.dp_shard = {p.dp_replicate * dp_shard} (world size {world})")
+    if p.ep > 1:
+        if p.ep % p.cp or dp_shard % (p.ep // p.cp):
+            raise ConfigError(f"config key 'parallel.ep' = {p.ep} must be a multiple of parallel.cp = {p.cp} "
+                              f"and ep / cp must divide parallel.dp_shard = {dp_shard}")
+    return ParallelDims(p.dp_replicate, dp_shard, p.cp, p.tp, p.ep, world)
+
+
+@dataclass
+class Mesh:
+    """The DeviceMesh of a layout (None for one process) and the views the trainer needs."""
+
+    dims: ParallelDims
+    device_mesh: Optional[object]  # torch.distributed.device_mesh.DeviceMesh
+    flattened: Optional[dict] = None  # name → flattened DeviceMesh (kept: slicing them is deprecated)
+
+    def sub(self, name: str):
+        """A named (possibly flattened) 1-D sub-mesh, or None on one process."""
+        if self.device_mesh is None:
+            return None
+        return (self.flattened or {}).get(name) or self.device_mesh[name]
+
+    def group(self, name: str) -> Optional[dist.ProcessGroup]:
+        """The process group of a 1-D view (``dp``, ``dp_cp``, ``tp``, ...); None on one process."""
+        sub = self.sub(name)
+        return None if sub is None else sub.get_group()
+
+    def local_rank(self, name: str) -> int:
+        sub = self.sub(name)
+        return 0 if sub is None else sub.get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        """Which of the ``dims.dp`` sample streams this rank reads."""
+        return self.local_rank("dp")
+
+    def fsdp_mesh(self):
+        """The mesh FSDP2 shards over: ``(dp_replicate, dp_shard_cp)`` for HSDP, else ``dp_shard_cp``."""
+        if self.device_mesh is None:
+            return None
+        shard = "dp_shard" if self.dims.cp == 1 and self.dims.ep == 1 else "dp_shard_cp"
+        if self.dims.dp_replicate > 1:
+            return self.device_mesh["dp_replicate", shard]
+        return self.sub(shard)
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> Mesh:
+    """Create the DeviceMesh (every rank calls it; needs an initialised process group if world > 1)."""
+    if dims.world == 1:
+        return Mesh(dims, None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dims.ep > 1:
+        in_ep = dims.ep // dims.cp
+        names = ["dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp"]
+        shape = [dims.dp_replicate, dims.dp_shard // in_ep, in_ep, dims.cp, dims.tp]
+        shard_dims = ("dp_shard_mod_ep", "dp_shard_in_ep")
+    else:
+        names = ["dp_replicate", "dp_shard", "cp", "tp"]
+        shape = [dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp]
+        shard_dims = ("dp_shard",)
+    mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+    flat = {}
+    if dims.ep > 1:
+        flat["dp_shard"] = mesh[shard_dims]._flatten("dp_shard")
+        flat["ep"] = mesh["dp_shard_in_ep", "cp"]._flatten("ep")
+        # Ranks holding the same experts: their expert gradients are summed over this view.
+        flat["dp_mod_ep"] = mesh["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep")
+    flat["dp"] = mesh[("dp_replicate", *shard_dims)]._flatten("dp")
+    flat["dp_shard_cp"] = mesh[(*shard_dims, "cp")]._flatten("dp_shard_cp")
+    flat["dp_cp"] = mesh[("dp_replicate", *shard_dims, "cp")]._flatten("dp_cp")
+    return Mesh(dims, mesh, flat)
+
+
+def mesh_summary(dims: ParallelDims) -> str:
+    """``dp_replicate 1 × dp_shard 2 × cp 1 × tp 1`` for the banner and error messages."""
+    return (f"dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} × tp {dims.tp}"
+            + (f" (ep {dims.ep})" if dims.ep > 1 else ""))
+
+
+__all__ = ["ParallelDims", "Mesh", "resolve_dims", "build_mesh", "mesh_summary"]
