@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests must not depend on the machine's thread count or talk to wandb servers.
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+# Triton picks interpreted vs compiled once per process (at import); the CPU kernel tests need the
+# interpreter, and some test modules import triton indirectly (megatron-core) at collection time.
+import torch  # noqa: E402  (after the environment above; triton is not imported by torch itself)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_overrides(run_dir: Path, **extra) -> list[str]:

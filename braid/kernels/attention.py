@@ -13,6 +13,8 @@ Semantics (shared by every implementation: SDPA, the blocked torch path, a futur
   causal_ok = ``j ≤ p_i`` (or always, when not causal); in_window = ``p_i − j < window`` (and
   ``j − p_i < window`` when not causal); same_doc = ``doc_ids[p_i] == doc_ids[j]``. Sinks (Hymba
   meta tokens, doc id −1) are seen by every later query whatever its window or document.
+* S2 (``s2=S2Pattern(...)``, ``braid.kernels.s2``): a per-head block pattern further restricts the
+  non-sink keys (``… ∧ s2_ok``); work on both paths skips the blocks a head does not see.
 * ``o_i = Σ_j softmax_j(s_ij) v_j`` over visible keys, returned in q's dtype; ``lse_i`` = fp32
   log-sum-exp of the visible logits. A row with no visible key has o = 0 and lse = −∞.
 """
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 
 from braid.kernels import attention_blocked
 from braid.kernels.attention_blocked import visibility
+from braid.kernels.s2 import S2Pattern
+
+BACKENDS = ("auto", "torch", "triton")
 
 # Above this many (query, key) pairs per (batch row, head) an explicit SDPA mask costs too much memory
 # (it grows as T·S), so masked attention takes the blocked path. Plain causal/full attention needs no
@@ -72,8 +77,29 @@ def _check(q, k, v, doc_ids, log_forget) -> None:
         raise ValueError(f"attention: log_forget {tuple(log_forget.shape)} must be [B,S,Hq] = {(b, s, hq)}")
 
 
-def _use_sdpa(t: int, s: int, *, causal: bool, log_forget, window, sink: int, doc_ids, return_lse: bool) -> bool:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"``: ``auto`` = Triton on CUDA tensors when Triton imports, else torch.
+
+    ``"triton"`` on CPU tensors runs the kernels in Triton's interpreter (slow; for tests).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend={backend!r} is unknown (allowed: {', '.join(BACKENDS)})")
+    if backend != "auto":
+        return backend
+    if not q.is_cuda:
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _use_sdpa(t: int, s: int, *, causal: bool, log_forget, window, sink: int, doc_ids, return_lse: bool,
+              s2=None) -> bool:
     """SDPA when it is exact (no forget gate, no lse wanted) and cheap (no mask, or a small one)."""
+    if s2 is not None:  # a per-head mask; the blocked path skips the blocks S2 hides
+        return False
     if log_forget is not None or return_lse:
         return False
     needs_mask = window is not None or doc_ids is not None or (causal and t != s)
@@ -91,7 +117,9 @@ def attention(
     window: Optional[int] = None,
     sink: int = 0,
     doc_ids: Optional[torch.Tensor] = None,
+    s2: Optional[S2Pattern] = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Scaled dot-product attention with GQA, sliding window, sinks, documents and FoX forget gates.
 
@@ -108,20 +136,36 @@ def attention(
             whatever the document), e.g. Hymba's meta tokens.
         doc_ids: ``[B, S]`` integer document ids of a packed sequence; attention stays within a
             document (except for sinks).
+        s2: S2 strided block-sparse pattern (``braid.kernels.s2.S2Pattern``), per query head.
         return_lse: also return the log-sum-exp of each row's visible logits.
+        backend: ``"auto"`` (plain unmasked attention: SDPA; otherwise Triton on CUDA tensors, torch
+            elsewhere), ``"torch"`` (SDPA or the
+            blocked torch path) or ``"triton"`` (on CPU tensors: Triton's interpreter, for tests; no
+            environment variable needed, see ``braid.kernels.triton``).
     Returns:
         o ``[B, T, Hq, Dv]`` in the dtype of ``q``; with ``return_lse`` also lse ``[B, Hq, T]`` fp32
         (fp64 for fp64 inputs), differentiable.
         Rows with no visible key give o = 0 and lse = −inf (never NaN).
     """
     _check(q, k, v, doc_ids, log_forget)
+    if s2 is not None and not isinstance(s2, S2Pattern):
+        raise ValueError(f"attention: s2 must be a braid.kernels.s2.S2Pattern or None, got {type(s2).__name__}")
     t, s = q.shape[1], k.shape[1]
-    if _use_sdpa(t, s, causal=causal, log_forget=log_forget, window=window, sink=sink, doc_ids=doc_ids,
-                 return_lse=return_lse):
+    plain = log_forget is None and window is None and not sink and doc_ids is None and s2 is None \
+        and not return_lse and (t == s or not causal)
+    if backend == "auto" and plain:
+        # SDPA's flash backend is the measured baseline; our Triton kernel takes over plain attention
+        # only once bench/kernels.py shows it ahead on the GPU (not measured yet).
         return _sdpa(q, k, v, causal=causal, scale=scale, window=window, sink=sink, doc_ids=doc_ids)
+    use = resolve_backend(backend, q)
+    if use == "torch" and _use_sdpa(t, s, causal=causal, log_forget=log_forget, window=window, sink=sink,
+                                    doc_ids=doc_ids, return_lse=return_lse, s2=s2):
+        return _sdpa(q, k, v, causal=causal, scale=scale, window=window, sink=sink, doc_ids=doc_ids)
+    # S2 on the torch path: blocks aligned with the pattern's, so skipped tiles are whole S2 blocks.
+    block = attention_blocked.BLOCK_Q if s2 is None else max(16, s2.block)
     o, lse = attention_blocked.blocked_attention(
         q, k, v, causal=causal, scale=scale, log_forget=log_forget, window=window, sink=sink,
-        doc_ids=doc_ids, block_q=attention_blocked.BLOCK_Q, block_k=attention_blocked.BLOCK_K,
+        doc_ids=doc_ids, s2=s2, block_q=block, block_k=block, backend=use,
     )
     return (o, lse) if return_lse else o
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from braid.kernels.s2 import S2Pattern
+
 # Default block sizes: large enough that the python loop is not the bottleneck, small enough that a
 # [bt, bs] block of scores per (batch, head) stays far below T².
 BLOCK_Q = 128
@@ -32,16 +34,22 @@ def visibility(
     sink: int,
     q_doc: Optional[torch.Tensor] = None,
     k_doc: Optional[torch.Tensor] = None,
+    s2: Optional[S2Pattern] = None,
+    heads: Optional[torch.Tensor] = None,
+    n_heads: int = 1,
 ) -> torch.Tensor:
     """Which keys each query may see: the single definition of the attention mask.
 
     Args:
         q_pos: ``[t]`` int64 query positions; k_pos: ``[s]`` int64 key positions.
         q_doc: ``[B, t]`` / k_doc: ``[B, s]`` document ids, or None (both or neither).
+        s2: S2 block pattern (per head), with ``heads`` ``[H]`` int64 local head indices of a call
+            with ``n_heads`` query heads.
     Returns:
-        bool ``[B or 1, t, s]``: ``causal_ok ∧ (k_pos < sink ∨ (in_window ∧ same_doc))`` where
+        bool ``[B or 1, t, s]`` (``[B or 1, H, t, s]`` with s2):
+        ``causal_ok ∧ (k_pos < sink ∨ (in_window ∧ same_doc ∧ s2_ok))`` where
         causal_ok = ``k ≤ q`` (always true if not causal), in_window = ``q − k < window`` (and
-        ``k − q < window`` when not causal), same_doc = ``q_doc == k_doc``.
+        ``k − q < window`` when not causal), same_doc = ``q_doc == k_doc``, s2_ok = the S2 block rule.
     """
     qp, kp = q_pos[:, None], k_pos[None, :]
     local = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
@@ -52,14 +60,19 @@ def visibility(
     local = local[None]
     if q_doc is not None:
         local = local & (q_doc[:, :, None] == k_doc[:, None, :])
+    sinks, before = (kp < sink)[None], (kp <= qp)[None]
+    if s2 is not None:  # add the head dim
+        local = local[:, None] & s2.token_mask(heads, q_pos, k_pos, n_heads, causal)[None]
+        sinks, before = sinks[:, None], before[:, None]
     if sink:
-        local = local | (kp < sink)[None]
+        local = local | sinks
     if causal:
-        local = local & (kp <= qp)[None]
+        local = local & before
     return local
 
 
-def _block_may_be_visible(qa: int, qb: int, ka: int, kb: int, causal: bool, window, sink: int) -> bool:
+def _block_may_be_visible(qa: int, qb: int, ka: int, kb: int, causal: bool, window, sink: int,
+                          s2: Optional[S2Pattern] = None, s2_residue: int = 0) -> bool:
     """False when no (query, key) pair of positions [qa, qb] × [ka, kb] can be visible (skip it)."""
     if causal and ka > qb:
         return False
@@ -70,13 +83,16 @@ def _block_may_be_visible(qa: int, qb: int, ka: int, kb: int, causal: bool, wind
             return False
         if not causal and ka - qb >= window:
             return False
+    if s2 is not None and not s2.any_visible(s2_residue, qa, qb, ka, kb, causal):
+        return False
     return True
 
 
 class _Layout:
     """Per-call constants and GQA-grouped views shared by forward and backward."""
 
-    def __init__(self, q, k, v, q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k):
+    def __init__(self, q, k, v, q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k,
+                 s2=None, s2_head=0, s2_n_heads=1):
         self.b, self.t, self.hq, self.d = q.shape
         self.s, self.hkv = k.shape[1], k.shape[2]
         self.dv = v.shape[-1]  # the value head dim may differ from the q/k one (Hymba)
@@ -84,6 +100,10 @@ class _Layout:
         self.q_offset, self.causal, self.scale = q_offset, causal, scale
         self.window, self.sink, self.q_doc, self.k_doc = window, sink, q_doc, k_doc
         self.block_q, self.block_k = block_q, block_k
+        # S2: every head of this call shares the pattern of head s2_head (of s2_n_heads) of the caller.
+        self.s2, self.s2_n_heads = s2, s2_n_heads
+        self.s2_head = torch.tensor([s2_head], device=q.device)
+        self.s2_residue = 0 if s2 is None else int(s2.residue(s2_head, s2_n_heads))
         self.acc = torch.promote_types(q.dtype, torch.float32)
         self.device = q.device
 
@@ -102,7 +122,8 @@ class _Layout:
             qa, qb = self.q_offset + t0, self.q_offset + t1 - 1
             ks = [(s0, min(s0 + self.block_k, self.s)) for s0 in range(0, self.s, self.block_k)]
             ks = [(s0, s1) for s0, s1 in ks
-                  if _block_may_be_visible(qa, qb, s0, s1 - 1, self.causal, self.window, self.sink)]
+                  if _block_may_be_visible(qa, qb, s0, s1 - 1, self.causal, self.window, self.sink,
+                                           self.s2, self.s2_residue)]
             yield t0, t1, ks
 
     def sink_columns(self, s0: int, s1: int) -> Optional[torch.Tensor]:
@@ -123,8 +144,9 @@ class _Layout:
         qd = None if self.q_doc is None else self.q_doc[:, t0:t1]
         kd = None if self.k_doc is None else self.k_doc[:, s0:s1]
         vis = visibility(q_pos, k_pos, causal=self.causal, window=self.window, sink=self.sink,
-                         q_doc=qd, k_doc=kd)
-        return s.masked_fill(~vis[:, None, :, None, :], float("-inf"))
+                         q_doc=qd, k_doc=kd, s2=self.s2, heads=self.s2_head, n_heads=self.s2_n_heads)
+        vis = vis[:, :, :, None, :] if self.s2 is not None else vis[:, None, :, None, :]
+        return s.masked_fill(~vis, float("-inf"))
 
 
 def _grouped_c(lay: _Layout, c_q, c_k):
@@ -215,25 +237,27 @@ class _BlockedAttention(torch.autograd.Function):
     # softmax statistics must stay in fp32.
 
     @staticmethod
-    def forward(ctx, q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window, sink, block_q, block_k):
-        args = (q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k)
+    def forward(ctx, q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window, sink, block_q, block_k,
+                s2, s2_head, s2_n_heads):
+        args = (q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k, s2, s2_head, s2_n_heads)
         with torch.autocast(q.device.type, enabled=False):
             out, lse = _forward(_Layout(q, k, v, *args), q, k, v, c_q, c_k)
         # O(T) tensors only; probabilities are recomputed per block in backward. lse stays
         # differentiable: context parallelism merges partial results through it.
         ctx.save_for_backward(q, k, v, out, lse, c_q, c_k, q_doc, k_doc)
-        ctx.args = (q_offset, causal, scale, window, sink, block_q, block_k)
+        ctx.args = (q_offset, causal, scale, window, sink, block_q, block_k, s2, s2_head, s2_n_heads)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, c_q, c_k, q_doc, k_doc = ctx.saved_tensors
-        q_offset, causal, scale, window, sink, block_q, block_k = ctx.args
-        lay = _Layout(q, k, v, q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k)
+        q_offset, causal, scale, window, sink, block_q, block_k, s2, s2_head, s2_n_heads = ctx.args
+        lay = _Layout(q, k, v, q_offset, causal, scale, window, sink, q_doc, k_doc, block_q, block_k,
+                      s2, s2_head, s2_n_heads)
         want_c = c_q is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         with torch.autocast(q.device.type, enabled=False):
             grads = _backward(lay, q, k, v, out, lse, c_q, c_k, d_out, d_lse, want_c)
-        return grads + (None,) * 9
+        return grads + (None,) * 12
 
 
 def partial_attention(
@@ -250,8 +274,10 @@ def partial_attention(
     k_doc: Optional[torch.Tensor] = None,
     c_q: Optional[torch.Tensor] = None,
     c_k: Optional[torch.Tensor] = None,
+    s2: Optional[S2Pattern] = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General blocked attention: explicit query positions, separate query/key document ids and
     FoX cumulative gates, so that a context-parallel caller can attend local queries to a remote
@@ -267,7 +293,9 @@ def partial_attention(
         c_q: ``[B, T, Hq]`` and c_k: ``[B, S, Hq]`` fp32 cumulative sums of log forget gates at the
             query/key positions (both or neither); logits get ``c_q[i] − c_k[j]`` except on sink keys
             (``j < sink``), which never fade. Differentiable.
-        block_q, block_k: block sizes of the loops.
+        s2: S2 block pattern (``braid.kernels.s2``); head h of q is head ``s2.head_start + h`` of it.
+        block_q, block_k: block sizes of the loops (torch backend).
+        backend: ``"torch"`` (this file) or ``"triton"`` (``braid.kernels.triton.attention``).
     Returns:
         o ``[B, T, Hq, Dv]`` in q's dtype and lse ``[B, Hq, T]`` (fp32, fp64 for fp64 inputs), both
         differentiable. Rows with no visible key: o = 0, lse = −inf.
@@ -275,8 +303,40 @@ def partial_attention(
     if (q_doc is None) != (k_doc is None) or (c_q is None) != (c_k is None):
         raise ValueError("partial_attention: give q_doc with k_doc and c_q with c_k")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockedAttention.apply(q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window,
-                                   sink, block_q, block_k)
+    if backend == "triton":
+        from braid.kernels.triton.attention import triton_attention
+
+        return triton_attention(q, k, v, q_offset=q_offset, causal=causal, scale=scale, window=window,
+                                sink=sink, q_doc=q_doc, k_doc=k_doc, c_q=c_q, c_k=c_k, s2=s2)
+    if backend != "torch":
+        raise ValueError(f"partial_attention: backend={backend!r} is unknown (allowed: torch, triton)")
+    if s2 is None:
+        return _BlockedAttention.apply(q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window,
+                                       sink, block_q, block_k, None, 0, 1)
+    return _s2_by_residue(q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window, sink, s2,
+                          block_q, block_k)
+
+
+def _s2_by_residue(q, k, v, c_q, c_k, q_doc, k_doc, q_offset, causal, scale, window, sink, s2, block_q, block_k):
+    """S2 on the torch path: one blocked call per class of heads sharing a residue, so that each call
+    skips the blocks its heads do not see and the work scales with the pattern's density. The K/V
+    heads of a class are gathered per query head (GQA repeat inside a class: simple, O(S·H·D))."""
+    hq, g = q.shape[2], q.shape[2] // k.shape[2]
+    residues = [int(s2.residue(h, hq)) for h in range(hq)]
+    outs, lses, order = [], [], []
+    for r in sorted(set(residues)):
+        heads = [h for h in range(hq) if residues[h] == r]
+        idx = torch.tensor(heads, device=q.device)
+        kv = idx // g
+        cq = None if c_q is None else c_q[:, :, idx]
+        ck = None if c_k is None else c_k[:, :, idx]
+        o, lse = _BlockedAttention.apply(q[:, :, idx], k[:, :, kv], v[:, :, kv], cq, ck, q_doc, k_doc, q_offset,
+                                         causal, scale, window, sink, block_q, block_k, s2, heads[0], hq)
+        outs.append(o)
+        lses.append(lse)
+        order += heads
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    return torch.cat(outs, 2)[:, :, inverse], torch.cat(lses, 1)[:, inverse]
 
 
 def blocked_attention(
@@ -290,14 +350,16 @@ def blocked_attention(
     window: Optional[int] = None,
     sink: int = 0,
     doc_ids: Optional[torch.Tensor] = None,
+    s2: Optional[S2Pattern] = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``braid.kernels.attention`` semantics (queries = the last T of S positions), always blocked.
 
     Returns ``(o [B,T,Hq,D] in q's dtype, lse [B,Hq,T] fp32)``. The FoX cumulative sum is taken here
     in fp32 (fp64 for fp64 gates), so autograd turns the row/column sums of dS into d log_forget by
-    a reverse cumulative sum.
+    a reverse cumulative sum (for either backend).
     """
     t, s = q.shape[1], k.shape[1]
     c_q = c_k = q_doc = None
@@ -307,5 +369,5 @@ def blocked_attention(
     if doc_ids is not None:
         q_doc = doc_ids[:, s - t:]
     return partial_attention(q, k, v, q_offset=s - t, causal=causal, scale=scale, window=window,
-                             sink=sink, q_doc=q_doc, k_doc=doc_ids, c_q=c_q, c_k=c_k,
-                             block_q=block_q, block_k=block_k)
+                             sink=sink, q_doc=q_doc, k_doc=doc_ids, c_q=c_q, c_k=c_k, s2=s2,
+                             block_q=block_q, block_k=block_k, backend=backend)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from braid.config import ModelConfig
 from braid.kernels import attention
+from braid.kernels.s2 import S2Pattern
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 
@@ -44,6 +45,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(hd, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+        s2 = cfg.s2
+        self.s2 = S2Pattern(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
+                            n_heads=self.n_heads) if s2.enabled else None
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, d]`` → q ``[B, T, H, D]`` (before norm/RoPE)."""
@@ -64,9 +68,10 @@ class Attention(nn.Module):
         return q, k
 
     def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal attention ``[B, T, H, D]`` with this layer's window, the documents and meta-token sinks."""
+        """Causal attention ``[B, T, H, D]`` with this layer's window, the documents, meta-token sinks and
+        the S2 pattern (``model.s2.enabled``)."""
         return attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
-                         doc_ids=seq.doc_ids, log_forget=log_forget)
+                         doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""
