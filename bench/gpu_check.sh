@@ -27,7 +27,13 @@ timeout 120 python3 -m braid.train --config configs/tiny.yaml run.dir=/tmp/gpu-r
     logging.interval=10 checkpoint.interval=60 2>&1 | tee "$OUT/train.txt" || status=1
 cp /tmp/gpu-run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
 
-# 3. Throughput of a 125M model at a realistic sequence length.
+# 3. Every Triton attention option in bf16 against the fp32 torch path, then the kernel sweep.
+timeout 150 python3 bench/gpu_attention_check.py --json "$OUT/gpu_attention_check.json" 2>&1 \
+    | tee "$OUT/attention_check.txt" || status=1
+timeout 240 python3 bench/kernels.py --sections attention --json "$OUT/kernels_attention.json" 2>&1 \
+    | tee "$OUT/kernels.txt" || status=1
+
+# 4. Throughput of a 125M model at a realistic sequence length.
 timeout 120 python3 bench/train_throughput.py --preset gpt-125m --seq-len 2048 --micro-batch 8 --steps 10 \
     --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/throughput.txt" || status=1
 cp "$OUT"/*.json bench/results/ 2>/dev/null

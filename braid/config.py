@@ -402,6 +402,8 @@ def _validate_mixers(m: ModelConfig) -> None:
     _require(m.attn_gate in ("headwise", "elementwise"), "model.attn_gate", "headwise | elementwise", m.attn_gate)
     _require(m.meta_tokens >= 0, "model.meta_tokens", "must be >= 0", m.meta_tokens)
     _require(m.connection in ("residual", "hc"), "model.connection", "residual | hc", m.connection)
+    for key in ("block", "local_blocks", "vert_stride"):
+        _require(getattr(m.s2, key) >= 1, f"model.s2.{key}", "must be >= 1", getattr(m.s2, key))
     _require(m.hc.rate >= 1, "model.hc.rate", "must be >= 1", m.hc.rate)
     _require(m.hc.sinkhorn_iters >= 0, "model.hc.sinkhorn_iters", "must be >= 0", m.hc.sinkhorn_iters)
     if "K" in m.pattern:
