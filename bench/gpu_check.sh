@@ -33,7 +33,13 @@ timeout 150 python3 bench/gpu_attention_check.py --json "$OUT/gpu_attention_chec
 timeout 240 python3 bench/kernels.py --sections attention --json "$OUT/kernels_attention.json" 2>&1 \
     | tee "$OUT/kernels.txt" || status=1
 
-# 4. Throughput of a 125M model at a realistic sequence length.
+# 4. Triton KDA, selective scan and fused ops in bf16 against fp32 torch, then their sweep.
+timeout 90 python3 bench/gpu_linear_check.py --json "$OUT/gpu_linear_check.json" 2>&1 \
+    | tee "$OUT/gpu_linear_check.txt" || status=1
+timeout 150 python3 bench/kernels_linear.py --json "$OUT/kernels_linear.json" 2>&1 \
+    | tee "$OUT/kernels_linear.txt" || status=1
+
+# 5. Throughput of a 125M model at a realistic sequence length.
 timeout 120 python3 bench/train_throughput.py --preset gpt-125m --seq-len 2048 --micro-batch 8 --steps 10 \
     --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/throughput.txt" || status=1
 cp "$OUT"/*.json bench/results/ 2>/dev/null

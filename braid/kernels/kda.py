@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from braid.kernels.fused import resolve_backend
 from braid.kernels.kda_chunk import kda_chunk
 
 # Sub-chunk size of the chunked path: pairs inside one sub-chunk form exponent differences explicitly
@@ -70,20 +71,27 @@ def kda(
         doc_ids: ``[B, T]`` document ids of packed rows, or None. The state is reset to zero before
             every token whose id differs from the previous token's; the initial state feeds the
             first document of each row.
-        backend: ``"auto"`` or ``"torch"`` (the only implementation for now; Triton plugs in here).
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"``, or ``"triton"``
+            (on CPU only under ``TRITON_INTERPRET=1``, for tests). Triton runs the intra-chunk WY/UT
+            transform and the inter-chunk state recurrence as kernels (forward and backward, fp32);
+            it needs a power-of-two ``chunk_size`` ≥ 16.
     Returns:
         ``o`` ``[B, T, H, V]`` in v's dtype, and the final state ``[B, H, K, V]`` (fp32; fp64 when the
         inputs are fp64) or None. All arithmetic runs in fp32 (fp64 for fp64 inputs).
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"kda: backend {backend!r} is unknown (allowed: auto, torch)")
+    state_backend = resolve_backend(backend, k, "kda")
+    pow2_chunk = chunk_size >= 16 and not chunk_size & (chunk_size - 1)
+    if backend == "auto" and (not pow2_chunk or k.dtype == torch.float64):
+        state_backend = "torch"  # the kernels compute in fp32 and need a power-of-two chunk
     if chunk_size <= 0:
         raise ValueError(f"kda: chunk_size must be > 0, got {chunk_size}")
+    if state_backend == "triton" and not pow2_chunk:
+        raise ValueError(f"kda: chunk_size must be a power of two ≥ 16 for backend='triton', got {chunk_size}")
     _check_shapes(q, k, v, g, beta, initial_state, doc_ids)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     return kda_chunk(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, chunk_size=chunk_size,
-                     sub_chunk=SUB_CHUNK, doc_ids=doc_ids)
+                     sub_chunk=SUB_CHUNK, doc_ids=doc_ids, state_backend=state_backend)
 
 
 def kda_recurrent_step(

@@ -82,6 +82,30 @@ def _doc_masks(seg: torch.Tensor, n: int, c: int):
     return same, carry[..., None], last[..., None], carry[..., -1:]
 
 
+def _kda_chunk_triton(q, k, v, gam, beta, seg, initial_state, output_final_state, t, out_dtype):
+    """The Triton path: intra-chunk transform and state recurrence as kernels (fp32).
+
+    q (scaled), k, v, gam: ``[B, H, N, C, *]``; beta ``[B, H, N, C]``; seg ``[B, N·C]`` or None.
+    """
+    from braid.kernels.triton import load
+
+    kda_intra = load("kda_intra", interpret=not k.is_cuda).kda_intra
+    kda_state_recurrence = load("kda_state", interpret=not k.is_cuda).kda_state_recurrence
+    b, h, n, c, dk = k.shape
+    dv = v.shape[-1]
+    seg_c = prev = None
+    if seg is not None:
+        seg_c = seg.reshape(b, n, c).to(torch.int32).contiguous()
+        # The segment of the token before each chunk (chunk 0: its own first, so the initial state carries in).
+        prev = torch.cat([seg_c[:, :1, 0], seg_c[:, :-1, -1]], dim=1).contiguous()
+    w, u, p_mat, q_in, k_out, decay = kda_intra(q, k, v, gam, beta, seg_c, prev)
+    s0 = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=k.device) if initial_state is None \
+        else initial_state.float()
+    o, s = kda_state_recurrence(w, q_in, u, p_mat, decay, k_out, s0)
+    o = o.permute(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
+    return o.to(out_dtype), (s if output_final_state else None)
+
+
 def kda_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,6 +119,7 @@ def kda_chunk(
     chunk_size: int = 64,
     sub_chunk: int = 8,
     doc_ids: Optional[torch.Tensor] = None,
+    state_backend: str = "torch",
 ):
     """Chunked KDA forward (autograd provides the backward).
 
@@ -105,6 +130,10 @@ def kda_chunk(
         scale: query scale. chunk_size: C. sub_chunk: must divide C (else C is used).
         doc_ids: ``[B, T]`` or None; the state is zeroed before each token whose id differs from the
             previous token's (the initial state feeds the first document).
+        state_backend: ``"torch"`` (this function) or ``"triton"``: the intra-chunk transform
+            (``braid.kernels.triton.kda_intra``) and the inter-chunk state recurrence
+            (``braid.kernels.triton.kda_state``) as Triton kernels, forward and backward, in fp32;
+            needs a power-of-two ``chunk_size`` ≥ 16.
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] or None)``; all arithmetic in fp32,
         or fp64 when any input is fp64; the state is returned in that compute dtype.
@@ -127,14 +156,17 @@ def kda_chunk(
     beta = prep(beta.unsqueeze(-1))  # [B, H, N, C, 1]
     gam = g.cumsum(-2)  # Γ within each chunk
 
-    same = carry = last = carry_last = None
+    same = carry = last = carry_last = seg = None
     if doc_ids is not None:
         # Segment index (counts document starts) so that a repeated id never joins two documents;
         # the padding continues the last segment.
         starts = torch.ne(doc_ids[:, 1:], doc_ids[:, :-1]).to(torch.int64)
         seg = F.pad(starts, (1, 0)).cumsum(-1)
         seg = F.pad(seg, (0, pad), mode="replicate") if pad else seg
-        same, carry, last, carry_last = _doc_masks(seg, n, c)
+        if state_backend != "triton":
+            same, carry, last, carry_last = _doc_masks(seg, n, c)
+    if state_backend == "triton":
+        return _kda_chunk_triton(q, k, v, gam, beta[..., 0], seg, initial_state, output_final_state, t, out_dtype)
 
     # Both score matrices share the keys and decays: rows [β k ; q] in one pass.
     a_mat, p_mat = _pair_scores([k * beta, q], k, gam, sub)  # [B, H, N, C, C] each

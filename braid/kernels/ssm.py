@@ -36,6 +36,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from braid.kernels.fused import resolve_backend
+
 DEFAULT_CHUNK = 64
 
 
@@ -215,6 +217,7 @@ def selective_scan(
     reset: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    backend: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Mamba-1 selective scan (see the module docstring for the recurrence).
 
@@ -226,12 +229,27 @@ def selective_scan(
         reset: ``[B, T]`` bool; where True the state restarts from ``initial_state`` (zeros if None)
             before position t is added, e.g. at document starts of a packed sequence.
         output_final_state: also return the state after the last position.
-        chunk_size: positions per chunk of the parallel scan (affects speed only).
+        chunk_size: positions per chunk of the parallel scan (torch) or between state checkpoints
+            (Triton); affects speed and memory only.
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``
+            (on CPU tensors in Triton's interpreter, for tests); Triton computes in fp32 and returns
+            an fp32 final state (``auto`` keeps fp64 inputs on torch).
     Returns:
         y ``[B, T, C]`` in u's dtype; with ``output_final_state`` also the state ``[B, C, N]`` in
         fp32 (fp64 for fp64 inputs).
     """
-    y, final = _SelectiveScan.apply(u, dt, A, B, C, D, z, initial_state, reset, chunk_size)
+    if chunk_size <= 0:
+        raise ValueError(f"selective_scan: chunk_size must be > 0, got {chunk_size}")
+    use_triton = resolve_backend(backend, u, "selective_scan") == "triton"
+    if backend == "auto" and u.dtype == torch.float64:
+        use_triton = False  # the kernels compute in fp32; fp64 (gradcheck) stays on torch
+    if use_triton:
+        from braid.kernels.triton import load
+
+        scan = load("scan", interpret=not u.is_cuda).SelectiveScanTriton
+        y, final = scan.apply(u, dt, A, B, C, D, z, initial_state, reset, chunk_size)
+    else:
+        y, final = _SelectiveScan.apply(u, dt, A, B, C, D, z, initial_state, reset, chunk_size)
     return (y, final) if output_final_state else y
 
 

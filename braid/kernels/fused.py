@@ -1,0 +1,167 @@
+"""Fused generic ops: RMSNorm, SwiGLU and a chunked LM-head cross-entropy, with backend dispatch.
+
+``rms_norm`` and ``swiglu`` have a torch path (any device) and a Triton path (``braid.kernels.triton
+.fused_norm``); ``cross_entropy_chunked`` is torch only (its cost is the LM-head matmuls, which torch
+already runs at cuBLAS speed; its point is memory). None of them is wired into the models yet: the
+choice waits for GPU measurements (``bench/kernels_linear.py``).
+
+Backends (``backend=``): ``"torch"``; ``"triton"`` (CUDA tensors, or CPU tensors in Triton's
+interpreter, for tests: see ``braid.kernels.triton``); ``"auto"`` = Triton on CUDA tensors, torch
+otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
+    """``"torch"`` or ``"triton"`` for an op called with ``backend`` on tensors living where ``x`` lives.
+
+    Raises ``ValueError`` (naming ``backend``) for an unknown name. ``"triton"`` on CPU tensors runs
+    the kernels in Triton's interpreter (``braid.kernels.triton.load`` arranges or refuses it).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is unknown (allowed: {', '.join(BACKENDS)})")
+    if backend == "auto":
+        if x.is_cuda:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return "torch"
+            return "triton"
+        return "torch"
+    return backend
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim: ``x · rsqrt(mean(x²) + eps) · weight``.
+
+    Args:
+        x: ``[..., D]`` any float dtype; weight: ``[D]``; eps: added to the mean square.
+    Returns:
+        ``[..., D]`` in x's dtype; the statistic is computed in fp32 (fp64 for fp64 input).
+    """
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be [D] = [{x.shape[-1]}]")
+    if resolve_backend(backend, x, "rms_norm") == "triton":
+        from braid.kernels.triton import load
+
+        return load("fused_norm", interpret=not x.is_cuda).RMSNormTriton.apply(x, weight, eps)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) · up`` (the SwiGLU activation between the gate/up and down projections).
+
+    Args:
+        gate, up: same shape ``[..., F]`` and dtype.
+    Returns:
+        ``[..., F]`` in gate's dtype (Triton computes in fp32 and rounds once).
+    """
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if resolve_backend(backend, gate, "swiglu") == "triton":
+        from braid.kernels.triton import load
+
+        return load("fused_norm", interpret=not gate.is_cuda).SwiGLUTriton.apply(gate, up)
+    return F.silu(gate) * up
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token loss ``lse(h Wᵀ) − (h Wᵀ)[label]``; logits exist one token chunk at a time, in the
+    forward and again (recomputed) in the backward. Saves only h, W, labels and the fp32 lse."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        loss = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            logits = (hidden[s:e] @ weight.t()).to(acc)  # [chunk, V]: the only vocab-sized tensor
+            lse[s:e] = torch.logsumexp(logits, -1)
+            lab = labels[s:e]
+            valid = lab != ignore_index
+            tgt = logits.gather(1, torch.where(valid, lab, 0)[:, None])[:, 0]
+            loss[s:e] = torch.where(valid, lse[s:e] - tgt, 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        acc = lse.dtype
+        n = hidden.shape[0]
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, n, ctx.chunk):
+            e = min(n, s + ctx.chunk)
+            lab = labels[s:e]
+            valid = lab != ctx.ignore_index
+            # d loss / d logits = softmax − onehot(label), per token scaled by its incoming gradient.
+            p = torch.exp((hidden[s:e] @ weight.t()).to(acc) - lse[s:e, None])
+            rows = torch.arange(e - s, device=p.device)
+            p[rows, torch.where(valid, lab, 0)] -= 1.0
+            p *= torch.where(valid, grad_loss[s:e].to(acc), 0.0)[:, None]
+            p = p.to(hidden.dtype)
+            if d_hidden is not None:
+                d_hidden[s:e] = p @ weight
+            if d_weight is not None:
+                d_weight += (p.t() @ hidden[s:e]).to(acc)
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None
+
+
+def cross_entropy_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """Cross-entropy of the LM head ``logits = hidden @ weightᵀ`` without materialising all logits.
+
+    Tokens are processed ``chunk_size`` at a time: peak extra memory is one ``[chunk_size, V]`` fp32
+    logits block (forward, and again in the backward, which recomputes it) instead of ``[N, V]``.
+
+    Args:
+        hidden: ``[..., D]`` final hidden states (any float dtype; the matmul runs in it).
+        weight: ``[V, D]`` LM head (or tied embedding) weight, same dtype as hidden.
+        labels: ``[...]`` int64 targets (hidden's leading shape); ``ignore_index`` marks no-loss tokens.
+        chunk_size: tokens per chunk (> 0).
+        reduction: ``"none"`` (per-token losses, 0 at ignored tokens), ``"sum"``, or ``"mean"`` (over
+            non-ignored tokens).
+    Returns:
+        fp32 (fp64 for fp64 input) losses of labels' shape, or a scalar.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy_chunked: labels {tuple(labels.shape)} must match hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"cross_entropy_chunked: weight {tuple(weight.shape)} must be [V, {hidden.shape[-1]}]")
+    if chunk_size <= 0:
+        raise ValueError(f"cross_entropy_chunked: chunk_size must be > 0, got {chunk_size}")
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"cross_entropy_chunked: reduction={reduction!r} is unknown (allowed: none, sum, mean)")
+    loss = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                      ignore_index, chunk_size).view(labels.shape)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / (labels != ignore_index).sum().clamp_min(1)
+
+
+def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            ignore_index: int = -100) -> torch.Tensor:
+    """Unchunked per-token loss (full fp32 logits), the reference for tests and benchmarks."""
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                           reduction="none").view(labels.shape)

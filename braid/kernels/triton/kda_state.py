@@ -1,0 +1,153 @@
+"""Triton kernels for KDA's inter-chunk state recurrence, forward and backward.
+
+Given the intra-chunk results of the WY/UT transform (``braid.kernels.kda_chunk``), per chunk n:
+
+    v'_n = u_n − w_n S_n,   o_n = q̃_n S_n + P_n v'_n,   S_{n+1} = Diag(d_n) S_n + k̃_nᵀ v'_n
+
+with ``w, q̃ (= q·e^Γ), k̃ (= k·e^{Γ_last − Γ}) : [C, K]``, ``u : [C, V]``, ``P : [C, C]`` (masked
+decayed scores), ``d = e^{Γ_last} : [K]``, state ``S : [K, V]`` (fp32). One program owns a (batch,
+head) pair and a block of ``BV`` value columns (the recurrence is independent per value column) and
+walks the chunks in order, keeping S in registers. The forward stores S_n for every chunk
+(``[B, H, N, K, V]`` fp32, one state per 64 tokens); the backward walks the chunks in reverse with the
+adjoint ``dS_n = Diag(d_n) dS_{n+1} + q̃_nᵀ do_n − w_nᵀ dv'_n``, ``dv'_n = P_nᵀ do_n + k̃_n dS_{n+1}``,
+recomputing v'_n from the stored S_n. Gradients that sum over value columns (w, q̃, k̃, P, d) are written
+per value block and summed by torch.
+
+Import only when Triton should run (CUDA, or ``TRITON_INTERPRET=1`` set before the import).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, o_ptr, states_ptr, final_ptr,
+                   NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    bh, vb = tl.program_id(0), tl.program_id(1)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    km, vm = rk < K, rv < V
+    kv = rk[:, None] * V + rv[None, :]
+    kvm = km[:, None] & vm[None, :]
+    ck = rc[:, None] * K + rk[None, :]
+    cv = rc[:, None] * V + rv[None, :]
+    S = tl.load(s0_ptr + bh * K * V + kv, mask=kvm, other=0.0)
+    for i in range(NC):
+        chunk = bh * NC + i
+        tl.store(states_ptr + chunk * K * V + kv, S, mask=kvm)
+        w = tl.load(w_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        qi = tl.load(qi_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        ko = tl.load(ko_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        u = tl.load(u_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
+        p = tl.load(p_ptr + chunk * C * C + rc[:, None] * C + rc[None, :])
+        dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
+        v_new = u - tl.dot(w, S)
+        o = tl.dot(qi, S) + tl.dot(p, v_new)
+        tl.store(o_ptr + chunk * C * V + cv, o, mask=vm[None, :])
+        S = dec[:, None] * S + tl.dot(tl.trans(ko), v_new)
+    tl.store(final_ptr + bh * K * V + kv, S, mask=kvm)
+
+
+@triton.jit
+def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, states_ptr, do_ptr, dfinal_ptr,
+                   du_ptr, dw_ptr, dqi_ptr, dko_ptr, dp_ptr, ddec_ptr, ds0_ptr,
+                   BH, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   HAS_DFINAL: tl.constexpr):
+    bh, vb = tl.program_id(0), tl.program_id(1)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    km, vm = rk < K, rv < V
+    kv = rk[:, None] * V + rv[None, :]
+    kvm = km[:, None] & vm[None, :]
+    ck = rc[:, None] * K + rk[None, :]
+    cv = rc[:, None] * V + rv[None, :]
+    cc = rc[:, None] * C + rc[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + bh * K * V + kv, mask=kvm, other=0.0)
+    part = vb * BH * NC  # this value block's slice of the partial-sum buffers
+    for j in range(NC):
+        i = NC - 1 - j
+        chunk = bh * NC + i
+        S = tl.load(states_ptr + chunk * K * V + kv, mask=kvm, other=0.0)
+        w = tl.load(w_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        qi = tl.load(qi_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        ko = tl.load(ko_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+        u = tl.load(u_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
+        p = tl.load(p_ptr + chunk * C * C + cc)
+        dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
+        do = tl.load(do_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
+        v_new = u - tl.dot(w, S)  # recomputed, not stored
+        dv_new = tl.dot(tl.trans(p), do) + tl.dot(ko, dS)
+        tl.store(du_ptr + chunk * C * V + cv, dv_new, mask=vm[None, :])
+        tl.store(dp_ptr + (part + chunk) * C * C + cc, tl.dot(do, tl.trans(v_new)))
+        tl.store(dko_ptr + (part + chunk) * C * K + ck, tl.dot(v_new, tl.trans(dS)), mask=km[None, :])
+        tl.store(ddec_ptr + (part + chunk) * K + rk, tl.sum(S * dS, axis=1), mask=km)
+        tl.store(dw_ptr + (part + chunk) * C * K + ck, -tl.dot(dv_new, tl.trans(S)), mask=km[None, :])
+        tl.store(dqi_ptr + (part + chunk) * C * K + ck, tl.dot(do, tl.trans(S)), mask=km[None, :])
+        dS = dec[:, None] * dS + tl.dot(tl.trans(qi), do) - tl.dot(tl.trans(w), dv_new)
+    tl.store(ds0_ptr + bh * K * V + kv, dS, mask=kvm)
+
+
+def _blocks(k: int, v: int) -> tuple[int, int]:
+    # tl.dot needs every dimension ≥ 16; K stays whole (the K-sums of the gradients), V is split.
+    return max(16, triton.next_power_of_2(k)), max(16, min(64, triton.next_power_of_2(v)))
+
+
+class _KDAStateRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, qi, u, p, dec, ko, s0):
+        b, h, nc, c, k = w.shape
+        v = u.shape[-1]
+        bk, bv = _blocks(k, v)
+        ctx.dtypes = [x.dtype for x in (w, qi, u, p, dec, ko, s0)]
+        w, qi, u, p, dec, ko, s0 = (x.float().contiguous() for x in (w, qi, u, p, dec, ko, s0))
+        o = torch.empty(b, h, nc, c, v, dtype=torch.float32, device=w.device)
+        states = torch.empty(b, h, nc, k, v, dtype=torch.float32, device=w.device)
+        final = torch.empty(b, h, k, v, dtype=torch.float32, device=w.device)
+        _kda_state_fwd[(b * h, triton.cdiv(v, bv))](w, qi, u, p, ko, dec, s0, o, states, final, nc, k, v,
+                                                    C=c, BK=bk, BV=bv)
+        ctx.save_for_backward(w, qi, u, p, dec, ko, states)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        w, qi, u, p, dec, ko, states = ctx.saved_tensors
+        b, h, nc, c, k = w.shape
+        v = u.shape[-1]
+        bk, bv = _blocks(k, v)
+        nv = triton.cdiv(v, bv)
+        f32 = dict(dtype=torch.float32, device=w.device)
+        du = torch.empty(b, h, nc, c, v, **f32)
+        dw, dqi, dko = (torch.empty(nv, b, h, nc, c, k, **f32) for _ in range(3))
+        dp = torch.empty(nv, b, h, nc, c, c, **f32)
+        ddec = torch.empty(nv, b, h, nc, k, **f32)
+        ds0 = torch.empty(b, h, k, v, **f32)
+        if do is None:
+            do = torch.zeros(b, h, nc, c, v, **f32)
+        _kda_state_bwd[(b * h, nv)](w, qi, u, p, ko, dec, states, do.float().contiguous(),
+                                    None if dfinal is None else dfinal.float().contiguous(),
+                                    du, dw, dqi, dko, dp, ddec, ds0, b * h, nc, k, v, C=c, BK=bk, BV=bv,
+                                    HAS_DFINAL=dfinal is not None)
+        grads = (dw.sum(0), dqi.sum(0), du, dp.sum(0), ddec.sum(0), dko.sum(0), ds0)
+        return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+
+def kda_state_recurrence(w, q_in, u, p, decay, k_out, s0):
+    """The chunk loop of chunked KDA as one differentiable Triton op.
+
+    Args:
+        w, q_in, k_out: ``[B, H, N, C, K]``; u: ``[B, H, N, C, V]``; p: ``[B, H, N, C, C]``;
+        decay: ``[B, H, N, K]``; s0: ``[B, H, K, V]`` (all fp32; C a power of two ≥ 16).
+    Returns:
+        ``(o [B, H, N, C, V], final state [B, H, K, V])``, both fp32.
+    """
+    c = w.shape[-2]
+    if c < 16 or c & (c - 1):
+        raise ValueError(f"kda: chunk_size must be a power of two ≥ 16 for the Triton backend, got {c}")
+    return _KDAStateRecurrence.apply(w, q_in, u, p, decay, k_out, s0)
