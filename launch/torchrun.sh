@@ -2,6 +2,8 @@
 # Single-node launcher for braid: one torchrun agent, N worker processes.
 #
 #   launch/torchrun.sh [--nproc N] --config configs/x.yaml [section.key=value ...]
+#   launch/torchrun.sh --nnodes 2 --node-rank R --rdzv-endpoint HEAD:PORT [--nproc N] --config ...
+#       (run once per node; without --node-rank, c10d assigns node ranks)
 #
 # N comes from, in order: --nproc, $NPROC_PER_NODE, $CUDA_VISIBLE_DEVICES (its entry
 # count), the GPUs `nvidia-smi -L` lists, else 1 (a CPU run).
@@ -57,6 +59,9 @@ gpu_count() {
 }
 
 nproc=""
+nnodes=1
+node_rank=""
+endpoint=""
 have_config=0
 train_args=()
 while (($#)); do
@@ -69,6 +74,16 @@ while (($#)); do
             ;;
         --nproc=*)
             nproc=${1#--nproc=}
+            ;;
+        --nnodes | --node-rank | --rdzv-endpoint)
+            (($# >= 2)) || die "$1 needs a value"
+            case $1 in
+                --nnodes) nnodes=$2 ;;
+                --node-rank) node_rank=$2 ;;
+                --rdzv-endpoint) endpoint=$2 ;;
+            esac
+            shift 2
+            continue
             ;;
         --config)
             (($# >= 2)) || die "--config needs a value"
@@ -100,9 +115,25 @@ if [[ -z $nproc ]]; then
 fi
 is_count "$nproc" || die "process count must be a positive integer, got '$nproc'"
 
+is_count "$nnodes" || die "--nnodes must be a positive integer, got '$nnodes'"
+if ((nnodes == 1)); then
+    topology=(--standalone --nnodes=1)
+else
+    # Several nodes: every launcher gets the same --nnodes and --rdzv-endpoint (the first node's
+    # address and a free port). With --node-rank the ranks are fixed (static rendezvous on that
+    # endpoint); without it c10d assigns them as launchers join.
+    [[ $endpoint == ?*:[0-9]* ]] || die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT"
+    if [[ -n $node_rank ]]; then
+        [[ $node_rank =~ ^[0-9]+$ ]] && ((node_rank < nnodes)) || die "--node-rank must be in [0, $nnodes), got '$node_rank'"
+        topology=(--nnodes="$nnodes" --node_rank="$node_rank" --master_addr="${endpoint%:*}" --master_port="${endpoint##*:}")
+    else
+        topology=(--nnodes="$nnodes" --rdzv_backend=c10d --rdzv_endpoint="$endpoint" --rdzv_id="${BRAID_RDZV_ID:-braid}")
+    fi
+fi
+
 cmd=(
     "${PYTHON:-python}" -m torch.distributed.run
-    --standalone --nnodes=1 --nproc_per_node="$nproc"
+    "${topology[@]}" --nproc_per_node="$nproc"
     -m braid.train "${train_args[@]}"
 )
 
