@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -36,10 +35,9 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from braid.errors import CheckpointError
+from braid.trainer.checkpoint_layout import MARKER, complete_checkpoints
 from braid.parallel.distributed import DistInfo, barrier
 
-MARKER = "COMPLETE"
-_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -61,18 +59,6 @@ def _fsync_dir(path: Path) -> None:
 
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """``(step, dir)`` of every complete checkpoint, oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
