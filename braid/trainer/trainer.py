@@ -56,7 +56,9 @@ class Trainer:
 
         # Data before any file is written: a bad source fails with nothing on disk.
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer, progress=self.info.is_main)
+        # The global batch lets streaming sources give each data-parallel rank only its own lanes.
+        self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer, progress=self.info.is_main,
+                                                          seed=t.seed, global_batch_size=t.global_batch_size)
         self.order = SampleOrder(len(self.train_data), t.seed)
 
         torch.manual_seed(t.seed)
