@@ -21,6 +21,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def poison(monkeypatch):
+    """Every float tensor from torch.empty / empty_like starts as NaN, so unwritten outputs fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
+
+
 def tiny_overrides(run_dir: Path, **extra) -> list[str]:
     """A 2-layer, 64-wide model on the embedded corpus, 32-token sequences: ~20 ms per step."""
     base = {

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from braid.config import ModelConfig
+
+# conftest.py selects Triton's interpreter on machines without CUDA; where Triton runs compiled, the
+# CPU-interpreter kernel tests cannot run in the same process (their GPU counterparts are
+# bench/gpu_attention_check.py and bench/gpu_linear_check.py).
+interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="Triton runs compiled in this process (CUDA present); the GPU "
+                                             "checks are bench/gpu_*_check.py")
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,7 +15,6 @@ from braid.models.hybrid import HybridLM
 from braid.models.layers import SeqInfo
 from helpers import rel_rms, tiny_model_config
 from test_attention_op import reference_attention
-from test_gated_attention import norm_keeps_fp64, rotary_keeps_fp64
 
 TOL = 1e-5
 PRO = dict(qk_norm=True, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True))
@@ -139,8 +138,6 @@ def test_meta_tokens_are_sinks():
 
 @pytest.mark.parametrize("variant", ["kv_shift_gate", "pro_mqa", "rope"])
 def test_gradcheck_fp64(variant):
-    if variant == "pro_mqa" and not norm_keeps_fp64() or variant == "rope" and not rotary_keeps_fp64():
-        pytest.skip("RMSNorm/Rotary compute fp64 inputs in fp32 (braid/models/layers.py)")
     overrides = VARIANTS.get(variant, dict(fox=FoxConfig(kv_shift=True, output_gate=True)))
     torch.manual_seed(0)
     cfg = tiny_model_config(pattern="F", d_model=8, n_heads=2, n_kv_heads=overrides.get("n_kv_heads", 2),

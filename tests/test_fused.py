@@ -4,51 +4,15 @@ logits (values, gradients, ignore_index, reductions, chunk sizes not dividing th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-# Triton picks interpreted vs compiled once per process, at its first import. When an earlier test
-# module imported it compiled (some dependencies do), the kernel tests rerun this file in a fresh
-# process instead (test_in_fresh_process).
-COMPILED_FIRST = ("triton" in sys.modules
-                  and type(sys.modules["triton"].language.standard.sigmoid).__name__ != "InterpretedFunction")
-os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated (imported lazily by the ops)
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from braid.kernels.fused import cross_entropy_chunked, cross_entropy_reference, rms_norm, swiglu
-from helpers import rel_rms
+from helpers import interpreter_only, rel_rms
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3}
-
-interpreted = pytest.mark.skipif(COMPILED_FIRST, reason="Triton was imported compiled; see test_in_fresh_process")
-
-
-@pytest.mark.skipif(not COMPILED_FIRST, reason="this process interprets Triton: the kernel tests ran here")
-def test_in_fresh_process():
-    """Reruns this file's tests in a process where Triton interprets (every kernel test must pass)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
-                        "not test_in_fresh_process", os.path.abspath(__file__)],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "skipped" not in r.stdout, r.stdout[-4000:]
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every float tensor from torch.empty / empty_like starts as NaN, so unwritten outputs fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
-
 
 def grads_of(fn, inputs, seed=1):
     xs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -57,7 +21,7 @@ def grads_of(fn, inputs, seed=1):
     return y.detach(), torch.autograd.grad((y * dy).sum(), xs)
 
 
-@interpreted
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 7, 48), (5, 130)])
 def test_rms_norm_triton(poison, dtype, shape):
@@ -72,7 +36,7 @@ def test_rms_norm_triton(poison, dtype, shape):
         assert rel_rms(a, b) < TOL[dtype], f"{name}: {rel_rms(a, b):.2e}"
 
 
-@interpreted
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_swiglu_triton(poison, dtype):
     gen = torch.Generator().manual_seed(0)

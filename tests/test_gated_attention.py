@@ -134,19 +134,14 @@ def test_documents_are_isolated():
     torch.testing.assert_close(out2[0, 9:], out[0, 9:], rtol=0, atol=1e-6)
 
 
-def norm_keeps_fp64() -> bool:
-    """Whether RMSNorm (braid/models/layers.py) computes fp64 inputs in fp64; if it drops them to fp32,
-    gradcheck's finite differences are meaningless and the variants using it are skipped."""
+def test_norm_and_rotary_keep_fp64():
+    """gradchecks through mixers need RMSNorm and Rotary to compute fp64 inputs in fp64."""
     x = torch.randn(3, 8, dtype=torch.float64)
-    return rel_rms(RMSNorm(8).double()(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()) < 1e-12
-
-
-def rotary_keeps_fp64() -> bool:
-    """Same for Rotary: position 1 rotates channel pair (0, D/2) by 1 radian."""
+    assert rel_rms(RMSNorm(8).double()(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()) < 1e-12
     x = torch.randn(1, 2, 1, 8, dtype=torch.float64)
-    y = Rotary(8)(x, torch.arange(2)[None])
+    y = Rotary(8)(x, torch.arange(2)[None])  # position 1 rotates channel pair (0, D/2) by 1 radian
     c, s = torch.cos(torch.tensor(1.0, dtype=torch.float64)), torch.sin(torch.tensor(1.0, dtype=torch.float64))
-    return abs(float(y[0, 1, 0, 0] - (x[0, 1, 0, 0] * c - x[0, 1, 0, 4] * s))) < 1e-14
+    assert abs(float(y[0, 1, 0, 0] - (x[0, 1, 0, 0] * c - x[0, 1, 0, 4] * s))) < 1e-14
 
 
 @pytest.mark.parametrize("variant,extra", [
@@ -155,8 +150,6 @@ def rotary_keeps_fp64() -> bool:
     ("headwise", dict(qk_norm=True)),  # RMSNorm + RoPE
 ], ids=["headwise", "elementwise_window", "qk_norm_rope"])
 def test_gradcheck_fp64(variant, extra):
-    if extra.get("qk_norm") and not (norm_keeps_fp64() and rotary_keeps_fp64()):
-        pytest.skip("RMSNorm/Rotary compute fp64 inputs in fp32 (braid/models/layers.py)")
     torch.manual_seed(0)
     cfg = tiny_model_config(pattern="G", d_model=8, n_heads=2, n_kv_heads=1, **VARIANTS[variant], **extra)
     mixer = GatedAttention(cfg, layer_idx=0).double()

@@ -20,7 +20,6 @@ from braid.models.mla import mean_visible_keys
 from braid.models.stats import model_stats
 from braid.trainer.optim import param_groups
 from helpers import rel_rms, tiny_model_config
-from test_mla import exact_fp64_layers  # noqa: F401  (fixture)
 
 TOL = 1e-5
 attention_op = importlib.import_module("braid.kernels.attention")
@@ -213,7 +212,7 @@ def test_blocked_attention_path(monkeypatch):
     assert rel_rms(layer(x, seq()), ref) < TOL
 
 
-def test_gradcheck_fp64(exact_fp64_layers):
+def test_gradcheck_fp64():
     """Input and every parameter but the two big plain projections (A_log, D, dt_proj, conv, x_proj,
     norms), with packed documents after meta tokens, a window and QK-norm."""
     layer = build(dtype=torch.float64, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, window=2, qk_norm=True,

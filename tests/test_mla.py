@@ -11,7 +11,6 @@ import torch
 from torch.func import functional_call
 
 from braid.kernels import attention_blocked
-from braid.models import layers
 from braid.models.hybrid import HybridLM
 from braid.models.layers import SeqInfo
 from braid.models.mla import MLA, mean_visible_keys
@@ -20,31 +19,6 @@ from helpers import rel_rms, tiny_model_config
 TOL = 1e-5
 # The module, not the function `braid.kernels.attention` that shadows it as a package attribute.
 attention_op = importlib.import_module("braid.kernels.attention")
-
-
-@pytest.fixture
-def exact_fp64_layers(monkeypatch):
-    """RMSNorm/Rotary in fp64 for fp64 inputs (layers.py rounds through fp32, which breaks gradcheck).
-
-    Same results as layers.py for fp32/bf16 inputs; drop once layers.py computes in
-    ``torch.promote_types(x.dtype, torch.float32)``.
-    """
-    def norm_forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
-
-    def rotary_forward(self, x, position_ids):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        angles = position_ids[..., None].to(acc) * self.inv_freq.to(acc)
-        cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
-        sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]
-        xf = x.to(acc)
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-    monkeypatch.setattr(layers.RMSNorm, "forward", norm_forward)
-    monkeypatch.setattr(layers.Rotary, "forward", rotary_forward)
 
 
 def mla_config(**overrides):
@@ -194,7 +168,7 @@ def test_causal():
         assert (out[:, t] - base[:, t]).abs().max() > 1e-4, t
 
 
-def test_gradcheck_fp64(exact_fp64_layers):
+def test_gradcheck_fp64():
     """Input and every parameter, with window, documents and a sink."""
     layer = build(dtype=torch.float64, d_model=8, window=3,
                   mla={"q_lora_rank": 6, "kv_lora_rank": 5, "qk_nope_head_dim": 4,

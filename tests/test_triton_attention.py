@@ -3,8 +3,8 @@
 smaller and larger than T, sinks, documents, S2, explicit query offsets, odd lengths and head dims,
 fp32 and fp16 inputs; outputs and gradients are allocated NaN-poisoned so unwritten elements fail.
 
-Interpreter note: Triton picks the interpreter at import from TRITON_INTERPRET; it is set here before
-anything imports Triton (``braid.kernels.triton`` explains the rule). Shapes are tiny: it is slow.
+Interpreter note: Triton picks the interpreter at import from TRITON_INTERPRET, which conftest.py sets
+on machines without CUDA (``braid.kernels.triton`` explains the rule). Shapes are tiny: it is slow.
 """
 
 from __future__ import annotations
@@ -15,32 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (the kernels import it lazily)
-
 import pytest
 import torch
 
 from braid.kernels import attention
 from braid.kernels.attention_blocked import partial_attention
 from braid.kernels.s2 import S2Pattern
-from helpers import rel_rms
+from helpers import interpreter_only, rel_rms
+
+pytestmark = interpreter_only
 from test_s2 import random_inputs, reference_attention
 
 # Relative RMS error vs fp64. fp32: ieee dots, fp32 softmax. fp16: inputs, P and dS rounded to fp16
 # before the tensor-core dots (as in FlashAttention), so errors of a few 1e-4 are expected.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every float tensor from torch.empty / empty_like starts as NaN, so unwritten outputs fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
 
 
 def check(dtype=torch.float32, *, b=1, t=37, s=None, hq=4, hkv=2, d=16, dv=None, fox=False, docs=False,

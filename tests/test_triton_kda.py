@@ -6,52 +6,18 @@ outputs poisoned with NaN."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-# Triton picks interpreted vs compiled once per process, at its first import. When an earlier test
-# module imported it compiled (some dependencies do), the kernel tests rerun this file in a fresh
-# process instead (test_in_fresh_process).
-COMPILED_FIRST = ("triton" in sys.modules
-                  and type(sys.modules["triton"].language.standard.sigmoid).__name__ != "InterpretedFunction")
-os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated (imported lazily by the op)
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from braid.kernels import kda
-from helpers import rel_rms
+from helpers import interpreter_only, rel_rms
+
+pytestmark = interpreter_only
 
 NAMES = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
 TOL = {torch.float32: 2e-5, torch.float16: 1e-3}  # fp16: the same rounded inputs; outputs round to fp16
-
-interpreted = pytest.mark.skipif(COMPILED_FIRST, reason="Triton was imported compiled; see test_in_fresh_process")
-
-
-@pytest.mark.skipif(not COMPILED_FIRST, reason="this process interprets Triton: the kernel tests ran here")
-def test_in_fresh_process():
-    """Reruns this file's tests in a process where Triton interprets (every kernel test must pass)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
-                        "not test_in_fresh_process", os.path.abspath(__file__)],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "skipped" not in r.stdout, r.stdout[-4000:]
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every float tensor from torch.empty / empty_like starts as NaN, so unwritten outputs fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
-
 
 def make_inputs(b=2, t=37, h=2, dk=12, dv=20, *, decay=0.5, seed=0):
     """fp64: unit-norm q, k (as the layer feeds them), v, g ∈ [−decay, 0), β ∈ (0, 1), initial state."""
@@ -84,26 +50,22 @@ def check(inputs, dtype, **kw):
         assert rel_rms(a, b) < TOL[dtype], f"{name}: rel RMS {rel_rms(a, b):.2e}"
 
 
-@interpreted
 @pytest.mark.parametrize("b,t,h", [(1, 37, 2), (1, 32, 1), (2, 5, 1)])
 def test_kda_triton_matches_torch(poison, b, t, h):
     check(make_inputs(b=b, t=t, h=h), torch.float32, chunk_size=16)
 
 
-@interpreted
 def test_kda_triton_value_blocks_and_chunk_64(poison):
     """V = 80 spans two value blocks (partial gradients summed); chunk 64 with T = 70."""
     check(make_inputs(b=1, t=70, h=1, dk=16, dv=80), torch.float32, chunk_size=64)
 
 
-@interpreted
 def test_kda_triton_doc_resets_and_strong_decay(poison):
     inputs = make_inputs(t=45, h=1, decay=30.0, seed=2)
     doc_ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 15, [5] * 3 + [6] * 40 + [5] * 2])
     check(inputs, torch.float32, chunk_size=16, doc_ids=doc_ids)
 
 
-@interpreted
 def test_kda_triton_fp16(poison):
     check(make_inputs(b=1, t=23, h=1, seed=4), torch.float16, chunk_size=16)
 
@@ -114,7 +76,6 @@ def test_kda_triton_rejects_bad_chunk():
         kda(q, k, v, g, beta, chunk_size=24, backend="triton")
 
 
-@interpreted
 @pytest.mark.slow
 @pytest.mark.parametrize("t", [200, 257])
 def test_kda_triton_long(poison, t):

@@ -4,50 +4,16 @@ without an initial state, optional D/z, fp32 and fp16 inputs, outputs poisoned w
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-# Triton picks interpreted vs compiled once per process, at its first import. When an earlier test
-# module imported it compiled (some dependencies do), the kernel tests rerun this file in a fresh
-# process instead (test_in_fresh_process).
-COMPILED_FIRST = ("triton" in sys.modules
-                  and type(sys.modules["triton"].language.standard.sigmoid).__name__ != "InterpretedFunction")
-os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated (imported lazily by the op)
 
 import pytest
 import torch
 
 from braid.kernels.ssm import selective_scan
-from helpers import rel_rms
+from helpers import interpreter_only, rel_rms
+
+pytestmark = interpreter_only
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-interpreted = pytest.mark.skipif(COMPILED_FIRST, reason="Triton was imported compiled; see test_in_fresh_process")
-
-
-@pytest.mark.skipif(not COMPILED_FIRST, reason="this process interprets Triton: the kernel tests ran here")
-def test_in_fresh_process():
-    """Reruns this file's tests in a process where Triton interprets (every kernel test must pass)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k",
-                        "not test_in_fresh_process", os.path.abspath(__file__)],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "skipped" not in r.stdout, r.stdout[-4000:]
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every float tensor from torch.empty / empty_like starts as NaN, so unwritten outputs fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
-
 
 def make_inputs(b=2, t=21, c=5, n=3, seed=0):
     """fp64 random inputs (never zero): u, dt > 0, A < 0, B, C, D, z, initial state, resets."""
@@ -95,14 +61,12 @@ def check(x, h0, reset, dtype, chunk):
         assert rel_rms(a, b) < TOL[dtype], f"{name}: rel RMS {rel_rms(a, b):.2e}"
 
 
-@interpreted
 @pytest.mark.parametrize("t,chunk", [(21, 8), (16, 16), (5, 64)])
 def test_scan_triton_matches_torch(poison, t, chunk):
     x, h0, reset = make_inputs(t=t)
     check(x, h0, reset, torch.float32, chunk)
 
 
-@interpreted
 @pytest.mark.parametrize("with_state", [False, True])
 def test_scan_triton_options(poison, with_state):
     """No D, no z, no resets; and resets without an initial state (restart from zeros)."""
@@ -111,7 +75,6 @@ def test_scan_triton_options(poison, with_state):
     check(x, h0 if with_state else None, reset, torch.float32, 4)
 
 
-@interpreted
 def test_scan_triton_fp16(poison):
     x, h0, reset = make_inputs(t=19, seed=5)
     check(x, h0, reset, torch.float16, 8)
