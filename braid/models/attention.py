@@ -70,8 +70,9 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal attention ``[B, T, H, D]`` with this layer's window, the documents, meta-token sinks and
         the S2 pattern (``model.s2.enabled``)."""
-        return attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
-                         doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
+        op = attention if seq.cp is None else seq.cp.attention
+        return op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
+                  doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""

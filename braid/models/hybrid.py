@@ -78,6 +78,8 @@ class HybridLM(nn.Module):
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Set by braid.parallel.context.apply_cp: inputs are then this rank's part of each sequence.
+        self.context_parallel = None
         self.reset_parameters()
 
     @property
@@ -121,20 +123,23 @@ class HybridLM(nn.Module):
         Args:
             input_ids: ``[B, T]`` token ids.
             labels: ``[B, T]`` next-token targets (``-100`` = ignored), or None.
-            position_ids: ``[B, T]`` positions; default ``0..T-1``.
+            position_ids: ``[B, T]`` positions; default ``0..T-1`` (under context parallelism: this
+                rank's global positions, see ``braid.parallel.context``).
             doc_ids: ``[B, T]`` document ids of packed sequences; mixers never cross a boundary.
         Returns:
             per-token loss ``[B, T]`` in fp32 (0 where ignored) when labels are given, else logits
             ``[B, T, V]``.
         """
         b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        h = self.embed(input_ids)
         m = 0 if self.meta is None else self.meta.shape[0]
+        cp = None if self.context_parallel is None else self.context_parallel.bind(t, m)
+        if position_ids is None:
+            position_ids = (torch.arange(t, device=input_ids.device) if cp is None
+                            else cp.layout.positions(input_ids.device)).expand(b, t)
+        h = self.embed(input_ids)
         if m:
             h, position_ids, doc_ids = self._prepend_meta(h, position_ids, doc_ids)
-        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m)
+        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m, cp=cp)
         if self.n_streams:
             h = expand_streams(h, self.n_streams)
         for layer in self.layers:

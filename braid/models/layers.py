@@ -19,12 +19,16 @@ class SeqInfo:
         see (attention passes them as ``sink``), whatever its window or document.
     shared: per-forward scratch space for cross-layer reuse (e.g. Hymba's shared K/V), keyed by
         the producing layer's index.
+    cp: under context parallelism, the per-forward ``braid.parallel.context.CPSeq``: the tensors hold
+        the meta tokens then this rank's segments of the sequence, and every op that mixes positions
+        goes through the same-named method of ``cp`` (None: the whole sequence is here).
     """
 
     position_ids: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
     meta_tokens: int = 0
     shared: dict = field(default_factory=dict)
+    cp: Optional[object] = None
 
 
 def layer_window(cfg, layer_idx: int) -> Optional[int]:
