@@ -209,6 +209,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (DTensor plans per mixer)
     cp: int = 1  # context parallel
     cp_kind: str = "ring"  # ring | s2 | tree | ulysses
+    cp_layout: str = "auto"  # auto (zigzag unless every mixer is KDA) | zigzag | contiguous
     ep: int = 1  # expert parallel (experts sharded over ep ranks of dp_shard × cp)
     engine: str = "fsdp"  # fsdp (torch FSDP2 / DDP) | deepspeed
     zero_stage: int = 1  # deepspeed ZeRO stage 1 | 2 | 3
@@ -386,6 +387,8 @@ def validate(cfg: Config) -> None:
     _require(p.dp_shard is None or p.dp_shard >= 1, "parallel.dp_shard", "null (derived) or >= 1", p.dp_shard)
     _require(p.cp_kind in ("ring", "s2", "tree", "ulysses"), "parallel.cp_kind", "ring | s2 | tree | ulysses",
              p.cp_kind)
+    _require(p.cp_layout in ("auto", "zigzag", "contiguous"), "parallel.cp_layout", "auto | zigzag | contiguous",
+             p.cp_layout)
     _require(p.engine in ("fsdp", "deepspeed"), "parallel.engine", "fsdp | deepspeed", p.engine)
     _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "1 | 2 | 3", p.zero_stage)
     _require(bool(re.fullmatch(r"none|full|every_[1-9][0-9]*", p.activation_checkpoint)),

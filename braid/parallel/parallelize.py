@@ -11,6 +11,7 @@ The DeepSpeed engine (``parallel.engine=deepspeed``) takes over from FSDP2 in
 from __future__ import annotations
 
 import importlib
+import os
 import logging
 from typing import Optional
 
@@ -48,9 +49,7 @@ def _lazy(module: str, fn: str, key: str):
 
 def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
     """Combinations this build cannot run, each a one-line ConfigError naming the key."""
-    if d.cp > 1:
-        raise ConfigError("config key 'parallel.cp' > 1 is not available yet")
-    if p.engine == "deepspeed" and (d.tp > 1 or d.ep > 1):
+    if p.engine == "deepspeed" and (d.tp > 1 or d.cp > 1 or d.ep > 1):
         raise ConfigError("config key 'parallel.engine' = 'deepspeed' runs data parallelism only "
                           "(parallel.tp, parallel.cp and parallel.ep must be 1)")
     if p.engine == "deepspeed" and d.dp_replicate > 1:
@@ -58,6 +57,13 @@ def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
                           "(ZeRO partitions over all data-parallel ranks; use parallel.dp_shard)")
     if p.cpu_offload and p.engine != "deepspeed":
         raise ConfigError("config key 'parallel.cpu_offload' needs parallel.engine=deepspeed")
+
+
+def _cp_ranks_per_node(d: ParallelDims) -> Optional[int]:
+    """Context-parallel ranks that share a node (tree attention reduces inside a node first), or None
+    when the whole cp group is on one node. cp ranks are adjacent except for the tp ranks between them."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) // d.tp
+    return per_node if 1 <= per_node < d.cp else None
 
 
 def parallelize(model: nn.Module, mesh: Mesh, p: ParallelConfig, device: torch.device,
@@ -74,6 +80,11 @@ def parallelize(model: nn.Module, mesh: Mesh, p: ParallelConfig, device: torch.d
     if d.tp > 1:
         apply_tp = _lazy("braid.parallel.tensor_parallel", "apply_tp", "parallel.tp")
         apply_tp(model, mesh.sub("tp"), p.sequence_parallel)
+    if d.cp > 1:
+        from braid.parallel.context import apply_cp, resolve_layout
+
+        apply_cp(model, mesh.group("cp"), p.cp_kind, resolve_layout(p.cp_layout, model.cfg.pattern),
+                 node_size=_cp_ranks_per_node(d))
     if d.ep > 1:
         apply_ep = _lazy("braid.parallel.expert_parallel", "apply_ep", "parallel.ep")
         apply_ep(model, mesh.sub("ep"))

@@ -42,6 +42,13 @@ class Trainer:
         self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
         self.dims = resolve_dims(p, self.info.world_size)
         check_layout(p, self.dims)
+        if self.dims.cp > 1:
+            from braid.parallel.context import layout_pieces, resolve_layout
+
+            pieces = layout_pieces(resolve_layout(p.cp_layout, cfg.model.pattern), self.dims.cp)
+            if cfg.data.seq_len % pieces:
+                raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len} must be a multiple of {pieces} "
+                                  f"with parallel.cp = {self.dims.cp} ({p.cp_layout} layout)")
         self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
         if t.global_batch_size % (t.micro_batch_size * self.dp):
             raise ConfigError(
@@ -163,8 +170,11 @@ class Trainer:
 
     def _batches(self, data, order: SampleOrder, start: int) -> list[dict]:
         t = self.cfg.train
-        return micro_batches(data, order, start, t.global_batch_size, t.micro_batch_size, self.mesh.dp_rank,
-                             self.dp, self.device, with_doc_ids=self.cfg.data.document_mask)
+        batches = micro_batches(data, order, start, t.global_batch_size, t.micro_batch_size, self.mesh.dp_rank,
+                                self.dp, self.device, with_doc_ids=self.cfg.data.document_mask)
+        cp = unwrap(self.model).context_parallel
+        # Context ranks of one data stream read the same samples and keep their own positions.
+        return batches if cp is None else [cp.shard_batch(b) for b in batches]
 
     def _forward_loss_sum(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():

@@ -8,7 +8,23 @@ ops. See ``context.py`` for the contract and ``layout.py`` for who holds which p
 from braid.parallel.context.context import KINDS, ContextParallel, CPSeq
 from braid.parallel.context.layout import CPLayout, Segment
 
-__all__ = ["ContextParallel", "CPSeq", "CPLayout", "Segment", "KINDS", "apply_cp"]
+__all__ = ["ContextParallel", "CPSeq", "CPLayout", "Segment", "KINDS", "apply_cp", "resolve_layout", "layout_pieces"]
+
+# Mixers with no causal softmax: their work per token does not grow along the sequence, so contiguous
+# shards are balanced and need one state hand-off per rank instead of two.
+_STATE_ONLY = set("K")
+
+
+def resolve_layout(spec: str, pattern: str) -> str:
+    """``parallel.cp_layout``: ``auto`` is zigzag (balances causal softmax) unless every mixer is KDA."""
+    if spec != "auto":
+        return spec
+    return "contiguous" if set(pattern) <= _STATE_ONLY else "zigzag"
+
+
+def layout_pieces(layout: str, cp: int) -> int:
+    """How many equal pieces the sequence is cut into (data.seq_len must be a multiple)."""
+    return 2 * cp if layout == "zigzag" else cp
 
 
 def apply_cp(model, group, kind: str = "ring", layout: str = "zigzag", node_size=None) -> ContextParallel:
