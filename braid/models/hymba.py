@@ -149,7 +149,8 @@ class Hymba(nn.Module):
                 raise RuntimeError(f"Hymba layer {self.layer_idx} reuses the K/V of layer {self.kv_source}, "
                                    "which has not run in this forward pass")
             k, v = seq.shared[self.kv_source]
-        o = attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+        op = attention if seq.cp is None else seq.cp.attention
+        o = op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
         return o.reshape(b, t, self.n_heads * self.v_head_dim)
 
     # ------------------------------------------------------------------ SSM branch
@@ -196,8 +197,14 @@ class Hymba(nn.Module):
 
     def ssm(self, x: torch.Tensor, z: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         """The Mamba-1 branch: SSM input x and gate z ``[B, T, ssm_inner]`` → ``[B, T, ssm_inner]``."""
-        reset, src = self._doc_layout(seq, x.shape[1])
-        x = F.silu(self._conv(x, src))
+        if seq.cp is None:
+            reset, src = self._doc_layout(seq, x.shape[1])
+            x = F.silu(self._conv(x, src))
+        else:  # conv taps reach d_conv − 1 tokens back: each segment gets them from its neighbours
+            def conv(xp, dp):
+                piece = SeqInfo(position_ids=None, doc_ids=dp, meta_tokens=seq.meta_tokens)
+                return self._conv(xp, self._doc_layout(piece, xp.shape[1])[1])
+            x = F.silu(seq.cp.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
         dt, b_in, c_out = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, b_in, c_out = self.dt_layernorm(dt), self.B_layernorm(b_in), self.C_layernorm(c_out)
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 under gradcheck)
@@ -205,6 +212,8 @@ class Hymba(nn.Module):
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
         m = seq.meta_tokens
+        if seq.cp is not None:
+            return seq.cp.selective_scan(x, dt, A, b_in, c_out, self.D, z, doc_ids=seq.doc_ids)
         if reset is None or m == 0 or m >= x.shape[1]:
             return selective_scan(x, dt, A, b_in, c_out, self.D, z, reset=reset)
         # Documents after meta tokens restart from the state the meta prefix leaves.

@@ -124,14 +124,23 @@ class KDA(nn.Module):
         b, t, _ = x.shape
         h, hd = self.n_heads, self.head_dim
         doc = seq.doc_ids
-        q = l2_normalize(self.q_conv(self.q_proj(x), doc).view(b, t, h, hd))
-        k = l2_normalize(self.k_conv(self.k_proj(x), doc).view(b, t, h, hd))
-        v = self.v_conv(self.v_proj(x), doc).view(b, t, h, hd)
+        convs = lambda q, k, v, d: (self.q_conv(q, d), self.k_conv(k, d), self.v_conv(v, d))  # noqa: E731
+        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
+        if seq.cp is None:
+            q, k, v = convs(*qkv)
+        else:  # each rank's segments need the conv_size − 1 tokens before them
+            q, k, v = seq.cp.local_mix(convs, self.conv_size - 1, *qkv)
+        q = l2_normalize(q.view(b, t, h, hd))
+        k = l2_normalize(k.view(b, t, h, hd))
+        v = v.view(b, t, h, hd)
         # Gates in fp32: g is a log decay summed over a chunk, β scales the delta-rule step.
         f = _up(self.f_b(self.f_a(x))).view(b, t, h, hd) + _up(self.dt_bias).view(h, hd)
         g = -torch.exp(_up(self.A_log))[:, None] * F.softplus(f)
         beta = torch.sigmoid(_up(self.b_proj(x)))
-        o, _ = kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        if seq.cp is None:
+            o, _ = kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        else:
+            o = seq.cp.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
         o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))
         return self.o_proj(o.reshape(b, t, h * hd))
 

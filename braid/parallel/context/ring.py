@@ -60,6 +60,7 @@ class _Cfg:
         self.cps, self.scale, self.window, self.s2, self.backend = cps, scale, window, s2, backend
         self.meta = cps.meta
         self.ring = RingP2P(cps.group)
+        self.grad_ring = RingP2P(cps.group)  # a second channel: gradients travel while K/V do
         if s2 is not None and (self.meta % s2.block or cps.layout.chunk % s2.block):
             raise ValueError(f"context parallelism with S2: the meta tokens ({self.meta}) and the per-rank chunk "
                              f"({cps.layout.chunk} tokens) must be multiples of model.s2.block = {s2.block}")
@@ -155,6 +156,8 @@ class _RingAttention(torch.autograd.Function):
         for step in range(n):
             src = (rank - step) % n
             kt = _unpack(packet, c is not None, doc is not None)
+            if step < n - 1:  # K/V do not change in backward: send them on before computing
+                cfg.ring.start(packet, "ring.kv")
             ksegs = packet_segments(cfg.cps, src)
             if step == 0 and m:
                 meta = _Seg(0, 0, m, True)
@@ -164,13 +167,11 @@ class _RingAttention(torch.autograd.Function):
                 for ks in ksegs:
                     if cfg.visible(qs, ks):
                         _pair_backward(cfg, qs, ks, q, c, doc, kt, d_out, out_f, lse, dq, dc, grads)
-            # K/V move on for the next step; the accumulators make one more hop than K/V, back home.
-            cfg.ring.start((packet if step < n - 1 else []) + grads, "ring.dkv")
-            received = cfg.ring.wait()
+            # The fp32 accumulators follow their K/V; they make one hop more, which brings them home.
+            cfg.grad_ring.start(grads, "ring.dkv")
             if step < n - 1:
-                packet, grads = received[:len(packet)], received[len(packet):]
-            else:
-                grads = received
+                packet = cfg.ring.wait()
+            grads = cfg.grad_ring.wait()
         dk = torch.cat([d_meta[0], grads[0]], 1).to(k.dtype)
         dv = torch.cat([d_meta[1], grads[1]], 1).to(v.dtype)
         if c is not None:
