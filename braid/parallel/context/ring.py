@@ -59,6 +59,8 @@ class _Cfg:
     def __init__(self, cps, scale, window, s2, backend):
         self.cps, self.scale, self.window, self.s2, self.backend = cps, scale, window, s2, backend
         self.meta = cps.meta
+        # S2 on the torch path: tiles aligned with the pattern's blocks, so skipped tiles are whole blocks.
+        self.blocks = {} if s2 is None else {"block_q": max(16, s2.block), "block_k": max(16, s2.block)}
         self.ring = RingP2P(cps.group)
         self.grad_ring = RingP2P(cps.group)  # a second channel: gradients travel while K/V do
         if s2 is not None and (self.meta % s2.block or cps.layout.chunk % s2.block):
@@ -84,7 +86,7 @@ class _Cfg:
             window=self.window, sink=ks.length if ks.meta else 0,
             q_doc=None if doc is None else doc[:, qsl], k_doc=None if kdoc is None else kdoc[:, ksl],
             c_q=None if c is None else c[:, qsl], c_k=None if kc is None else kc[:, ksl], s2=s2,
-            backend=self.backend)
+            backend=self.backend, **self.blocks)
 
 
 def _merge(o_acc, lse_acc, rows: slice, o_b, lse_b) -> None:
@@ -227,3 +229,26 @@ def ring_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
     cfg = _Cfg(cps, scale, window, s2, resolve_backend(backend, q))
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)
     return _RingAttention.apply(q, k, v, c, doc_ids, cfg)
+
+
+def ring_comm_bytes(cps_size: int, batch: int, local_len: int, n_kv_heads: int, head_dim: int, v_dim: int,
+                    n_heads: int, dtype_bytes: int, fox: bool = False, docs: bool = False,
+                    n_segments: int = 2) -> dict[str, int]:
+    """Bytes one rank sends for one ring attention layer (forward + backward), by COUNTER label.
+
+    ``local_len``: text tokens per rank (meta tokens never travel). Forward: ``cp−1`` hops of the
+    packet (K, V, fp32 FoX cumsums, int64 doc ids). Backward: the same ``cp−1`` K/V hops, plus ``cp``
+    hops of the fp32 gradient accumulators (dK, dV, dc). FoX adds the all-gather of per-segment
+    gate sums (fp32) and its backward all-reduce.
+    """
+    n = cps_size
+    kv = batch * local_len * n_kv_heads * (head_dim + v_dim) * dtype_bytes
+    c = batch * local_len * n_heads * 4 if fox else 0
+    doc = batch * local_len * 8 if docs else 0
+    grads = batch * local_len * n_kv_heads * (head_dim + v_dim) * 4 + c
+    out = {"ring.kv": 2 * (n - 1) * (kv + c + doc), "ring.dkv": n * grads}
+    if fox:
+        sums = batch * n_segments * n_heads * 4
+        out["fox.sums"] = (n - 1) * sums
+        out["fox.sums.grad"] = round(2 * (n - 1) / n * n * sums)
+    return out
