@@ -124,3 +124,30 @@ def test_ring_cp2_zigzag(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_ring_cp4(case, layout):
     _check(_results("ring", 4, layout)[case])
+
+
+def run_ring_bytes() -> dict:
+    """Bytes COUNTER saw for one ring layer (forward + backward) next to ``ring_comm_bytes``."""
+    from braid.parallel.context import ContextParallel
+    from braid.parallel.context.comm import COUNTER
+    from braid.parallel.context.ring import ring_comm_bytes
+
+    cp = ContextParallel(dist.group.WORLD, "ring", "zigzag")
+    out = {}
+    for fox in (False, True):
+        case = dict(meta=2, docs=True, fox=fox)
+        q, k, v, lf, doc, _ = _inputs(case)
+        cps = cp.bind(T // cp.size, 2)
+        loc = [None if x is None else _local(x, cps.layout, 2).requires_grad_() for x in (q, k, v, lf)]
+        with COUNTER.counting() as got:
+            cps.attention(*loc[:3], sink=2, doc_ids=_local(doc, cps.layout, 2), log_forget=loc[3],
+                          backend="torch").sum().backward()
+        want = ring_comm_bytes(cp.size, B, T // cp.size, 2, 8, 8, 4, 4, fox=fox, docs=True)
+        out[f"fox={fox}"] = [dict(got), want]
+    return out
+
+
+@pytest.mark.parametrize("cp", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ring_bytes_equal_the_formula(cp):
+    for name, (got, want) in run_group(cp, "test_cp_attention.run_ring_bytes").items():
+        assert got == want, name
