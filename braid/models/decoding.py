@@ -22,7 +22,7 @@ sequence per row, all rows the same length).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,13 @@ from braid.models.mla import MLA
 @dataclass
 class DecodeCache:
     """What incremental decoding keeps between calls. ``length``: stream positions processed so far
-    (meta tokens included); ``layers``: per-layer state (see the module docstring)."""
+    (meta tokens included); ``layers``: per-layer state (see the module docstring); ``attend``: when
+    set, replaces :func:`cached_attention`'s body (same arguments), e.g. a KV cache sharded over ranks
+    (``braid.parallel.context.tree_decode``)."""
 
     length: int = 0
     layers: dict = field(default_factory=dict)
+    attend: Optional[Callable] = None
 
 
 SUPPORTED = (FoX, GatedAttention, Attention, MLA, KDA, Hymba)
@@ -88,7 +91,27 @@ def _shift_with_history(st: dict, key: str, raw: torch.Tensor, alpha: torch.Tens
     return full[:, 1:]
 
 
-def _attention_step(mix: Attention, x: torch.Tensor, seq: SeqInfo, st: dict) -> torch.Tensor:
+def cached_attention(cache: DecodeCache, st: dict, q, k, v, log_forget=None, *, window, sink: int, scale=None,
+                     store: bool = True, trim: bool = True) -> torch.Tensor:
+    """The new queries ``q [B, t, Hq, D]`` (stream positions ``cache.length ..``) attend to every cached key
+    of the layer state ``st`` after appending the new ``k``, ``v`` ``[B, t, Hkv, D/Dv]`` and FoX gates
+    ``log_forget [B, t, Hq]`` (``store=False``: ``st`` is another layer's cache, read only); ``trim`` drops
+    the keys the window hides from later queries. Returns ``[B, t, Hq, Dv]``."""
+    if cache.attend is not None:
+        return cache.attend(cache, st, q, k, v, log_forget, window=window, sink=sink, scale=scale, store=store,
+                            trim=trim)
+    if store:
+        keys, values = _append(st, "k", k), _append(st, "v", v)
+        log_forget = None if log_forget is None else _append(st, "lf", log_forget)
+    else:
+        keys, values = st["k"], st["v"]
+    o = attention(q, keys, values, causal=True, scale=scale, window=window, sink=sink, log_forget=log_forget)
+    if trim:
+        _trim(st, ("k", "v", "lf"), window, sink)
+    return o
+
+
+def _attention_step(mix: Attention, x: torch.Tensor, seq: SeqInfo, st: dict, cache: DecodeCache) -> torch.Tensor:
     """A, G and F: the mixer's forward with K/V (and FoX gates) from the cache."""
     gate = None
     if isinstance(mix, GatedAttention):
@@ -101,10 +124,8 @@ def _attention_step(mix: Attention, x: torch.Tensor, seq: SeqInfo, st: dict) -> 
         k = _shift_with_history(st, "k_last", k, mix.k_shift_proj(x))
         v = _shift_with_history(st, "v_last", v, mix.v_shift_proj(x))
     q, k = mix._norm_rope(q, k, seq)
-    keys, values = _append(st, "k", k), _append(st, "v", v)
-    log_forget = _append(st, "lf", mix.log_forget(x)) if is_fox else None
-    o = attention(q, keys, values, causal=True, window=mix.window, sink=seq.meta_tokens, log_forget=log_forget)
-    _trim(st, ("k", "v", "lf"), mix.window, seq.meta_tokens)
+    o = cached_attention(cache, st, q, k, v, mix.log_forget(x) if is_fox else None, window=mix.window,
+                         sink=seq.meta_tokens)
     if is_fox:
         if mix.out_norm is not None:
             o = mix.out_norm(o)
@@ -116,7 +137,7 @@ def _attention_step(mix: Attention, x: torch.Tensor, seq: SeqInfo, st: dict) -> 
     return mix.o_proj(o.flatten(2))
 
 
-def _mla_step(mix: MLA, x: torch.Tensor, seq: SeqInfo, st: dict) -> torch.Tensor:
+def _mla_step(mix: MLA, x: torch.Tensor, seq: SeqInfo, st: dict, cache: DecodeCache) -> torch.Tensor:
     b, t, _ = x.shape
     q_nope, q_rope = mix.queries(x).split([mix.nope_dim, mix.rope_dim], dim=-1)
     c_kv, k_rope = mix.kv_a_proj_with_mqa(x).split([mix.kv_lora_rank, mix.rope_dim], dim=-1)
@@ -127,9 +148,7 @@ def _mla_step(mix: MLA, x: torch.Tensor, seq: SeqInfo, st: dict) -> torch.Tensor
         q_rope, k_rope = mix.rotary(q_rope, seq.position_ids), mix.rotary(k_rope, seq.position_ids)
     q = torch.cat([q_nope, q_rope], dim=-1)
     k = torch.cat([k_nope, k_rope.expand(b, t, mix.n_heads, mix.rope_dim)], dim=-1)
-    keys, values = _append(st, "k", k), _append(st, "v", v)
-    o = attention(q, keys, values, causal=True, scale=mix.qk_dim ** -0.5, window=mix.window, sink=seq.meta_tokens)
-    _trim(st, ("k", "v"), mix.window, seq.meta_tokens)
+    o = cached_attention(cache, st, q, k, v, scale=mix.qk_dim ** -0.5, window=mix.window, sink=seq.meta_tokens)
     return mix.o_proj(o.reshape(b, t, mix.n_heads * mix.v_dim))
 
 
@@ -181,13 +200,11 @@ def _hymba_step(mix: Hymba, x: torch.Tensor, seq: SeqInfo, st: dict, cache: Deco
             k = mix.k_norm(k)
         if mix.rotary is not None:
             k = mix.rotary(k, seq.position_ids)
-        keys, values = _append(st, "k", k), _append(st, "v", v)
+        # A shared cache must serve its readers' windows: only an unshared one is trimmed.
+        o = cached_attention(cache, st, q, k, v, window=mix.window, sink=seq.meta_tokens, trim=not mix.stores_kv)
     else:
-        src = cache.layers[mix.kv_source]
-        keys, values = src["k"], src["v"]
-    o = attention(q, keys, values, causal=True, window=mix.window, sink=seq.meta_tokens)
-    if not mix.stores_kv and mix.kv_source is None:  # a shared cache must serve its readers' windows
-        _trim(st, ("k", "v"), mix.window, seq.meta_tokens)
+        o = cached_attention(cache, cache.layers[mix.kv_source], q, None, None, window=mix.window,
+                             sink=seq.meta_tokens, store=False, trim=False)
     attn = o.reshape(b, t, mix.n_heads * mix.v_head_dim)
     # SSM branch, as Hymba.ssm for one document, continued from the cached conv inputs and state.
     xs = F.silu(_conv_with_history(st, "conv", xs, mix.d_conv, lambda u: mix._conv(u, None)))
@@ -213,9 +230,9 @@ def mixer_step(mix: torch.nn.Module, x: torch.Tensor, seq: SeqInfo, st: dict, ca
     if getattr(mix, "s2", None) is not None:
         raise NotImplementedError("no incremental decoding with the S2 attention pattern (model.s2.enabled)")
     if isinstance(mix, Attention):  # A, G, F
-        return _attention_step(mix, x, seq, st)
+        return _attention_step(mix, x, seq, st, cache)
     if isinstance(mix, MLA):
-        return _mla_step(mix, x, seq, st)
+        return _mla_step(mix, x, seq, st, cache)
     if isinstance(mix, KDA):
         return _kda_step(mix, x, seq, st)
     if isinstance(mix, Hymba):
