@@ -182,6 +182,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     threads: Optional[int] = None  # CPU intra-op threads
+    # Operations: non-finite steps are skipped and counted; this many in a row
+    # stop the run (exit code 3) with its last good checkpoint intact. 0 = never stop.
+    max_nan_iterations: int = 10
+    loss_spike_window: int = 100  # trailing iterations for the loss-spike z-score; 0 = no detector
+    loss_spike_zscore: float = 5.0  # warn when the loss is this many standard deviations above that mean
+    timing_sync: bool = False  # CUDA: synchronize around each timed phase (exact breakdown, slower steps)
+    profile_steps: List[int] = field(default_factory=list)  # [first, last] iterations traced by torch.profiler
+    memory_snapshot_step: int = 0  # CUDA: dump a memory snapshot after this iteration; 0 = none
+    debug_nan_steps: List[int] = field(default_factory=list)  # testing: iterations whose loss is made NaN
 
 
 @dataclass
@@ -370,6 +379,17 @@ def validate(cfg: Config) -> None:
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", "auto | cpu | cuda", t.device)
     _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto | bf16 | fp32", t.precision)
     _require(t.threads is None or t.threads > 0, "train.threads", "null or > 0", t.threads)
+    _require(t.max_nan_iterations >= 0, "train.max_nan_iterations", "must be >= 0 (0 = never stop)",
+             t.max_nan_iterations)
+    _require(t.loss_spike_window == 0 or t.loss_spike_window >= 2, "train.loss_spike_window",
+             "0 (off) or >= 2", t.loss_spike_window)
+    _require(t.loss_spike_zscore > 0, "train.loss_spike_zscore", "must be > 0", t.loss_spike_zscore)
+    _require(t.profile_steps == [] or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+             "train.profile_steps", "[] or [first, last] iterations with 1 <= first <= last", t.profile_steps)
+    _require(t.memory_snapshot_step >= 0, "train.memory_snapshot_step", "must be >= 0 (0 = none)",
+             t.memory_snapshot_step)
+    _require(all(s >= 1 for s in t.debug_nan_steps), "train.debug_nan_steps", "iterations >= 1",
+             t.debug_nan_steps)
     dp = p.dp or 1
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
              f"must be a multiple of train.micro_batch_size × parallel.dp = {t.micro_batch_size * dp}",

@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs
 
 EXIT_BAD_INPUT = 2
+SET_ASIDE_RE = re.compile(r"^step_(\d+)\.damaged$")
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint marked complete cannot be trusted, or None: an unreadable marker, or a file the
+    marker lists that is missing or has another size (markers written before sizes were kept: None)."""
+    try:
+        meta = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return f"its {MARKER} marker is unreadable"
+    for name, size in (meta.get("files") or {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def _records(run_dir: Path) -> tuple[list[dict], int]:
@@ -38,9 +57,17 @@ def summarize(run_dir: Path) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     checkpoints = []
     for step, path in checkpoint_dirs(run_dir / "checkpoints"):
-        meta = path / MARKER
-        checkpoints.append({"step": step, "path": str(path), "complete": meta.is_file(),
-                            **(json.loads(meta.read_text()) if meta.is_file() else {})})
+        complete = (path / MARKER).is_file()
+        entry = {"step": step, "path": str(path), "complete": complete,
+                 "problem": checkpoint_problem(path) if complete else None}
+        if complete and entry["problem"] is None:
+            meta = json.loads((path / MARKER).read_text())
+            entry.update({k: v for k, v in meta.items() if k not in ("files", "step")})
+        checkpoints.append(entry)
+    ckpt_root = run_dir / "checkpoints"
+    set_aside = sorted((int(m.group(1)), str(p)) for p in (ckpt_root.iterdir() if ckpt_root.is_dir() else [])
+                       if p.is_dir() and (m := SET_ASIDE_RE.match(p.name)))
+    spikes = [r for r in records if "spike_loss" in r]
     latest_file = run_dir / "checkpoints" / "latest"
     config = run_dir / "config.yaml"
     summary = {
@@ -55,6 +82,8 @@ def summarize(run_dir: Path) -> dict:
         "skipped_iterations": train[-1].get("skipped_iterations", 0) if train else 0,
         "nan_iterations": train[-1].get("nan_iterations", 0) if train else 0,
         "checkpoints": checkpoints,
+        "set_aside_checkpoints": [{"step": s, "path": p} for s, p in set_aside],
+        "loss_spikes": [{k: r[k] for k in ("step", "spike_loss", "zscore", "global_samples")} for r in spikes],
         "latest_pointer": latest_file.read_text().strip() if latest_file.is_file() else None,
         "unreadable_metric_lines": bad_lines,
         "wandb_id": (run_dir / "wandb_id").read_text().strip() if (run_dir / "wandb_id").is_file() else None,
@@ -76,7 +105,14 @@ def render(s: dict) -> str:
              f"checkpoints    latest → {_fmt(s['latest_pointer'])}"]
     for c in s["checkpoints"]:
         state = "complete" if c["complete"] else "INCOMPLETE (ignored by resume)"
+        if c.get("problem"):
+            state = f"DAMAGED: {c['problem']} (resume=auto falls back past it)"
         lines.append(f"  step {c['step']:>8}  {state}  {c['path']}")
+    for c in s["set_aside_checkpoints"]:
+        lines.append(f"  step {c['step']:>8}  DAMAGED, set aside by resume  {c['path']}")
+    for r in s["loss_spikes"]:
+        lines.append(f"loss spike     iteration {r['step']}: {r['spike_loss']:.4f} (z {r['zscore']:.1f}), "
+                     f"global samples {r['global_samples'][0]}..{r['global_samples'][1] - 1}")
     if s["unreadable_metric_lines"]:
         lines.append(f"metrics.jsonl  {s['unreadable_metric_lines']} unreadable line(s) (cut by a crash?)")
     if s["config"]:

@@ -1,7 +1,8 @@
 """``python -m braid.train --config configs/<file>.yaml [section.key=value ...]``.
 
 Under ``torchrun --nproc_per_node=N -m braid.train ...`` the same command trains data parallel.
-Exit codes: 0 done; 2 bad configuration or input (one line on stderr, nothing written).
+Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after a checkpoint); 2 bad configuration or input
+(one line on stderr, nothing written); 3 stopped after train.max_nan_iterations non-finite steps.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from braid.errors import BraidError, ConfigError
 EXIT_BAD_INPUT = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     print(f"braid: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         Trainer(cfg).train()
     except BraidError as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _fail(message, getattr(exc, "exit_code", EXIT_BAD_INPUT))
     finally:
         shutdown()
 

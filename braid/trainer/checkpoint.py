@@ -2,14 +2,18 @@
 
 Layout under ``<run.dir>/checkpoints/``:
     step_<N>/            DCP shards of model + optimizer + trainer state, ``rng_rank<r>.pt``, and
-                         the completion marker ``COMPLETE`` (JSON: step, world size, time, layout);
+                         the completion marker ``COMPLETE`` (JSON: step, world size, time, layout,
+                         and ``files``: the size of every file, so damage is found before loading);
                          with parallel.engine=deepspeed, DeepSpeed's own ZeRO files under
                          ``deepspeed/`` instead of the DCP shards (trainer state inside them)
     latest               text file naming the newest complete ``step_<N>``
-    .step_<N>.tmp/       a save in progress; never read, removed by the next save of that step
+    step_<N>.damaged/    a complete checkpoint that failed to load, set aside by ``resume=auto``
+    .step_<N>.tmp/       a save in progress (or killed); never read, removed by the next save
+    .step_<N>.old/       a checkpoint being deleted (pruned or replaced); never read
 
 A save writes into the temporary directory, adds the marker, then renames it into place; a run
 killed at any moment therefore leaves either the whole checkpoint or nothing ``resume`` would pick.
+Deletion renames first for the same reason: a half-deleted checkpoint is never visible.
 
 DCP checkpoints hold every tensor by its fully qualified name with its global shape (FSDP2 and TP
 parameters are DTensors), so they load under any other FSDP/HSDP/TP layout (resharding). DeepSpeed
@@ -31,12 +35,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from braid.errors import CheckpointError
+from braid.inspect import checkpoint_problem
 from braid.trainer.checkpoint_layout import MARKER, complete_checkpoints
-from braid.parallel.distributed import DistInfo, barrier
+from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete checkpoint whose files cannot be read back (``resume=auto`` falls back past it)."""
 
 
 
@@ -47,6 +57,20 @@ def _fsync_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory so that no half-deleted state is ever visible under its name."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -125,7 +149,8 @@ class CheckpointManager:
         tmp = self.root / f".step_{step}.tmp"
         if self.info.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in list(self.root.glob(".step_*.tmp")) + list(self.root.glob(".step_*.old")):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed save or deletion
             tmp.mkdir()
         barrier()
         if self.deepspeed:
@@ -140,14 +165,11 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
         barrier()
         if self.info.is_main:
-            meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "layout": self.layout}
+            meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "layout": self.layout,
+                    "files": _file_sizes(tmp)}
             _fsync_write(tmp / MARKER, json.dumps(meta) + "\n")
             _fsync_dir(tmp)
-            if final.exists():  # the same step saved again after a resume: replace it
-                trash = self.root / f".step_{step}.old"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+            _remove(final)  # the same step saved again after a resume: replace it
             os.rename(tmp, final)
             _fsync_dir(self.root)
             _fsync_write(self.root / "latest", final.name + "\n")
@@ -157,16 +179,58 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for _, path in complete_checkpoints(self.root)[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint out of resume's and pruning's sight (kept for inspection)."""
+        aside = Path(path).with_name(Path(path).name + ".damaged")
+        if self.info.is_main:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(path, aside)
+            _fsync_dir(self.root)
+        barrier()
+        return aside
+
+    def load_newest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict) -> tuple[Optional[Path], Optional[dict], list[str]]:
+        """Collective ``resume=auto``: load the newest complete checkpoint that loads.
+
+        Returns ``(path, trainer state, warnings)``, ``(None, None, [])`` when there is none. Damaged
+        newer checkpoints are set aside, one warning line each. If none loads, nothing is moved and the
+        newest one's error is raised: a changed model fails every checkpoint alike, which is not damage.
+        """
+        failures: list[tuple[Path, str]] = []
+        for _, path in reversed(complete_checkpoints(self.root)):
+            state, error = None, None
+            try:
+                state = self.load(path, model, optimizer, trainer_state)
+            except DamagedCheckpoint as exc:
+                error = str(exc)
+            # A rank that cannot read its own files (its RNG state) makes every rank fall back.
+            flag = torch.tensor(float(error is not None), device=self.info.device)
+            if all_reduce_sum(flag).item() > 0:
+                failures.append((path, error or f"checkpoint '{path}' is unreadable on another rank"))
+                continue
+            notes = [f"braid: warning: {why}; set aside as {self.set_aside(bad).name}, falling back to {path.name}"
+                     for bad, why in failures]
+            return path, state, notes
+        if failures:
+            raise DamagedCheckpoint(f"{failures[0][1]} (no older complete checkpoint loads either)")
+        return None, None, []
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
         """Restore model, optimizer and RNG in place; returns the saved trainer state.
 
         ``trainer_state`` is a template with the keys to read (DCP loads into a given structure).
+        Raises ``DamagedCheckpoint`` when a file is missing, cut short or unreadable, and a plain
+        ``CheckpointError`` when the checkpoint is intact but was saved under another layout.
         """
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker); refusing to load it")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {problem}")
         check_layout(path, read_marker(path).get("layout"), self.layout)
         if self.deepspeed:
             from braid.parallel import deepspeed_engine
@@ -176,7 +240,12 @@ class CheckpointManager:
             loaded = self._load_dcp(path, model, optimizer, trainer_state)
         rng_file = path / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than were saved
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            try:
+                rng = torch.load(rng_file, weights_only=False)
+            except Exception as exc:
+                raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {rng_file.name} is unreadable "
+                                        f"({type(exc).__name__})") from None
+            set_rng_state(rng)
         return loaded
 
     def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
@@ -186,8 +255,13 @@ class CheckpointManager:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as exc:  # DCP's errors are long per-rank reports: keep one line
-            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise CheckpointError(f"checkpoint '{path}' does not fit this model/layout: {first[:300]}") from None
+        # DCP's errors are long per-rank reports (its CheckpointException is a BaseException): keep one line.
+        except (Exception, CheckpointException) as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            first = lines[-1] if isinstance(exc, CheckpointException) else lines[0]  # after the rank's traceback
+            # Corrupt bytes and a changed model look alike here; resume tells them apart by whether an
+            # older checkpoint loads.
+            raise DamagedCheckpoint(f"checkpoint '{path}' does not fit this model/layout or is damaged: "
+                                    f"{first[:300]}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return state["trainer"]

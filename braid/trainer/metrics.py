@@ -1,15 +1,19 @@
-"""The Megatron-style console line, ``metrics.jsonl`` and wandb."""
+"""The Megatron-style console line, ``metrics.jsonl``, wandb, and what a step is made of: phase timings,
+loss spikes, profiler traces and CUDA memory snapshots."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import secrets
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -69,19 +73,29 @@ class MetricsLogger:
         self.wandb_run = wandb_run
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps past the checkpoint (they will be trained again)."""
+        """On resume, drop lines of steps past the checkpoint (they will be trained again) and lines cut
+        by a crash; replaced atomically, so a kill while resuming loses nothing."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.wandb_run is not None:  # scalars only: a spike's sample index list stays in metrics.jsonl
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                               step=record["step"])
 
     def console(self, line: str) -> None:
         if self.enabled:
@@ -122,3 +136,142 @@ def init_wandb(run_dir: Path, mode: str, project: str, entity: Optional[str], na
         dir=str(run_dir),
         config=config,
     )
+
+
+PHASES = ("data", "forward", "backward", "optimizer", "comm")
+
+
+class StepTimer:
+    """Wall seconds per phase of the training steps since the last ``averages()`` call.
+
+    Without ``sync`` a CUDA phase measures the host's launch time and the next blocking call (a
+    ``.item()``, usually in ``comm``) absorbs the queued GPU work; ``sync`` makes each phase exact at
+    the cost of a device synchronization around it. While ``label`` is set (profiling), each phase is
+    also a named range in the trace.
+    """
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.label = False
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"braid.{phase}") if self.label else contextlib.nullcontext():
+            yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.totals[phase] += time.perf_counter() - start
+
+    def averages(self) -> dict:
+        """``time_<phase>_s`` per step, averaged over the steps since the last call; resets."""
+        n = max(self.steps, 1)
+        out = {f"time_{phase}_s": total / n for phase, total in self.totals.items()}
+        self.totals, self.steps = dict.fromkeys(PHASES, 0.0), 0
+        return out
+
+
+class LossSpikeDetector:
+    """z-score of each finite loss against the ``window`` losses before it (once that many are seen).
+
+    The history is not checkpointed: after a resume the detector warms up again for ``window`` steps.
+    """
+
+    def __init__(self, window: int, threshold: float):
+        self.window, self.threshold = window, threshold
+        self.history: deque = deque(maxlen=window)
+
+    def check(self, loss: float) -> Optional[dict]:
+        """``{"zscore", "window_mean", "window_std"}`` when ``loss`` is a spike, else None."""
+        if not math.isfinite(loss):
+            return None  # non-finite steps are the NaN counters' business, and would poison the window
+        spike = None
+        if len(self.history) == self.window:
+            mean = sum(self.history) / self.window
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (self.window - 1))
+            if std > 0 and (loss - mean) / std > self.threshold:
+                spike = {"zscore": (loss - mean) / std, "window_mean": mean, "window_std": std}
+        self.history.append(loss)
+        return spike
+
+    def warning(self, r: dict) -> str:
+        """The console line for a spike record (step, spike_loss, zscore, global_samples, dataset_indices)."""
+        first, end = r["global_samples"]
+        indices = r["dataset_indices"]
+        shown = ", ".join(map(str, indices[:8]))
+        if len(indices) > 8:
+            shown += f", ... ({len(indices)} in metrics.jsonl)"
+        return (f"braid: warning: loss spike at iteration {r['step']}: lm loss {r['spike_loss']:.4f} is "
+                f"{r['zscore']:.1f} standard deviations above the mean {r['window_mean']:.4f} of the previous "
+                f"{self.window} iterations | global samples {first}..{end - 1} | dataset indices {shown}")
+
+
+class StepProfiler:
+    """torch.profiler over iterations ``[first, last]`` and a CUDA memory snapshot after one iteration.
+
+    Traces go to ``<run.dir>/profile/trace_iter<first>-<last>_rank<r>.json`` (chrome://tracing,
+    Perfetto), snapshots to ``<run.dir>/memory/snapshot_iter<N>_rank<r>.pickle``
+    (https://pytorch.org/memory_viz).
+    """
+
+    def __init__(self, run_dir: Path, rank: int, device: torch.device, profile_steps: list[int],
+                 snapshot_step: int, timer: StepTimer, console: Callable[[str], None]):
+        self.run_dir, self.rank, self.device, self.timer, self.console = Path(run_dir), rank, device, timer, console
+        self.range = tuple(profile_steps) if profile_steps else None
+        self.snapshot_step = snapshot_step
+        self.prof: Optional[torch.profiler.profile] = None
+        self.recording = False
+
+    def start(self, step: int) -> None:
+        """Called once before training, at iteration ``step`` (0, or the resumed one)."""
+        if not self.snapshot_step or self.snapshot_step <= step:
+            return
+        if self.device.type != "cuda":
+            self.console(f"braid: train.memory_snapshot_step={self.snapshot_step} ignored: memory snapshots "
+                         f"need CUDA, this run is on {self.device.type}")
+            return
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+        self.recording = True
+
+    def before_step(self, step: int) -> None:
+        """``step`` is the iteration about to run (1-based)."""
+        if self.range and self.prof is None and self.range[0] <= step <= self.range[1]:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+            self.prof.__enter__()
+            self.timer.label = True
+            self._first = step
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step >= self.range[1]:
+            self._export(step)
+        if self.recording and step == self.snapshot_step:
+            path = self.run_dir / "memory" / f"snapshot_iter{step}_rank{self.rank}.pickle"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+            self.console(f"braid: CUDA memory snapshot of iteration {step} written to {path}")
+
+    def close(self, step: int) -> None:
+        """The run ends (done, stopped or failed): write what was recorded so far."""
+        if self.prof is not None:
+            self._export(step)
+        if self.recording:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
+    def _export(self, step: int) -> None:
+        self.prof.__exit__(None, None, None)
+        self.timer.label = False
+        path = self.run_dir / "profile" / f"trace_iter{self._first}-{step}_rank{self.rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(path))
+        self.prof, self.range = None, None
+        self.console(f"braid: profiler trace of iterations {self._first}-{step} written to {path}")

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from braid.config import Config, to_yaml
-from braid.errors import ConfigError
+from braid.errors import BraidError, ConfigError
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
@@ -27,9 +27,16 @@ from braid.parallel.fsdp import (clip_grad_norm, expert_sharded_params, grad_div
 from braid.parallel.mesh import build_mesh, mesh_summary, resolve_dims
 from braid.parallel.parallelize import check_layout, parallelize
 from braid.trainer.checkpoint import CheckpointManager, latest_checkpoint
-from braid.trainer.metrics import MetricsLogger, init_wandb, memory_gib, peak_flops
+from braid.trainer.metrics import (LossSpikeDetector, MetricsLogger, StepProfiler, StepTimer, init_wandb, memory_gib,
+                                   peak_flops)
 from braid.trainer.optim import build_optimizer
 from braid.trainer.schedule import lr_at
+
+
+class NonFiniteLossError(BraidError):
+    """``train.max_nan_iterations`` consecutive non-finite steps: the run stops, its checkpoints intact."""
+
+    exit_code = 3  # the CLI's exit status (README, Launch: signals); 2 stays "bad input"
 
 
 class Trainer:
@@ -111,7 +118,11 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_iterations = 0
         self.nan_iterations = 0
+        self.nan_streak = 0  # consecutive non-finite steps; never checkpointed: no save happens during one
         self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+        self.timer = StepTimer(self.device, t.timing_sync)
+        self.spikes = LossSpikeDetector(t.loss_spike_window, t.loss_spike_zscore) if t.loss_spike_window else None
+        self.resume_notes: list[str] = []  # checkpoints set aside by resume=auto, said once the logger exists
         self.peak = peak_flops(self.device)
         self.logger: Optional[MetricsLogger] = None
         self.stopped_by: Optional[str] = None
@@ -145,17 +156,21 @@ class Trainer:
         spec = self.cfg.checkpoint.resume
         if spec == "none":
             return None
-        path = latest_checkpoint(self.ckpt.root) if spec == "auto" else Path(spec)
-        if path is None:
-            return None
-        state = self.ckpt.load(path, self.model, self.optimizer, self.trainer_state())
+        if spec == "auto":
+            path, state, self.resume_notes = self.ckpt.load_newest(self.model, self.optimizer, self.trainer_state())
+        else:
+            path, state = Path(spec), self.ckpt.load(Path(spec), self.model, self.optimizer, self.trainer_state())
+        if state is not None:
+            self._apply_state(state)
+        return path
+
+    def _apply_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_iterations = int(state["skipped_iterations"])
         self.nan_iterations = int(state["nan_iterations"])
         self.window = {"loss_sum": float(state["window_loss_sum"]), "steps": int(state["window_steps"]),
                        "time": float(state["window_time"])}
-        return path
 
     def _prepare_run_dir(self) -> None:
         if self.info.is_main:
@@ -185,33 +200,56 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over a global batch; returns the global mean per-token loss."""
-        t = self.cfg.train
+        t, timer = self.cfg.train, self.timer
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = self._batches(self.train_data, self.order, self.consumed_samples)
-        # Normalise by the tokens of the whole global batch, so every rank/micro-batch split agrees.
-        local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
-        global_tokens = self._all_reduce(local_tokens.clone()).item()
+        with timer("data"):
+            batches = self._batches(self.train_data, self.order, self.consumed_samples)
+            # Normalise by the tokens of the whole global batch, so every rank/micro-batch split agrees.
+            local_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
+        with timer("comm"):
+            global_tokens = self._all_reduce(local_tokens.clone()).item()
+        poisoned = self.step + 1 in t.debug_nan_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         for batch in batches:
-            micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
-            objective = micro_sum / global_tokens
-            aux = aux_loss(unwrap(self.model))
-            if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
-                weighted_aux = aux * (micro_tokens / global_tokens)
-                objective = objective + weighted_aux
-                aux_sum += weighted_aux.detach().to(torch.float64)
-            if self.deepspeed:  # the objective is already normalised globally: no 1/accumulation
-                self.model.backward(objective * self.loss_factor, scale_wrt_gas=False)
-                self.model.step()  # DeepSpeed steps (clip, AdamW, zero grads) at the last micro-batch
-            else:
-                (objective * self.loss_factor).backward()
+            with timer("forward"):
+                micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
+                if poisoned:  # train.debug_nan_steps: a diverged step as everything downstream sees it
+                    micro_sum = micro_sum * float("nan")
+                objective = micro_sum / global_tokens
+                aux = aux_loss(unwrap(self.model))
+                if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
+                    weighted_aux = aux * (micro_tokens / global_tokens)
+                    objective = objective + weighted_aux
+                    aux_sum += weighted_aux.detach().to(torch.float64)
+            with timer("backward"):
+                if self.deepspeed:  # the objective is already normalised globally: no 1/accumulation
+                    self.model.backward(objective * self.loss_factor, scale_wrt_gas=False)
+                else:
+                    (objective * self.loss_factor).backward()
+            if self.deepspeed:
+                with timer("optimizer"):
+                    self.model.step()  # DeepSpeed steps (clip, AdamW, zero grads) at the last micro-batch
             loss_sum += micro_sum.detach().to(torch.float64)
-        loss = self._all_reduce(loss_sum).item() / global_tokens
-        self._aux = self._all_reduce(aux_sum).item() if self.has_moe else None
+        with timer("comm"):
+            loss = self._all_reduce(loss_sum).item() / global_tokens
+            self._aux = self._all_reduce(aux_sum).item() if self.has_moe else None
+        with timer("optimizer"):
+            grad_norm = self._optimizer_step(loss)
+        finite = math.isfinite(loss) and (self.deepspeed or math.isfinite(grad_norm))
+        self.nan_streak = 0 if finite else self.nan_streak + 1
+        timer.steps += 1
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+        return loss
+
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm."""
+        t = self.cfg.train
         if self.deepspeed:
             # DeepSpeed has already applied the update; in fp32/bf16 it does not skip non-finite steps.
             from braid.parallel.deepspeed_engine import global_grad_norm
@@ -241,10 +279,7 @@ class Trainer:
                     module.load_counts.zero_()
         if not self.deepspeed:  # DeepSpeed zeroes its own (partitioned) gradients in step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.consumed_samples += t.global_batch_size
-        self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
-        return loss
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -291,6 +326,7 @@ class Trainer:
             "skipped_iterations": self.skipped_iterations,
             "nan_iterations": self.nan_iterations,
             "memory_gib": mem,
+            **self.timer.averages(),
         }
         if self.has_moe:
             record["aux_loss"] = self._aux
@@ -300,7 +336,7 @@ class Trainer:
         self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
 
     def _banner(self, resumed: Optional[Path]) -> None:
-        s, t = self.stats, self.cfg.train
+        s = self.stats
         self.logger.console(
             f"braid: run dir {self.run_dir} | {self.info.world_size} rank(s) on {self.device.type} | "
             f"pattern {self.model_cfg.pattern} | params {s.params / 1e6:.2f}M "
@@ -310,9 +346,36 @@ class Trainer:
             + (f" ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "")
             + f", activation checkpoint {self.cfg.parallel.activation_checkpoint}"
         )
+        for note in self.resume_notes:
+            self.logger.console(note)
         if resumed is not None:
             self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "
                                 f"({self.consumed_samples} samples consumed)")
+
+    def _check_spike(self, loss: float) -> None:
+        """Warn with the batch's global sample ids and dataset indices, so the data can be looked at."""
+        spike = self.spikes.check(loss) if self.spikes is not None else None
+        if spike is not None:
+            first, end = self.consumed_samples - self.cfg.train.global_batch_size, self.consumed_samples
+            record = {"step": self.step, "spike_loss": loss, **spike, "global_samples": [first, end],
+                      "dataset_indices": [self.order(g) for g in range(first, end)]}
+            self.logger.console(self.spikes.warning(record))
+            self.logger.write(record)
+
+    def _check_nan_streak(self) -> None:
+        limit = self.cfg.train.max_nan_iterations
+        if limit and self.nan_streak >= limit:
+            good = latest_checkpoint(self.ckpt.root)
+            raise NonFiniteLossError(
+                f"{self.nan_streak} consecutive non-finite iterations (loss or gradients) up to iteration {self.step} "
+                f"(train.max_nan_iterations={limit}); stopped, last good checkpoint: {good or 'none saved yet'}")
+
+    def _save(self) -> None:
+        if self.nan_streak:  # the state may be poisoned (DeepSpeed applies such updates): keep the last good one
+            self.logger.console(f" not saving a checkpoint at iteration {self.step}: its step was non-finite")
+            return
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+        self.logger.console(f" saved checkpoint {path}")
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM/SIGUSR1 (slurm's pre-timeout signal) → checkpoint at the next step boundary, exit."""
@@ -345,15 +408,22 @@ class Trainer:
         self.logger.truncate_after(self.step)
         self._banner(resumed)
         losses: list[float] = []
+        profiler = StepProfiler(self.run_dir, self.info.rank, self.device, t.profile_steps, t.memory_snapshot_step,
+                                self.timer, self.logger.console)
+        profiler.start(self.step)
         received = self._install_stop_handlers()
         try:
             while self.step < t.steps:
+                profiler.before_step(self.step + 1)
                 start = time.perf_counter()
                 loss = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 losses.append(loss)
                 self._log_step(loss, time.perf_counter() - start)
+                profiler.after_step(self.step)
+                self._check_spike(loss)
+                self._check_nan_streak()
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     eval_loss = self.evaluate()
                     self.logger.console(self.logger.eval_line(self.step, eval_loss))
@@ -361,14 +431,14 @@ class Trainer:
                                        "eval_ppl": math.exp(min(eval_loss, 50.0))})
                 stop = self._should_stop(received)
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or stop:
-                    path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
-                    self.logger.console(f" saved checkpoint {path}")
+                    self._save()
                 if stop:
                     self.stopped_by = received["signal"] or "a signal on another rank"
                     self.logger.console(f"braid: stopping at iteration {self.step} on {self.stopped_by}; "
                                         "resume with checkpoint.resume=auto")
                     return losses
         finally:
+            profiler.close(self.step)
             for sig, previous in received["previous"].items():
                 signal.signal(sig, previous)
             if wandb_run is not None:
