@@ -10,28 +10,11 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
-from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs
+from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs, checkpoint_problem
 
 EXIT_BAD_INPUT = 2
 SET_ASIDE_RE = re.compile(r"^step_(\d+)\.damaged$")
-
-
-def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why a checkpoint marked complete cannot be trusted, or None: an unreadable marker, or a file the
-    marker lists that is missing or has another size (markers written before sizes were kept: None)."""
-    try:
-        meta = json.loads((Path(path) / MARKER).read_text())
-    except (OSError, ValueError):
-        return f"its {MARKER} marker is unreadable"
-    for name, size in (meta.get("files") or {}).items():
-        f = Path(path) / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were written"
-    return None
 
 
 def _records(run_dir: Path) -> tuple[list[dict], int]:

@@ -40,8 +40,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from braid.errors import CheckpointError
-from braid.inspect import checkpoint_problem
-from braid.trainer.checkpoint_layout import MARKER, complete_checkpoints
+from braid.trainer.checkpoint_layout import MARKER, checkpoint_problem, complete_checkpoints
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier
 
 

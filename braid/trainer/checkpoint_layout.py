@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Optional
 
 MARKER = "COMPLETE"  # written last into a checkpoint directory; without it the directory is ignored
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -20,3 +22,19 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """``(step, dir)`` of every complete checkpoint, oldest first."""
     return [(s, p) for s, p in checkpoint_dirs(root) if (p / MARKER).is_file()]
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint marked complete cannot be trusted, or None: an unreadable marker, or a file the
+    marker lists that is missing or has another size (markers written before sizes were kept: None)."""
+    try:
+        meta = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return f"its {MARKER} marker is unreadable"
+    for name, size in (meta.get("files") or {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
