@@ -56,6 +56,9 @@ class Trainer:
             if cfg.data.seq_len % pieces:
                 raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len} must be a multiple of {pieces} "
                                   f"with parallel.cp = {self.dims.cp} ({p.cp_layout} layout)")
+            if p.cp_kind == "ulysses" and cfg.model.n_heads % self.dims.cp:
+                raise ConfigError(f"config key 'model.n_heads' = {cfg.model.n_heads} must be divisible by "
+                                  f"parallel.cp = {self.dims.cp} with parallel.cp_kind=ulysses")
         self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
         if t.global_batch_size % (t.micro_batch_size * self.dp):
             raise ConfigError(

@@ -34,8 +34,9 @@ from braid.kernels.s2 import S2Pattern
 from braid.parallel.context.comm import AllToAllV
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.layout import CPLayout
-from braid.parallel.context.ring import (_Cfg, _merge, _pair_backward, _Seg, _text, query_segments,
-                                         ring_attention)
+from braid.parallel.context.pairs import (PairAttention, Seg, merge_partial, pair_backward, query_segments,
+                                          text_rows)
+from braid.parallel.context.ring import ring_attention
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,7 +124,7 @@ class _Chunk:
     ``u`` (index in the received units), ``jl`` (block inside the segment), ``g`` (kv head), and the
     doc units ``ud``/``jd``."""
 
-    seg: _Seg
+    seg: Seg
     u: torch.Tensor
     jl: torch.Tensor
     g: torch.Tensor
@@ -183,7 +184,7 @@ def _rank_plan(seq_len, size, kind, rank, meta, s2, window, n_heads, n_kv_heads)
         if src == rank or not len(u):
             continue
         ud = ((doc_j >= j0) & (doc_j < j1)).nonzero()[:, 0]
-        chunks.append(_Chunk(_Seg(meta + seg.start, 0, seg.length), u, recv_j[u] - j0, recv_g[u], ud, doc_j[ud] - j0))
+        chunks.append(_Chunk(Seg(meta + seg.start, 0, seg.length), u, recv_j[u] - j0, recv_g[u], ud, doc_j[ud] - j0))
     return _Plan(blk, torch.cat(send_lb), torch.cat(send_g), tuple(send_counts), tuple(recv_counts),
                  torch.cat(doc_lb), tuple(doc_counts), tuple(doc_recv), tuple(chunks), bool(need.any()))
 
@@ -274,11 +275,11 @@ def _rebuild(ch: _Chunk, units, b: int, hkv: int, blk: int):
 
 class _S2Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, c, doc, cfg: _Cfg, plan: _Plan):
+    def forward(ctx, q, k, v, c, doc, cfg: PairAttention, plan: _Plan):
         m, hkv, blk = cfg.meta, k.shape[2], plan.blk
         b, t, h, _ = q.shape
         fetch = _Fetch(plan, cfg.cps.group)
-        fetch.start(k[:, m:], v[:, m:], _text(c, m), _text(doc, m), hkv)
+        fetch.start(k[:, m:], v[:, m:], text_rows(c, m), text_rows(doc, m), hkv)
         acc = torch.promote_types(q.dtype, torch.float32)
         o_acc = torch.zeros(b, t, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
@@ -288,13 +289,13 @@ class _S2Attention(torch.autograd.Function):
             for ks in qsegs:
                 for qs in qsegs:
                     if cfg.visible(qs, ks):
-                        _merge(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ks, q, c, doc, k, v, c, doc))
+                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ks, q, c, doc, k, v, c, doc))
             units = fetch.wait(k, v, c is not None, doc is not None)
             for ch in plan.chunks:
                 kt = _rebuild(ch, units, b, hkv, blk)
                 for qs in qsegs:
                     if cfg.visible(qs, ch.seg):
-                        _merge(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ch.seg, q, c, doc, *kt))
+                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ch.seg, q, c, doc, *kt))
         out = o_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, c, doc, out, lse, *units)
         ctx.cfg, ctx.plan = cfg, plan
@@ -322,7 +323,7 @@ class _S2Attention(torch.autograd.Function):
             grads = [torch.zeros(x.shape, dtype=acc, device=q.device) for x in kt[:3] if x is not None]
             for qs in qsegs:
                 if cfg.visible(qs, ch.seg):
-                    _pair_backward(cfg, qs, ch.seg, q, c, doc, kt, d_out, out_f, lse, dq, dc, grads)
+                    pair_backward(cfg, qs, ch.seg, q, c, doc, kt, d_out, out_f, lse, dq, dc, grads)
             if c is not None:
                 grads[2] = grads[2].unflatten(2, (hkv, -1))
             for du, g in zip(d_units, grads):
@@ -337,7 +338,7 @@ class _S2Attention(torch.autograd.Function):
         for ks in qsegs:
             for qs in qsegs:
                 if cfg.visible(qs, ks):
-                    _pair_backward(cfg, qs, ks, q, c, doc, (k, v, c, doc), d_out, out_f, lse, dq, dc,
+                    pair_backward(cfg, qs, ks, q, c, doc, (k, v, c, doc), d_out, out_f, lse, dq, dc,
                                    [dk, dv] + ([dck] if c is not None else []))
         if back is not None:
             shapes = [x.shape[1:] for x in units[:3] if x is not None]
@@ -361,7 +362,7 @@ def s2_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_for
         return ring_attention(cps, q, k, v, scale=scale, window=window, doc_ids=doc_ids, log_forget=log_forget,
                               backend=backend)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg = _Cfg(cps, scale, window, s2, resolve_backend(backend, q))
+    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q))
     lay = cps.layout
     plan = _rank_plan(lay.seq_len, lay.size, lay.kind, lay.rank, cps.meta, s2, window, q.shape[2], k.shape[2])
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from braid.kernels.attention import attention, resolve_backend
 from braid.parallel.context.comm import all_gather_raw, all_gather_rs, all_reduce_, all_reduce_max_, reduce_to_owner
 from braid.parallel.context.fox import global_forget_cumsum
-from braid.parallel.context.ring import _Cfg, _Seg
+from braid.parallel.context.pairs import PairAttention, Seg
 
 
 def reduction_levels(group, node_size: Optional[int], cache: Optional[dict] = None) -> list:
@@ -127,7 +127,7 @@ def tree_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
     log_forget ``[B, M+T_loc, Hq]`` → ``[B, M+T_loc, Hq, Dv]`` in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg = _Cfg(cps, scale, window, s2, resolve_backend(backend, q))
+    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q))
     n, m, group = cps.size, cps.meta, cps.group
     levels = reduction_levels(group, cps.cp.node_size, _group_cache(cps.cp))
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)
@@ -137,15 +137,15 @@ def tree_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
     q_all = all_gather_rs(q[:, m:], group, "tree.q")
     c_all = None if c is None else all_gather_rs(c[:, m:], group, "tree.c")
     doc_all = None if doc_ids is None else all_gather_raw(doc_ids[:, m:], group, "tree.doc")
-    ksegs = [_Seg(m + s.start, m + s.offset, s.length) for s in cps.layout.local]
+    ksegs = [Seg(m + s.start, m + s.offset, s.length) for s in cps.layout.local]
     if m and cps.rank == 0:  # every rank holds the meta keys; one counts them
-        ksegs = [_Seg(0, 0, m, True)] + ksegs
+        ksegs = [Seg(0, 0, m, True)] + ksegs
     outs, lses = [], []
     for r in range(n):
         qc, qdoc = None if c_all is None else c_all[r], None if doc_all is None else doc_all[r]
         o_r, lse_r = [], []
         for s in cps.layout.segments_of(r):
-            qs = _Seg(m + s.start, s.offset, s.length)
+            qs = Seg(m + s.start, s.offset, s.length)
             parts = [cfg.pair(qs, ks, q_all[r], qc, qdoc, k, v, c, doc_ids) for ks in ksegs if cfg.visible(qs, ks)]
             o_s, lse_s = _merge_local(parts, s.length, q, v.shape[-1], acc)
             o_r.append(o_s)

@@ -1,0 +1,81 @@
+"""Context parallelism through the trainer: 5 steps of a ``*-tiny`` preset with cp = 2 (and
+cp = 2 × dp_shard = 2) give the one-process losses and gradient norms (fp32, CPU, gloo).
+
+The launches reuse ``test_parallel_train`` (its file is the torchrun worker); the sequence of 32
+tokens is cut into 4 zigzag chunks (8 with cp = 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_parallel_train import (PRESETS, assert_same_trajectory, eval_losses, launch, overrides, run_one_process,
+                                 train_records, LOSS_RTOL)
+
+CP2 = {"parallel.cp": 2}
+CP2_DP2 = {"parallel.cp": 2, "parallel.dp_shard": 2}
+# The default run: one softmax preset and one hybrid (softmax + KDA + MoE) through ring attention.
+FAST = ["llama-tiny", "hybrid-tiny"]
+
+
+def _check(tmp: Path, preset: str, name: str) -> None:
+    ref = train_records(tmp / f"ref_{preset}")
+    assert_same_trajectory(train_records(tmp / f"{preset}_{name}"), ref, f"{preset} {name}")
+    assert eval_losses(tmp / f"{preset}_{name}") == pytest.approx(eval_losses(tmp / f"ref_{preset}"), rel=LOSS_RTOL)
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cp")
+    for preset in FAST:
+        run_one_process(tmp / f"ref_{preset}", preset)
+    launch(tmp, 2, [overrides(tmp / f"{p}_cp2", p, **CP2) for p in FAST])
+    return tmp
+
+
+@pytest.mark.parametrize("preset", FAST)
+def test_cp2_ring_matches_one_process(fast_runs, preset):
+    _check(fast_runs, preset, "cp2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ring", "s2", "tree", "ulysses"])
+def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
+    for preset in PRESETS:
+        run_one_process(tmp_path / f"ref_{preset}", preset)
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **CP2, **{"parallel.cp_kind": kind}) for p in PRESETS],
+           timeout=3600)
+    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **CP2_DP2, **{"parallel.cp_kind": kind})
+                         for p in PRESETS], timeout=3600)
+    for preset in PRESETS:
+        _check(tmp_path, preset, "cp2")
+        _check(tmp_path, preset, "cp2dp2")
+
+
+def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):
+    from braid.config import load_config
+    from braid.errors import ConfigError
+    from braid.parallel.distributed import DistInfo
+    from braid.trainer.trainer import Trainer
+    import torch
+
+    cfg = load_config(None, overrides(tmp_path, "llama-tiny", **{"parallel.cp": 2, "data.seq_len": 30}))
+    with pytest.raises(ConfigError, match=r"data.seq_len.*multiple of 4") as err:
+        Trainer(cfg, DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
+    assert "\n" not in str(err.value)
+
+
+def test_ulysses_heads_not_divisible_is_a_one_line_error(tmp_path):
+    from braid.config import load_config
+    from braid.errors import ConfigError
+    from braid.parallel.distributed import DistInfo
+    from braid.trainer.trainer import Trainer
+    import torch
+
+    cfg = load_config(None, overrides(tmp_path, "llama-tiny", **{"parallel.cp": 4, "parallel.cp_kind": "ulysses",
+                                                                 "model.n_heads": 2, "model.n_kv_heads": 2}))
+    with pytest.raises(ConfigError, match=r"model.n_heads.*divisible by parallel.cp = 4") as err:
+        Trainer(cfg, DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu")))
+    assert "\n" not in str(err.value)
