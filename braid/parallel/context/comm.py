@@ -233,3 +233,51 @@ def reduce_to_owner(x: torch.Tensor, group, levels: Sequence, label: str = "redu
     groups whose successive sums give the group's sum, e.g. within nodes then across), returning this
     rank's slice ``[...]``. Backward: an all-gather of the slice gradients."""
     return _ReduceToOwner.apply(x, group, tuple(levels), label)
+
+
+def exchange_raw(sends: dict, recvs: dict, group, label: str) -> dict:
+    """Point-to-point: send ``sends[peer]`` (a tensor) to each peer and receive into fresh tensors
+    for ``recvs = {peer: (shape, dtype, device)}``; peers are ranks of ``group``, never this rank.
+    Returns ``{peer: received}``. Not differentiable."""
+    ranks = dist.get_process_group_ranks(group)
+    out = {p: torch.empty(shape, dtype=dtype, device=dev) for p, (shape, dtype, dev) in recvs.items()}
+    ops = []
+    for p, x in sends.items():
+        x = x.contiguous()
+        COUNTER.add(label, nbytes(x))
+        ops.append(dist.P2POp(dist.isend, x, ranks[p], group))
+    ops += [dist.P2POp(dist.irecv, out[p], ranks[p], group) for p in out]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return out
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, label, send_peers, recv_spec, anchor, *send_tensors):
+        ctx.group, ctx.label, ctx.send_peers = group, label, send_peers
+        ctx.send_spec = {p: (x.shape, x.dtype, x.device) for p, x in zip(send_peers, send_tensors)}
+        ctx.recv_peers = [p for p, _ in recv_spec]
+        got = exchange_raw(dict(zip(send_peers, send_tensors)), dict(recv_spec), group, label)
+        return (anchor.new_zeros(0), *[got[p] for p in ctx.recv_peers])
+
+    @staticmethod
+    def backward(ctx, _, *grads):
+        # The transpose: each received tensor's gradient goes back to its sender.
+        back = {p: g.contiguous() for p, g in zip(ctx.recv_peers, grads)}
+        got = exchange_raw(back, ctx.send_spec, ctx.group, ctx.label + ".grad")
+        return (None, None, None, None, None, *[got[p] for p in ctx.send_peers])
+
+
+def exchange(anchor: torch.Tensor, sends: dict, recvs: dict, group, label: str = "p2p"):
+    """Differentiable point-to-point exchange (``exchange_raw``'s ``sends``/``recvs``).
+
+    Returns ``(tie, {peer: received})``. ``anchor`` is a tensor of this rank that requires grad
+    whenever any rank's exchange does (e.g. the tensor the sends are cut from), and ``tie`` an empty
+    tensor the caller adds (summed) to its result: so the backward exchange runs on every rank,
+    also on one that receives nothing but must answer its senders."""
+    send_peers = sorted(sends)
+    recv_spec = tuple(sorted(recvs.items()))
+    out = _Exchange.apply(group, label, tuple(send_peers), recv_spec, anchor, *[sends[p] for p in send_peers])
+    return out[0], dict(zip([p for p, _ in recv_spec], out[1:]))
