@@ -39,6 +39,13 @@ MIXERS = {
     "H attention (16 meta)": dict(hq=8, hkv=2, d=64, dv=64, meta=16),
 }
 KINDS = ("ring", "s2", "tree", "ulysses")
+# State passing and halos are the same under every kind: KDA heads × key dim × value dim, Hymba's SSM
+# channels × state, and the short convolutions' halo (kernel − 1 rows of q, k, v channels).
+RECURRENT = {
+    "K state (8 heads, 64×64)": dict(op="kda", h=8, k=64, v=64),
+    "H SSM state (512 ch, 16 state)": dict(op="scan", c=512, n=16),
+    "K short-conv halo (3 rows, 3×512 ch)": dict(op="halo", rows=3, ch=3 * 512),
+}
 DTYPE_BYTES = 4  # fp32 on CPU; on GPU bf16 K/V halve the K/V terms (accumulators stay fp32)
 
 
@@ -128,10 +135,61 @@ def worker(rank: int, world: int, port: int, args, out_path: str) -> None:
             dist.all_reduce(exact, op=dist.ReduceOp.MIN)
             rows.append(dict(kind=kind, mixer=name, max_rank_bytes=max(float(e) for e in every),
                              rank0_labels=got, formula_matches=bool(exact.item())))
+    for kind_layout in ("zigzag", "contiguous"):
+        ctx = ContextParallel(dist.group.WORLD, "ring", kind_layout)
+        for name, spec in RECURRENT.items():
+            cp = ctx.bind(args.seq_len // world, 0)
+            got, want = _recurrent(spec, cp, args.batch, args.seq_len // world)
+            every = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(every, torch.tensor([float(sum(got.values()))]))
+            exact = torch.tensor([float(got == want)])
+            dist.all_reduce(exact, op=dist.ReduceOp.MIN)
+            rows.append(dict(kind=f"any ({kind_layout})", mixer=name, max_rank_bytes=max(float(e) for e in every),
+                             rank0_labels=got, formula_matches=bool(exact.item())))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
     dist.destroy_process_group()
+
+
+def _recurrent(spec: dict, cp, batch: int, local: int) -> tuple[dict, dict]:
+    """(counted, formula) bytes of one recurrent op forward + backward on this rank."""
+    from braid.parallel.context.comm import COUNTER
+    from braid.parallel.context.halo import halo_comm_bytes
+    from braid.parallel.context.state import state_comm_bytes
+
+    g = torch.Generator().manual_seed(cp.rank)
+    nseg = len(cp.layout.local)
+    with COUNTER.counting() as counted:
+        if spec["op"] == "kda":
+            h, k, v = spec["h"], spec["k"], spec["v"]
+            q, kk = (torch.nn.functional.normalize(torch.randn(batch, local, h, k, generator=g), dim=-1)
+                     .requires_grad_() for _ in range(2))
+            val = torch.randn(batch, local, h, v, generator=g, requires_grad=True)
+            gate = (-torch.rand(batch, local, h, k, generator=g)).requires_grad_()
+            beta = torch.rand(batch, local, h, generator=g, requires_grad=True)
+            cp.kda(q, kk, val, gate, beta, backend="torch").square().sum().backward()
+            want = {f"kda.state{s}": b for s, b in state_comm_bytes(cp.size, batch, nseg, h * k * (v + k)).items()}
+        elif spec["op"] == "scan":
+            c, n = spec["c"], spec["n"]
+            u = torch.randn(batch, local, c, generator=g, requires_grad=True)
+            dt = torch.rand(batch, local, c, generator=g, requires_grad=True)
+            a = -torch.rand(c, n, generator=g)
+            b_in, c_out = (torch.randn(batch, local, n, generator=g, requires_grad=True) for _ in range(2))
+            cp.selective_scan(u, dt, a.requires_grad_(), b_in, c_out, backend="torch").square().sum().backward()
+            want = {f"ssm.state{s}": b for s, b in state_comm_bytes(cp.size, batch, nseg, 2 * c * n).items()}
+        else:
+            rows, ch = spec["rows"], spec["ch"]
+            x = torch.randn(batch, local, ch, generator=g, requires_grad=True)
+            w = torch.randn(rows + 1, ch, generator=g)
+
+            def conv(t):  # a depthwise causal conv of rows + 1 taps, no cross-piece reads
+                pad = torch.nn.functional.pad(t, (0, 0, rows, 0))
+                return sum(pad[:, i: i + t.shape[1]] * w[i] for i in range(rows + 1))
+
+            cp.local_mix(conv, rows, x).square().sum().backward()
+            want = halo_comm_bytes(cp.layout, 0, rows, batch, ch, DTYPE_BYTES)
+    return {k: v for k, v in counted.items() if v}, {k: v for k, v in want.items() if v}
 
 
 def pair_balance(seq_len: int, cp: int, window=None, meta: int = 0) -> dict:
@@ -167,9 +225,9 @@ def main() -> None:
     rows = json.loads(tmp.read_text())
     tmp.unlink()
     print(f"cp {args.cp}, batch {args.batch} × {args.seq_len} tokens, fp32; bytes sent per rank per layer (fwd+bwd)")
-    print(f"{'kind':8} {'mixer':30} {'max rank MiB':>12} {'= formula':>9}")
+    print(f"{'kind':16} {'mixer':38} {'max rank MiB':>12} {'= formula':>9}")
     for r in rows:
-        print(f"{r['kind']:8} {r['mixer']:30} {r['max_rank_bytes'] / 2**20:12.3f} {str(r['formula_matches']):>9}")
+        print(f"{r['kind']:16} {r['mixer']:38} {r['max_rank_bytes'] / 2**20:12.3f} {str(r['formula_matches']):>9}")
     balance = {"full causal": pair_balance(args.seq_len, args.cp),
                f"window {args.seq_len // 4}": pair_balance(args.seq_len, args.cp, window=args.seq_len // 4),
                "16 meta tokens": pair_balance(args.seq_len, args.cp, meta=16)}

@@ -145,3 +145,12 @@ def segment_starts(cps, doc_ids: Optional[torch.Tensor], batch: int, device=None
     prev = halo(cps, doc_ids, 1)[:, :, 0]
     own = torch.stack([doc_ids[:, m + s.offset] for s in segs], 1)
     return first | (own != prev)
+
+
+def halo_comm_bytes(layout: CPLayout, meta: int, n: int, batch: int, channels: int,
+                    dtype_bytes: int) -> dict[str, int]:
+    """Bytes one rank sends for the ``n``-row halos of ``channels`` features: ``halo``, the rows of this
+    rank other ranks' segments need; ``halo.grad``, the gradients of the rows it received, sent back."""
+    sends, recvs, _ = _plan(layout.seq_len, layout.size, layout.rank, layout.kind, meta, n)
+    row = batch * channels * dtype_bytes
+    return {"halo": sum(len(rows) for _, rows in sends) * row, "halo.grad": sum(c for _, c in recvs) * row}

@@ -132,3 +132,14 @@ def selective_scan_cp(cps, u, dt, A, B, C, D=None, z=None, *, doc_ids: Optional[
         y_in = y_in * alive[..., None].to(y_in.dtype)
     y = _unstack(cps, y0 + y_in)
     return torch.cat([y_meta, y], 1) if m else y
+
+
+def state_comm_bytes(cps_size: int, batch: int, n_segments: int, map_elems: int) -> dict[str, int]:
+    """Bytes one rank sends for one state-passing op (forward + backward), by COUNTER label suffix.
+
+    ``map_elems``: fp32 elements of one segment's map per row: KDA ``H·K·(V+K)`` (``[c | P]``), SSM
+    ``2·C·N`` (decay product and state). Forward all-gathers the maps; backward all-reduces the
+    gathered gradient (``cp`` times one rank's maps)."""
+    n = cps_size
+    local = batch * n_segments * map_elems * 4
+    return {"": (n - 1) * local, ".grad": round(2 * (n - 1) / n * n * local)}
