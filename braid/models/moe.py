@@ -104,6 +104,10 @@ class MoE(nn.Module):
         self.register_buffer("load_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("drop_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
+        # Context parallelism: each rank holds part of every sequence, so the sequence-level balance
+        # statistics are summed over the ranks (set by braid.parallel.context.apply_cp):
+        # ``(sum over ranks, differentiable; rows replicated on every rank; number of ranks)``.
+        self.sequence_parallel: Optional[tuple[Callable, int, int]] = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -223,10 +227,14 @@ class MoE(nn.Module):
         total = None
         if self.aux_loss_coef > 0:
             e, k = self.n_experts, self.top_k
-            chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0)
-            count = chosen.view(b, t, e).sum(1)  # [B, E]
-            s_norm = scores / scores.sum(-1, keepdim=True)
-            p = s_norm.view(b, t, e).sum(1)  # [B, E]
+            chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0).view(b, t, e)
+            s_norm = (scores / scores.sum(-1, keepdim=True)).view(b, t, e)
+            count, p = chosen.sum(1), s_norm.sum(1)  # [B, E]
+            if self.sequence_parallel is not None:  # the whole sequence's sums: this rank's rows are a part
+                reduce, shared, parts = self.sequence_parallel
+                count = reduce(chosen[:, shared:].sum(1)) + chosen[:, :shared].sum(1)
+                p = reduce(s_norm[:, shared:].sum(1)) + s_norm[:, :shared].sum(1)
+                t = shared + (t - shared) * parts
             per_seq = (count * p).sum(-1) * (e / (k * t * t))
             total = self.aux_loss_coef * per_seq.mean()
         if self.z_loss_coef > 0:

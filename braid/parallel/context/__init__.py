@@ -5,6 +5,9 @@ shards each micro-batch with ``shard_batch`` and the mixers call ``seq.cp`` for 
 ops. See ``context.py`` for the contract and ``layout.py`` for who holds which positions.
 """
 
+from functools import partial
+
+from braid.parallel.context.comm import all_reduce_sum
 from braid.parallel.context.context import KINDS, ContextParallel, CPSeq
 from braid.parallel.context.layout import CPLayout, Segment
 
@@ -31,4 +34,8 @@ def apply_cp(model, group, kind: str = "ring", layout: str = "zigzag", node_size
     """Attach context parallelism to ``model`` (a HybridLM); returns the attached object."""
     cp = ContextParallel(group, kind, layout, node_size)
     model.context_parallel = cp
+    meta = model.cfg.meta_tokens
+    for module in model.modules():  # MoE sequence-level balance loss: statistics of the whole sequence
+        if hasattr(module, "sequence_parallel"):
+            module.sequence_parallel = (partial(all_reduce_sum, group=group, label="moe.balance"), meta, cp.size)
     return cp

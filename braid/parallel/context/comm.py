@@ -281,3 +281,21 @@ def exchange(anchor: torch.Tensor, sends: dict, recvs: dict, group, label: str =
     recv_spec = tuple(sorted(recvs.items()))
     out = _Exchange.apply(group, label, tuple(send_peers), recv_spec, anchor, *[sends[p] for p in send_peers])
     return out[0], dict(zip([p for p, _ in recv_spec], out[1:]))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, label):
+        ctx.group, ctx.label = group, label
+        return all_reduce_(x.contiguous().clone(), group, label)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's output is the sum: each input gets the sum of all ranks' output gradients.
+        return all_reduce_(grad.contiguous().clone(), ctx.group, ctx.label + ".grad"), None, None
+
+
+def all_reduce_sum(x: torch.Tensor, group, label: str = "all_reduce") -> torch.Tensor:
+    """Differentiable sum over ``group`` (backward: the sum of the gradients). Like ``all_gather``, its
+    output must reach the loss on every rank."""
+    return _AllReduceSum.apply(x, group, label)
