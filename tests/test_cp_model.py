@@ -32,6 +32,7 @@ CASES = {
     "F-pro": dict(pattern="FF", qk_norm=True, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True,
                                                             forget_bias_init=2.0)),
     "K": dict(pattern="KK", kda=KDAConfig(head_dim=8, chunk_size=4)),
+    "K-meta": dict(pattern="KK", meta_tokens=3, kda=KDAConfig(head_dim=8, chunk_size=4)),  # docs restart behind meta
     "M": dict(pattern="MM", mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)),
     "H-meta-window-kvshare": dict(pattern="HH", qk_norm=True, meta_tokens=4, window=6, global_layers=[0],
                                   hymba=HymbaConfig(ssm_inner=32, d_state=4, dt_rank=4, kv_share_groups=[[0, 1]])),

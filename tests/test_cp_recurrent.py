@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from braid.config import HymbaConfig
-from braid.kernels import kda, selective_scan
+from braid.kernels import selective_scan
 from braid.models.fox import shift_mix
 from braid.models.hymba import Hymba
-from braid.models.kda import ShortConv
+from braid.models.kda import ShortConv, kda_behind_meta
 from braid.models.layers import SeqInfo
 from helpers import rel_rms, tiny_model_config
 from spawn_group import run_group
@@ -26,18 +26,21 @@ TOL = 1e-5
 B, T = 2, 16
 H, K, V, C, N = 2, 4, 6, 8, 3
 
-# op: kda | scan | conv (ShortConv, kernel ks) | shift (FoX token shift) | hymba_conv (doc taps rule)
+# op: kda | scan | conv (ShortConv, kernel ks) | shift (FoX token shift) | hymba_conv (doc taps rule).
+# With meta tokens and documents, kda and conv follow the K mixer: documents start behind the meta tokens.
 CASES = {
     "kda": dict(op="kda"),
     "kda-docs": dict(op="kda", docs=True),
     "kda-meta": dict(op="kda", meta=3),
     "kda-meta-docs-chunk3": dict(op="kda", meta=2, docs=True, chunk=3),
+    "kda-meta-docs": dict(op="kda", meta=3, docs=True),
     "scan": dict(op="scan"),
     "scan-docs": dict(op="scan", docs=True),
     "scan-meta": dict(op="scan", meta=3),
     "scan-meta-docs": dict(op="scan", meta=3, docs=True),
     "conv-docs-meta": dict(op="conv", ks=4, meta=2, docs=True),
     "conv-wide": dict(op="conv", ks=7, meta=2),  # halo longer than a segment and than the meta prefix
+    "conv-wide-docs-meta": dict(op="conv", ks=7, meta=3, docs=True),
     "shift-docs-meta": dict(op="shift", meta=2, docs=True),
     "shift": dict(op="shift"),
     "hymba-conv-docs-meta": dict(op="hymba_conv", meta=3, docs=True),
@@ -109,7 +112,7 @@ def _apply(case, extra, xs, params, doc, cps=None):
     op, m = case["op"], case.get("meta", 0)
     if op == "kda":
         if cps is None:
-            return kda(*xs, doc_ids=doc, backend="torch", **extra)[0]
+            return kda_behind_meta(*xs, m, doc, backend="torch", **extra)
         return cps.kda(*xs, doc_ids=doc, backend=case.get("backend", "torch"), **extra)
     if op == "scan":
         u, dt, bb, cc, z = xs
@@ -118,7 +121,9 @@ def _apply(case, extra, xs, params, doc, cps=None):
             return _scan_ref(u, dt, bb, cc, z, a, d, doc, m)
         return cps.selective_scan(u, dt, a, bb, cc, d, z, doc_ids=doc, backend=case.get("backend", "torch"))
     if op == "conv":
-        fn, n = extra, extra.kernel_size - 1
+        def fn(x, dp):
+            return extra(x, dp, meta_tokens=m)
+        n = extra.kernel_size - 1
     elif op == "shift":
         fn, n = shift_mix, 1
     else:

@@ -43,16 +43,15 @@ def test_packed_with_boundaries_equals_separate_documents(letter):
     assert rel_rms(leaky[:, LENGTHS[0]:], alone[:, LENGTHS[0]:]) > 1e-3
 
 
-K_META = ("KDA gives the meta tokens document id -1 and resets its state and short convs at every document "
-          "start, so with doc_ids no document sees the meta tokens through a K layer (rel. RMS ~0.7), while "
-          "without doc_ids it does: K + meta_tokens trains and infers differently")
-META_CASES = [pytest.param(x, marks=pytest.mark.xfail(strict=True, reason=K_META)) if x == "K" else x
-              for x in LETTERS]
-
-
-@pytest.mark.parametrize("letter", META_CASES)
+@pytest.mark.parametrize("letter", LETTERS)
 def test_packed_with_boundaries_and_meta_tokens(letter):
     """Meta tokens are prepended to every row and visible to every document (Hymba's design), so a
     packed row must still equal each document run alone with the same meta tokens in front."""
-    packed, alone = _packed_and_alone(_model(letter, meta_tokens=2), LENGTHS)
+    model = _model(letter, meta_tokens=2)
+    packed, alone = _packed_and_alone(model, LENGTHS)
     assert rel_rms(packed, alone) < TOL
+    # Counter-check: the meta tokens matter to every document (zeroing them changes what it sees).
+    with torch.no_grad():
+        model.meta.mul_(0.0)
+    _, blind = _packed_and_alone(model, LENGTHS)
+    assert rel_rms(blind[:, LENGTHS[0]:], alone[:, LENGTHS[0]:]) > 1e-3

@@ -29,8 +29,8 @@ def make_mixer(dtype=torch.float64, chunk=8, conv=4, seed=0, **kda_cfg) -> KDA:
     return mixer
 
 
-def seq_info(b, t, doc_ids=None) -> SeqInfo:
-    return SeqInfo(position_ids=torch.arange(t).expand(b, t), doc_ids=doc_ids)
+def seq_info(b, t, doc_ids=None, meta_tokens=0) -> SeqInfo:
+    return SeqInfo(position_ids=torch.arange(t).expand(b, t), doc_ids=doc_ids, meta_tokens=meta_tokens)
 
 
 def doc_ids_from_lengths(rows: list[list[int]]) -> torch.Tensor:
@@ -103,6 +103,25 @@ def test_documents_are_isolated():
         start += n
 
 
+def test_documents_behind_meta_tokens():
+    """With meta tokens in front, each packed document gives what it gives alone behind the same meta
+    tokens: state restarts from the state after them, conv taps read the last meta positions (2 meta
+    tokens, conv width 4: the first token's farthest tap reads zero padding). Chunk 8: documents
+    start mid-chunk, on a chunk edge and span chunks."""
+    m, meta = make_mixer(torch.float64), 2
+    lengths = [11, 5, 1, 20]
+    x_meta = torch.randn(1, meta, 32, dtype=torch.float64)
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64)
+    doc = torch.cat([torch.full((1, meta), -1), doc_ids_from_lengths([lengths])], 1)
+    packed = m(torch.cat([x_meta, x], 1), seq_info(1, meta + x.shape[1], doc, meta))
+    start = 0
+    for n in lengths:
+        alone = m(torch.cat([x_meta, x[:, start:start + n]], 1), seq_info(1, meta + n, meta_tokens=meta))
+        assert rel_rms(packed[:, meta + start:meta + start + n], alone[:, meta:]) < 1e-10, (start, n)
+        assert rel_rms(packed[:, :meta], alone[:, :meta]) < 1e-10
+        start += n
+
+
 def test_short_conv_paths_agree():
     """The masked-tap path (used with doc_ids) equals F.conv1d for a single document."""
     torch.manual_seed(0)
@@ -123,6 +142,8 @@ def test_gradcheck_mixer_fp64():
     assert torch.autograd.gradcheck(lambda y: m(y, seq_info(1, 7)), (x,))
     docs = doc_ids_from_lengths([[3, 4]])
     assert torch.autograd.gradcheck(lambda y: m(y, seq_info(1, 7, docs)), (x,))
+    meta_docs = torch.tensor([[-1, -1, 0, 1, 1, 1, 1]])  # 2 meta tokens, then documents of 1 and 4 tokens
+    assert torch.autograd.gradcheck(lambda y: m(y, seq_info(1, 7, meta_docs, meta_tokens=2)), (x,))
 
 
 def check_decay_init(m: KDA):

@@ -1,6 +1,6 @@
 """The KDA op: the chunked path against the token-by-token recurrence (outputs, final state and every
-gradient), odd lengths, strong decays, continuation from a final state, document resets, decoding
-steps, gradcheck, dtypes and linear memory."""
+gradient), odd lengths, strong decays, continuation from a final state, document resets (to zeros or
+to a restart state), decoding steps, gradcheck, dtypes and linear memory."""
 
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ def make_inputs(b=2, t=37, h=2, dk=16, dv=12, *, dtype=torch.float64, decay=0.5,
 
 
 def run_with_grads(fn, inputs, seed=1, **kw):
-    """(o, final state, grads of q, k, v, g, beta, initial state) under random output gradients."""
+    """(o, final state, grads of q, k, v, g, beta, initial state[, restart state]) under random output
+    gradients; a seventh input is passed as ``restart_state``."""
     xs = [x.detach().clone().requires_grad_() for x in inputs]
+    if len(xs) > 6:
+        kw["restart_state"] = xs[6]
     o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=True, **kw)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
@@ -41,7 +44,7 @@ def run_with_grads(fn, inputs, seed=1, **kw):
 
 
 def assert_match(got, ref, tol, what=""):
-    names = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
+    names = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate", "drestart"]
     o, s, grads = got
     o_ref, s_ref, grads_ref = ref
     for name, a, b in zip(names, [o, s, *grads], [o_ref, s_ref, *grads_ref]):
@@ -148,17 +151,36 @@ def test_doc_ids_reset_state(dtype):
     assert_match(got, ref, TOL[dtype], "doc_ids")
 
 
-def test_doc_ids_equal_separate_documents():
+@pytest.mark.parametrize("dtype,decay", [(torch.float64, 0.5), (torch.float32, 0.5), (torch.float32, 20.0)])
+def test_restart_state_matches_recurrent(dtype, decay):
+    """With a restart state (meta tokens' state) every document start resets to it instead of zeros:
+    outputs, final state and all gradients, the restart state's included, match the recurrence; also
+    with strong decays (g down to −20 per token), which must not overflow."""
+    inputs = make_inputs(t=70, dtype=dtype, decay=decay, seed=5)
+    restart = torch.randn(inputs[5].shape, generator=torch.Generator().manual_seed(9), dtype=inputs[5].dtype)
+    doc_ids = doc_ids_from_lengths(ROWS)
+    got = run_with_grads(kda, inputs + [restart], chunk_size=16, doc_ids=doc_ids)
+    ref = run_with_grads(kda_recurrent, inputs + [restart], doc_ids=doc_ids)
+    assert_match(got, ref, TOL[dtype] * (10 if decay > 1 else 1), "restart_state")
+    zero = run_with_grads(kda, inputs, chunk_size=16, doc_ids=doc_ids)  # counter-check: it matters
+    assert rel_rms(zero[0], got[0]) > 1e-2
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_doc_ids_equal_separate_documents(restart):
     """Each document of a packed row gives what it gives alone (the first one from the initial state,
-    later ones from zeros); a repeated id on two separate documents does not join them."""
+    later ones from zeros, or from the restart state); a repeated id on two separate documents does
+    not join them."""
     q, k, v, g, beta, s0 = make_inputs(t=70)
+    s_r = torch.randn(s0.shape, generator=torch.Generator().manual_seed(3), dtype=s0.dtype) if restart else None
     doc_ids = doc_ids_from_lengths(ROWS, ids=[5, 7, 5, 9])
-    o, s = kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=16, doc_ids=doc_ids)
+    o, s = kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=16, doc_ids=doc_ids,
+               restart_state=s_r)
     for row, lengths in enumerate(ROWS):
         start = 0
         for i, n in enumerate(lengths):
             part = slice(start, start + n)
-            init = s0[row:row + 1] if i == 0 else None
+            init = s0[row:row + 1] if i == 0 else None if s_r is None else s_r[row:row + 1]
             o_doc, s_doc = kda_recurrent(*(x[row:row + 1, part] for x in (q, k, v, g, beta)),
                                          initial_state=init, output_final_state=True)
             assert rel_rms(o[row:row + 1, part], o_doc) < TOL[torch.float64], (row, i)
@@ -183,8 +205,13 @@ def test_gradcheck_chunked_fp64():
         return kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=4,
                    doc_ids=doc_ids)
 
+    def fn_restart(q, k, v, g, beta, s0, s_r):  # a restart mid-chunk, and one chunk ending in it
+        return kda(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=4,
+                   doc_ids=doc_ids, restart_state=s_r)
+
     assert torch.autograd.gradcheck(fn, xs)
     assert torch.autograd.gradcheck(fn_docs, xs)
+    assert torch.autograd.gradcheck(fn_restart, xs + [torch.randn_like(s0).requires_grad_()])
 
 
 def test_low_precision_inputs():
@@ -226,3 +253,5 @@ def test_argument_errors():
         kda(q, k, v, g, beta[:, :4])
     with pytest.raises(ValueError, match="doc_ids"):
         kda(q, k, v, g, beta, doc_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="restart_state"):
+        kda(q, k, v, g, beta, doc_ids=torch.zeros(2, 8, dtype=torch.long), restart_state=torch.zeros(2, 2, 16, 16))

@@ -1,8 +1,8 @@
 """Triton KDA (intra-chunk transform + state recurrence kernels, in the interpreter) against the fp64
 torch chunked op (itself tested against the token recurrence): output, final state and the gradients
-of q, k, v, g, beta and the initial state; lengths not multiples of the chunk, chunk 64, several value
-blocks, document resets, strong decays (fp32 overflow if factored naively), fp32 and fp16 inputs,
-outputs poisoned with NaN."""
+of q, k, v, g, beta, the initial and the restart state; lengths not multiples of the chunk, chunk 64,
+several value blocks, document resets (to zeros or to a restart state), strong decays (fp32 overflow if
+factored naively), fp32 and fp16 inputs, outputs poisoned with NaN."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from helpers import interpreter_only, rel_rms
 
 pytestmark = interpreter_only
 
-NAMES = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"]
+NAMES = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate", "drestart"]
 TOL = {torch.float32: 2e-5, torch.float16: 1e-3}  # fp16: the same rounded inputs; outputs round to fp16
 
 def make_inputs(b=2, t=37, h=2, dk=12, dv=20, *, decay=0.5, seed=0):
@@ -33,6 +33,8 @@ def make_inputs(b=2, t=37, h=2, dk=12, dv=20, *, decay=0.5, seed=0):
 
 def run(inputs, backend, seed=1, **kw):
     xs = [x.detach().clone().requires_grad_() for x in inputs]
+    if len(xs) > 6:  # a seventh input is the restart state
+        kw["restart_state"] = xs[6]
     o, s = kda(*xs[:5], initial_state=xs[5], output_final_state=True, backend=backend, **kw)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
@@ -41,7 +43,7 @@ def run(inputs, backend, seed=1, **kw):
 
 
 def check(inputs, dtype, **kw):
-    xs = [x.to(dtype) for x in inputs[:5]] + [inputs[5].float()]
+    xs = [x.to(dtype) for x in inputs[:5]] + [x.float() for x in inputs[5:]]
     got = run(xs, "triton", **kw)
     ref = run([x.double() for x in xs], "torch", **kw)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
@@ -64,6 +66,16 @@ def test_kda_triton_doc_resets_and_strong_decay(poison):
     inputs = make_inputs(t=45, h=1, decay=30.0, seed=2)
     doc_ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 15, [5] * 3 + [6] * 40 + [5] * 2])
     check(inputs, torch.float32, chunk_size=16, doc_ids=doc_ids)
+
+
+@pytest.mark.parametrize("decay", [0.5, 30.0])
+def test_kda_triton_doc_restart_state(poison, decay):
+    """Documents restart from a restart state (meta tokens' state), the gradient of that state too;
+    starts mid-chunk, on a chunk edge (16, 32), a 1-token document, value blocks of 64 + 16."""
+    inputs = make_inputs(b=2, t=45, h=1, dv=80, decay=decay, seed=6)
+    restart = torch.randn(inputs[5].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 6 + [2] * 1 + [3] * 28, [5] * 3 + [6] * 29 + [7] * 13])
+    check(inputs + [restart], torch.float32, chunk_size=16, doc_ids=doc_ids)
 
 
 def test_kda_triton_fp16(poison):

@@ -28,7 +28,7 @@ def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def _check_shapes(q, k, v, g, beta, initial_state, doc_ids) -> None:
+def _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state=None) -> None:
     if q.dim() != 4 or q.shape != k.shape or g.shape != k.shape:
         raise ValueError(f"kda: q {tuple(q.shape)}, k {tuple(k.shape)}, g {tuple(g.shape)} must all be [B,T,H,K]")
     b, t, h, dk = k.shape
@@ -36,9 +36,9 @@ def _check_shapes(q, k, v, g, beta, initial_state, doc_ids) -> None:
         raise ValueError(f"kda: v {tuple(v.shape)} must be [B,T,H,V] with [B,T,H] = {(b, t, h)}")
     if beta.shape != (b, t, h):
         raise ValueError(f"kda: beta {tuple(beta.shape)} must be [B,T,H] = {(b, t, h)}")
-    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(f"kda: initial_state {tuple(initial_state.shape)} must be [B,H,K,V] = "
-                         f"{(b, h, dk, v.shape[-1])}")
+    for name, state in (("initial_state", initial_state), ("restart_state", restart_state)):
+        if state is not None and state.shape != (b, h, dk, v.shape[-1]):
+            raise ValueError(f"kda: {name} {tuple(state.shape)} must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}")
     if doc_ids is not None and doc_ids.shape != (b, t):
         raise ValueError(f"kda: doc_ids {tuple(doc_ids.shape)} must be [B,T] = {(b, t)}")
 
@@ -55,6 +55,7 @@ def kda(
     output_final_state: bool = False,
     chunk_size: int = 64,
     doc_ids: Optional[torch.Tensor] = None,
+    restart_state: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Kimi Delta Attention over a sequence (chunked algorithm; differentiable).
@@ -68,9 +69,12 @@ def kda(
         initial_state: ``[B, H, K, V]`` state before the first token (fp32), or None for zeros.
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk (T need not be a multiple).
-        doc_ids: ``[B, T]`` document ids of packed rows, or None. The state is reset to zero before
-            every token whose id differs from the previous token's; the initial state feeds the
-            first document of each row.
+        doc_ids: ``[B, T]`` document ids of packed rows, or None. The state is reset (to
+            ``restart_state``) before every token whose id differs from the previous token's; the
+            initial state feeds the first document of each row.
+        restart_state: ``[B, H, K, V]`` state every document start resets to, or None for zeros
+            (unused without doc_ids). With meta tokens run first, their final state makes each
+            packed document compute what it computes alone behind the meta tokens.
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"``, or ``"triton"``
             (on CPU only under ``TRITON_INTERPRET=1``, for tests). Triton runs the intra-chunk WY/UT
             transform and the inter-chunk state recurrence as kernels (forward and backward, fp32);
@@ -87,11 +91,11 @@ def kda(
         raise ValueError(f"kda: chunk_size must be > 0, got {chunk_size}")
     if state_backend == "triton" and not pow2_chunk:
         raise ValueError(f"kda: chunk_size must be a power of two ≥ 16 for backend='triton', got {chunk_size}")
-    _check_shapes(q, k, v, g, beta, initial_state, doc_ids)
+    _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     return kda_chunk(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, chunk_size=chunk_size,
-                     sub_chunk=SUB_CHUNK, doc_ids=doc_ids, state_backend=state_backend)
+                     output_final_state=output_final_state, chunk_size=chunk_size, sub_chunk=SUB_CHUNK,
+                     doc_ids=doc_ids, restart_state=restart_state, state_backend=state_backend)
 
 
 def kda_recurrent_step(
@@ -134,21 +138,24 @@ def kda_recurrent(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     doc_ids: Optional[torch.Tensor] = None,
+    restart_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Token-by-token KDA: the reference for ``kda`` (same arguments and returns, no chunking).
 
     Slow (a Python loop over T); for tests and as the definition of the semantics.
     """
-    _check_shapes(q, k, v, g, beta, initial_state, doc_ids)
+    _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state)
     b, t, h, dk = k.shape
-    cdt = _compute_dtype(q, k, v, g, beta, initial_state)
+    cdt = _compute_dtype(q, k, v, g, beta, initial_state, restart_state)
     s = torch.zeros(b, h, dk, v.shape[-1], dtype=cdt, device=k.device) if initial_state is None \
         else initial_state.to(cdt)
     outs = []
     for i in range(t):
         if doc_ids is not None and i > 0:
-            keep = (doc_ids[:, i] == doc_ids[:, i - 1]).to(cdt)  # zero the state at a document start
-            s = s * keep[:, None, None, None]
+            keep = (doc_ids[:, i] == doc_ids[:, i - 1]).to(cdt)[:, None, None, None]
+            s = s * keep  # a document start resets the state (to zeros, or the restart state)
+            if restart_state is not None:
+                s = s + (1 - keep) * restart_state.to(cdt)
         o, s = kda_recurrent_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], s, scale)
         outs.append(o)
     return torch.stack(outs, dim=1), (s if output_final_state else None)

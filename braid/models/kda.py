@@ -1,4 +1,10 @@
-"""Kimi Delta Attention mixer (letter K): projections, short convolutions, gates around the KDA op."""
+"""Kimi Delta Attention mixer (letter K): projections, short convolutions, gates around the KDA op.
+
+Packed documents (``seq.doc_ids``): short-conv taps and the delta-rule state do not cross a document
+start. With meta tokens each document starts from the meta prefix instead (as Hymba's SSM does): its
+first conv taps read the last meta positions and its state starts from the state after the meta
+tokens, so a packed document computes exactly what it computes alone behind the meta tokens.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +21,34 @@ from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer
 
 
-def segment_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` document ids → ``[B, T]`` int64 index of the contiguous run each token is in.
+def conv_sources(doc_ids: torch.Tensor, meta_tokens: int, width: int) -> torch.Tensor:
+    """Which position feeds each tap of a causal conv over packed documents behind meta tokens.
 
-    Comparing segments rather than raw ids keeps two separate documents apart even if they share an id.
+    doc_ids ``[B, T]`` (the first ``meta_tokens`` positions are the meta prefix) → ``[B, T, width]``
+    int64: for tap ``lag`` (lag steps back) at t, t − lag inside t's document (or inside the meta
+    prefix), else the meta position the tap reads when the document follows the prefix directly
+    (m + offset − lag), else −1 (zero padding). Position ``meta_tokens`` always starts a document,
+    so a context-parallel piece ``[meta, halo, segment]`` gets the same taps as the whole sequence.
     """
-    starts = torch.ne(doc_ids[:, 1:], doc_ids[:, :-1]).to(torch.int64)
-    return F.pad(starts, (1, 0)).cumsum(-1)
+    t, m = doc_ids.shape[1], meta_tokens
+    pos = torch.arange(t, device=doc_ids.device)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    if 0 < m < t:
+        start[:, m] = True
+    offset = pos - torch.where(start, pos, 0).cummax(dim=1).values  # position inside its document
+    lag = torch.arange(width, device=doc_ids.device)
+    inside = pos[:, None] - lag  # [T, W]
+    before = (torch.where(pos >= m, m, 0) + offset)[..., None] - lag  # [B, T, W], into the meta prefix
+    return torch.where(offset[..., None] >= lag, inside, torch.where(before >= 0, before, -1))
 
 
 class ShortConv(nn.Module):
     """Depthwise causal convolution + SiLU over ``[B, T, C]`` (no bias).
 
-    With ``doc_ids`` a tap that would reach back across a document start is dropped, so packed
-    documents never see each other.
+    With ``doc_ids`` a tap that would reach back across a document start reads the meta prefix
+    instead (``conv_sources``), or nothing without meta tokens, so packed documents never see each
+    other.
     """
 
     def __init__(self, channels: int, kernel_size: int):
@@ -37,17 +57,19 @@ class ShortConv(nn.Module):
         # A Conv1d child keeps the weight layout of the usual checkpoints and its default init.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
 
-    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x ``[B, T, C]`` (any float dtype), doc_ids ``[B, T]`` or None → ``[B, T, C]`` in x's dtype."""
+    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, meta_tokens: int = 0) -> torch.Tensor:
+        """x ``[B, T, C]`` (any float dtype), doc_ids ``[B, T]`` or None, the number of meta tokens at
+        the front of x → ``[B, T, C]`` in x's dtype."""
         w = self.conv.weight[:, 0, :].to(x.dtype)  # [C, ks]; tap ks-1 is the current token
         if doc_ids is None:
             y = F.conv1d(F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0)), w[:, None, :], groups=w.shape[0])
             return F.silu(y.transpose(1, 2))
-        seg = segment_ids(doc_ids)
+        src = conv_sources(doc_ids, meta_tokens, self.kernel_size)
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)  # index T reads zeros
         y = x * w[:, -1]
-        for lag in range(1, min(self.kernel_size, x.shape[1])):
-            same = (seg[:, lag:] == seg[:, :-lag]).to(x.dtype)[..., None]  # tap stays in the document
-            y = y + F.pad(x[:, :-lag] * same * w[:, -1 - lag], (0, 0, lag, 0))
+        for lag in range(1, self.kernel_size):
+            idx = torch.where(src[..., lag] >= 0, src[..., lag], x.shape[1])
+            y = y + padded.gather(1, idx[..., None].expand(-1, -1, x.shape[2])) * w[:, -1 - lag]
         return F.silu(y)
 
 
@@ -71,6 +93,20 @@ def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) ->
     of = _up(o)
     y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(of.dtype)
     return (y * torch.sigmoid(_up(gate_logits))).to(o.dtype)
+
+
+def kda_behind_meta(q, k, v, g, beta, meta_tokens: int, doc_ids: Optional[torch.Tensor], **kw) -> torch.Tensor:
+    """``braid.kernels.kda`` over ``[meta, text]`` (zero initial state) where every document of the
+    text starts from the state after the meta tokens, as it would alone behind them.
+
+    Shapes as ``kda``; doc_ids ``[B, T]`` (meta: −1) or None; ``kw`` go to ``kda``. Returns o."""
+    m = meta_tokens
+    if doc_ids is None or m == 0 or m >= k.shape[1]:
+        return kda(q, k, v, g, beta, doc_ids=doc_ids, **kw)[0]
+    o_meta, s_meta = kda(q[:, :m], k[:, :m], v[:, :m], g[:, :m], beta[:, :m], output_final_state=True, **kw)
+    o_text, _ = kda(q[:, m:], k[:, m:], v[:, m:], g[:, m:], beta[:, m:], initial_state=s_meta,
+                    restart_state=s_meta, doc_ids=doc_ids[:, m:], **kw)
+    return torch.cat([o_meta, o_text], 1)
 
 
 @register_mixer("K")
@@ -99,7 +135,7 @@ class KDA(nn.Module):
         self.b_proj = nn.Linear(d, h, bias=False)
         # Output gate: low rank d → head_dim → H·V.
         self.g_a = nn.Linear(d, hd, bias=False)
-        self.g_b = nn.Linear(hd, inner, bias=True)
+        self.g_b = nn.Linear(hd, inner, bias=cfg.kda.gate_bias)
         self.o_norm = RMSNorm(hd, cfg.norm_eps)
         self.o_proj = mark_output_projection(nn.Linear(inner, d, bias=False))
         self.reset_parameters()
@@ -123,8 +159,8 @@ class KDA(nn.Module):
         """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents."""
         b, t, _ = x.shape
         h, hd = self.n_heads, self.head_dim
-        doc = seq.doc_ids
-        convs = lambda q, k, v, d: (self.q_conv(q, d), self.k_conv(k, d), self.v_conv(v, d))  # noqa: E731
+        doc, m = seq.doc_ids, seq.meta_tokens
+        convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
         qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
         if seq.cp is None:
             q, k, v = convs(*qkv)
@@ -138,7 +174,7 @@ class KDA(nn.Module):
         g = -torch.exp(_up(self.A_log))[:, None] * F.softplus(f)
         beta = torch.sigmoid(_up(self.b_proj(x)))
         if seq.cp is None:
-            o, _ = kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+            o = kda_behind_meta(q, k, v, g, beta, m, doc, chunk_size=self.chunk_size)
         else:
             o = seq.cp.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
         o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))

@@ -13,6 +13,10 @@ adjoint ``dS_n = Diag(d_n) dS_{n+1} + q̃_nᵀ do_n − w_nᵀ dv'_n``, ``dv'_n 
 recomputing v'_n from the stored S_n. Gradients that sum over value columns (w, q̃, k̃, P, d) are written
 per value block and summed by torch.
 
+Packed documents with a restart state S_r (``braid.kernels.kda_chunk._restart_terms``): a chunk in
+which a document starts adds ``Diag(d_r,n) S_r`` to ``S_{n+1}``; the backward adds
+``Diag(d_r,n) dS_{n+1}`` to dS_r and ``Σ_v S_r ⊙ dS_{n+1}`` to dd_r,n.
+
 Import only when Triton should run (CUDA, or ``TRITON_INTERPRET=1`` set before the import).
 """
 
@@ -24,8 +28,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, o_ptr, states_ptr, final_ptr,
-                   NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, dr_ptr, sr_ptr, o_ptr, states_ptr,
+                   final_ptr, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   HAS_RESTART: tl.constexpr):
     bh, vb = tl.program_id(0), tl.program_id(1)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
@@ -36,6 +41,8 @@ def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, o_ptr, 
     ck = rc[:, None] * K + rk[None, :]
     cv = rc[:, None] * V + rv[None, :]
     S = tl.load(s0_ptr + bh * K * V + kv, mask=kvm, other=0.0)
+    if HAS_RESTART:
+        Sr = tl.load(sr_ptr + bh * K * V + kv, mask=kvm, other=0.0)
     for i in range(NC):
         chunk = bh * NC + i
         tl.store(states_ptr + chunk * K * V + kv, S, mask=kvm)
@@ -49,14 +56,16 @@ def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, o_ptr, 
         o = tl.dot(qi, S) + tl.dot(p, v_new)
         tl.store(o_ptr + chunk * C * V + cv, o, mask=vm[None, :])
         S = dec[:, None] * S + tl.dot(tl.trans(ko), v_new)
+        if HAS_RESTART:
+            S += tl.load(dr_ptr + chunk * K + rk, mask=km, other=0.0)[:, None] * Sr
     tl.store(final_ptr + bh * K * V + kv, S, mask=kvm)
 
 
 @triton.jit
-def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, states_ptr, do_ptr, dfinal_ptr,
-                   du_ptr, dw_ptr, dqi_ptr, dko_ptr, dp_ptr, ddec_ptr, ds0_ptr,
+def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, dr_ptr, sr_ptr, states_ptr, do_ptr, dfinal_ptr,
+                   du_ptr, dw_ptr, dqi_ptr, dko_ptr, dp_ptr, ddec_ptr, ds0_ptr, ddr_ptr, dsr_ptr,
                    BH, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_DFINAL: tl.constexpr):
+                   HAS_DFINAL: tl.constexpr, HAS_RESTART: tl.constexpr):
     bh, vb = tl.program_id(0), tl.program_id(1)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
@@ -71,6 +80,9 @@ def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, states_ptr, do_
     if HAS_DFINAL:
         dS = tl.load(dfinal_ptr + bh * K * V + kv, mask=kvm, other=0.0)
     part = vb * BH * NC  # this value block's slice of the partial-sum buffers
+    if HAS_RESTART:
+        Sr = tl.load(sr_ptr + bh * K * V + kv, mask=kvm, other=0.0)
+        dSr = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(NC):
         i = NC - 1 - j
         chunk = bh * NC + i
@@ -83,6 +95,10 @@ def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, states_ptr, do_
         dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
         do = tl.load(do_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
         v_new = u - tl.dot(w, S)  # recomputed, not stored
+        if HAS_RESTART:  # dS is still dS_{n+1} here
+            dr = tl.load(dr_ptr + chunk * K + rk, mask=km, other=0.0)
+            dSr += dr[:, None] * dS
+            tl.store(ddr_ptr + (part + chunk) * K + rk, tl.sum(Sr * dS, axis=1), mask=km)
         dv_new = tl.dot(tl.trans(p), do) + tl.dot(ko, dS)
         tl.store(du_ptr + chunk * C * V + cv, dv_new, mask=vm[None, :])
         tl.store(dp_ptr + (part + chunk) * C * C + cc, tl.dot(do, tl.trans(v_new)))
@@ -92,6 +108,8 @@ def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, states_ptr, do_
         tl.store(dqi_ptr + (part + chunk) * C * K + ck, tl.dot(do, tl.trans(S)), mask=km[None, :])
         dS = dec[:, None] * dS + tl.dot(tl.trans(qi), do) - tl.dot(tl.trans(w), dv_new)
     tl.store(ds0_ptr + bh * K * V + kv, dS, mask=kvm)
+    if HAS_RESTART:
+        tl.store(dsr_ptr + bh * K * V + kv, dSr, mask=kvm)
 
 
 def _blocks(k: int, v: int) -> tuple[int, int]:
@@ -101,23 +119,24 @@ def _blocks(k: int, v: int) -> tuple[int, int]:
 
 class _KDAStateRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, qi, u, p, dec, ko, s0):
+    def forward(ctx, w, qi, u, p, dec, ko, s0, dr, sr):
         b, h, nc, c, k = w.shape
         v = u.shape[-1]
         bk, bv = _blocks(k, v)
-        ctx.dtypes = [x.dtype for x in (w, qi, u, p, dec, ko, s0)]
-        w, qi, u, p, dec, ko, s0 = (x.float().contiguous() for x in (w, qi, u, p, dec, ko, s0))
+        xs = (w, qi, u, p, dec, ko, s0, dr, sr)
+        ctx.dtypes = [None if x is None else x.dtype for x in xs]
+        w, qi, u, p, dec, ko, s0, dr, sr = (None if x is None else x.float().contiguous() for x in xs)
         o = torch.empty(b, h, nc, c, v, dtype=torch.float32, device=w.device)
         states = torch.empty(b, h, nc, k, v, dtype=torch.float32, device=w.device)
         final = torch.empty(b, h, k, v, dtype=torch.float32, device=w.device)
-        _kda_state_fwd[(b * h, triton.cdiv(v, bv))](w, qi, u, p, ko, dec, s0, o, states, final, nc, k, v,
-                                                    C=c, BK=bk, BV=bv)
-        ctx.save_for_backward(w, qi, u, p, dec, ko, states)
+        _kda_state_fwd[(b * h, triton.cdiv(v, bv))](w, qi, u, p, ko, dec, s0, dr, sr, o, states, final, nc, k, v,
+                                                    C=c, BK=bk, BV=bv, HAS_RESTART=sr is not None)
+        ctx.save_for_backward(w, qi, u, p, dec, ko, dr, sr, states)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        w, qi, u, p, dec, ko, states = ctx.saved_tensors
+        w, qi, u, p, dec, ko, dr, sr, states = ctx.saved_tensors
         b, h, nc, c, k = w.shape
         v = u.shape[-1]
         bk, bv = _blocks(k, v)
@@ -128,26 +147,34 @@ class _KDAStateRecurrence(torch.autograd.Function):
         dp = torch.empty(nv, b, h, nc, c, c, **f32)
         ddec = torch.empty(nv, b, h, nc, k, **f32)
         ds0 = torch.empty(b, h, k, v, **f32)
+        restart = sr is not None
+        ddr = torch.empty(nv, b, h, nc, k, **f32) if restart else None
+        dsr = torch.empty(b, h, k, v, **f32) if restart else None
         if do is None:
             do = torch.zeros(b, h, nc, c, v, **f32)
-        _kda_state_bwd[(b * h, nv)](w, qi, u, p, ko, dec, states, do.float().contiguous(),
+        _kda_state_bwd[(b * h, nv)](w, qi, u, p, ko, dec, dr, sr, states, do.float().contiguous(),
                                     None if dfinal is None else dfinal.float().contiguous(),
-                                    du, dw, dqi, dko, dp, ddec, ds0, b * h, nc, k, v, C=c, BK=bk, BV=bv,
-                                    HAS_DFINAL=dfinal is not None)
-        grads = (dw.sum(0), dqi.sum(0), du, dp.sum(0), ddec.sum(0), dko.sum(0), ds0)
-        return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+                                    du, dw, dqi, dko, dp, ddec, ds0, ddr, dsr, b * h, nc, k, v, C=c, BK=bk, BV=bv,
+                                    HAS_DFINAL=dfinal is not None, HAS_RESTART=restart)
+        grads = (dw.sum(0), dqi.sum(0), du, dp.sum(0), ddec.sum(0), dko.sum(0), ds0,
+                 ddr.sum(0) if restart else None, dsr)
+        return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
-def kda_state_recurrence(w, q_in, u, p, decay, k_out, s0):
+def kda_state_recurrence(w, q_in, u, p, decay, k_out, s0, restart_decay=None, restart_state=None):
     """The chunk loop of chunked KDA as one differentiable Triton op.
 
     Args:
         w, q_in, k_out: ``[B, H, N, C, K]``; u: ``[B, H, N, C, V]``; p: ``[B, H, N, C, C]``;
         decay: ``[B, H, N, K]``; s0: ``[B, H, K, V]`` (all fp32; C a power of two ≥ 16).
+        restart_decay ``[B, H, N, K]`` and restart_state ``[B, H, K, V]`` (both or neither): each
+        chunk-end state gets ``restart_decay[n, :, None] · restart_state`` added.
     Returns:
         ``(o [B, H, N, C, V], final state [B, H, K, V])``, both fp32.
     """
     c = w.shape[-2]
     if c < 16 or c & (c - 1):
         raise ValueError(f"kda: chunk_size must be a power of two ≥ 16 for the Triton backend, got {c}")
-    return _KDAStateRecurrence.apply(w, q_in, u, p, decay, k_out, s0)
+    if (restart_decay is None) != (restart_state is None):
+        raise ValueError("kda: restart_decay and restart_state go together")
+    return _KDAStateRecurrence.apply(w, q_in, u, p, decay, k_out, s0, restart_decay, restart_state)

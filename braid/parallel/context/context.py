@@ -100,7 +100,9 @@ class CPSeq:
 
     def kda(self, q, k, v, g, beta, *, scale: Optional[float] = None, chunk_size: int = 64, doc_ids=None,
             backend: str = "auto") -> torch.Tensor:
-        """``braid.kernels.kda`` (zero initial state) over ``[meta, text]``, for the local rows.
+        """``braid.kernels.kda`` (zero initial state) over ``[meta, text]``, for the local rows; with doc_ids
+        every document starts from the state after the meta tokens (zeros without meta tokens), as the K
+        mixer does at cp = 1 (``braid.models.kda.kda_behind_meta``).
 
         q/k/g ``[B, M+T_loc, H, K]``, v ``[B, M+T_loc, H, V]``, beta ``[B, M+T_loc, H]``, doc_ids
         ``[B, M+T_loc]`` or None → o ``[B, M+T_loc, H, V]`` in v's dtype (no final state)."""

@@ -8,9 +8,11 @@ the exact contribution of its true incoming state. A segment whose first token s
 gets ``P = 0``: the state does not cross the boundary, as at cp = 1.
 
 KDA (state ``[K, V]`` per head, transition ``(I − β k kᵀ)·Diag(e^g)``, one K×K matrix for all V
-columns): the op runs on values ``[v | 0_K]`` from the initial state ``[0 | I_K]`` (``0`` where the
-segment starts a document). Columns are independent, so the final state is ``[c | P]`` and the
-output is ``[o⁰ | q̃ᵀP_t]``; the true output is ``o⁰ + (q̃ᵀP_t)·S_in``. One pass, no recomputation.
+columns): the op runs on values ``[v | 0_K]`` from the initial state ``[0 | I_K]`` (``[S_r | 0]``
+where the segment starts a document), documents inside the segment restarting from ``[S_r | 0]``,
+with ``S_r`` the state after the meta tokens (zeros without). Columns are independent, so the final
+state is ``[c | P]`` and the output is ``[o⁰ | q̃ᵀP_t]``; the true output is ``o⁰ + (q̃ᵀP_t)·S_in``.
+One pass, no recomputation.
 
 SSM (``h_t = a_t·h_{t−1} + b_t`` per channel and state, restart at document starts from the
 state after the meta tokens ``h_r``): the op runs from ``h_r`` (the true restart value) with the
@@ -65,7 +67,8 @@ def _unstack(cps, x: torch.Tensor) -> torch.Tensor:
 
 def kda_cp(cps, q, k, v, g, beta, *, scale: Optional[float] = None, chunk_size: int = 64,
            doc_ids: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """``braid.kernels.kda`` over ``[meta, text]`` for the local rows (see ``CPSeq.kda``)."""
+    """``braid.kernels.kda`` over ``[meta, text]`` for the local rows, documents restarting from the
+    state after the meta tokens (``braid.models.kda.kda_behind_meta``; see ``CPSeq.kda``)."""
     m, nseg = cps.meta, len(cps.layout.local)
     b, _, h, dk = k.shape
     dv = v.shape[-1]
@@ -76,15 +79,19 @@ def kda_cp(cps, q, k, v, g, beta, *, scale: Optional[float] = None, chunk_size: 
                              doc_ids=None if doc_ids is None else doc_ids[:, :m], **kw)
     else:
         s_meta = torch.zeros(b, h, dk, dv, dtype=acc, device=v.device)
-    keep = ~segment_starts(cps, doc_ids, b, v.device)  # [B, nseg]
+    keep = (~segment_starts(cps, doc_ids, b, v.device)).T.to(acc)[..., None, None, None]  # [nseg, B, 1, 1, 1]
     eye = torch.eye(dk, dtype=acc, device=v.device)
-    init = torch.cat([torch.zeros(nseg, b, h, dk, dv, dtype=acc, device=v.device),
-                      (keep.T.to(acc)[..., None, None, None] * eye).expand(nseg, b, h, dk, dk)], -1)
+    # A segment starting a document starts from the state after the meta tokens (zeros without).
+    init = torch.cat([(1 - keep) * s_meta.to(acc), (keep * eye).expand(nseg, b, h, dk, dk)], -1)
+    restart = None  # so do documents starting inside a segment: [S_r | 0]
+    if doc_ids is not None and m:
+        restart = torch.cat([s_meta.to(acc), s_meta.new_zeros(b, h, dk, dk, dtype=acc)], -1).repeat(nseg, 1, 1, 1)
     vs = _stack(cps, v).to(acc)
     v_ext = torch.cat([vs, vs.new_zeros(*vs.shape[:-1], dk)], -1)
     o_ext, s_ext = kda(_stack(cps, q), _stack(cps, k), v_ext, _stack(cps, g), _stack(cps, beta),
                        initial_state=init.flatten(0, 1), output_final_state=True,
-                       doc_ids=None if doc_ids is None else _stack(cps, doc_ids), **kw)
+                       doc_ids=None if doc_ids is None else _stack(cps, doc_ids),
+                       restart_state=restart, **kw)
     maps = s_ext.unflatten(0, (nseg, b)).movedim(0, 1)  # [B, nseg, H, K, V+K] = [c | P]
     s_in = chain_states(cps, maps, s_meta.to(acc), lambda mp, s: mp[..., :dv] + mp[..., dv:] @ s, "kda.state")
     s_in = s_in.movedim(1, 0).flatten(0, 1)  # [nseg·B, H, K, V]
