@@ -44,6 +44,7 @@ class KDAConfig:
     head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
     conv_size: int = 4
     chunk_size: int = 64
+    gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
 
 
 @dataclass
@@ -198,6 +199,13 @@ class CheckpointConfig:
     interval: int = 100
     keep: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint dir
+    # After the last step (not on a signal stop) rank 0 writes the final checkpoint as a Hugging Face
+    # directory, as `python -m braid.convert to-hf` would: false | true (<run.dir>/hf) | a path.
+    export_hf: Any = False
+    # A NEW run (step 0, fresh optimizer and schedule) starts from these weights: a braid checkpoint
+    # (step_N, latest, checkpoints/ or a run dir) or a HF dir braid.convert.load supports. Ignored when
+    # the run resumes its own checkpoint (resume=auto finding one, or resume=<path>).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -399,6 +407,12 @@ def validate(cfg: Config) -> None:
     _require(c.keep > 0, "checkpoint.keep", "must be > 0", c.keep)
     _require(c.resume in ("auto", "none") or Path(c.resume).is_dir(), "checkpoint.resume",
              "auto | none | an existing checkpoint directory", c.resume)
+    _require(isinstance(c.export_hf, bool) or (isinstance(c.export_hf, str) and c.export_hf.strip() != ""),
+             "checkpoint.export_hf", "false | true (<run.dir>/hf) | an output directory", c.export_hf)
+    _require(not (c.export_hf is not False and p.engine == "deepspeed"), "checkpoint.export_hf",
+             "not with parallel.engine=deepspeed (ZeRO partitions are not DCP checkpoints)", c.export_hf)
+    _require(c.init_from is None or Path(c.init_from).exists(), "checkpoint.init_from",
+             "null or an existing braid checkpoint / Hugging Face directory", c.init_from)
     _require(lg.interval > 0, "logging.interval", "must be > 0", lg.interval)
     _require(lg.wandb in ("off", "offline", "online"), "logging.wandb", "off | offline | online", lg.wandb)
     _require(p.dp is None or p.dp > 0, "parallel.dp", "null (= world size) or > 0", p.dp)

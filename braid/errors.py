@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints their message as one line and exits 2, without a traceback."""
+"""User-facing errors: the CLI prints their message as one line and exits 2 (or the error's ``exit_code``),
+without a traceback."""
 
 
 class BraidError(Exception):
@@ -15,3 +16,9 @@ class DataSourceError(BraidError, ValueError):
 
 class CheckpointError(BraidError, RuntimeError):
     """A checkpoint cannot be used; the message names its directory."""
+
+
+class NonFiniteLossError(BraidError):
+    """``train.max_nan_iterations`` consecutive non-finite steps: the run stops, its checkpoints intact."""
+
+    exit_code = 3  # the CLI's exit status (README, Launch: signals); 2 stays "bad input"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from braid.config import load_config
-from braid.convert import load_model
+from braid.convert import load_model, stock_kimi
 from braid.convert.braid_checkpoint import save_braid_checkpoint
 from braid.convert.hf_export import export_hf
 from braid.models.hybrid import HybridLM
@@ -21,6 +21,10 @@ VOCAB = 320
 TINY = [p for p in preset_names() if p.endswith("-tiny") or p in ("tiny", "tiny-swa")]
 STOCK = {"llama-tiny": "LlamaForCausalLM", "tiny": "LlamaForCausalLM", "tiny-swa": "Qwen3ForCausalLM",
          "moe-tiny": "Qwen3MoeForCausalLM"}
+HAS_KIMI = stock_kimi.available()
+if HAS_KIMI:  # older transformers: the kimi-linear presets go out as remote code
+    STOCK["kimi-linear-tiny"] = stock_kimi.KIMI
+needs_kimi = pytest.mark.skipif(not HAS_KIMI, reason="this transformers has no KimiLinearForCausalLM")
 # The default run covers each stock class and the remote code on Hymba (meta tokens, windows, KV
 # sharing, SSM); every other preset runs with -m slow.
 FAST = {"llama-tiny", "moe-tiny", "hymba-tiny"}  # tiny-swa (Qwen3) is covered by the sharded test
@@ -117,3 +121,34 @@ def test_export_files_and_bad_input(tmp_path):
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "checkpoint" in bad.stderr
+
+
+@needs_kimi
+@pytest.mark.parametrize("eps", ["preset", pytest.param("1e-6", marks=pytest.mark.slow)])
+def test_kimi_linear_exports_as_the_stock_class(tmp_path, eps):
+    """kimi-linear-tiny (gate_bias=false, as released) → KimiLinearForCausalLM, a trained (non-zero)
+    expert bias included, over more than one KDA chunk. transformers builds MLA's kv_a_layernorm with
+    eps 1e-6 whatever rms_norm_eps is (the released model and braid use rms_norm_eps = 1e-5): the
+    logits differ by ~2e-5 at the preset's eps and only by rounding at 1e-6."""
+    model, cfg, _ = random_run(tmp_path, "kimi-linear-tiny", *([] if eps == "preset" else [f"model.norm_eps={eps}"]))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.copy_(0.05 * torch.randn_like(buf))
+    assert not cfg.model.kda.gate_bias and not any(k.endswith("g_b.bias") for k in model.state_dict())
+    info = export_hf(model, cfg, tmp_path / "hf")
+    assert info["architecture"] == stock_kimi.KIMI
+    x = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    logits, cls = auto_logits(tmp_path / "hf", x)
+    assert cls == stock_kimi.KIMI
+    assert (logits - ref).abs().max().item() <= (1e-4 if eps == "preset" else 2e-5)
+    back = load_model(tmp_path / "hf")  # and back into braid, exactly
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+@needs_kimi
+def test_kimi_linear_with_gate_bias_stays_remote_code(tmp_path):
+    model, cfg, _ = random_run(tmp_path, "kimi-linear-tiny", "model.kda.gate_bias=true")
+    assert export_hf(model, cfg, tmp_path / "hf")["architecture"] == "BraidForCausalLM"

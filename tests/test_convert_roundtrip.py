@@ -71,3 +71,55 @@ def test_from_hf_rejects_other_architectures(tmp_path, capsys):
     assert convert_main(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_kimi_linear_from_hf_to_hf_round_trip(tmp_path):
+    """A KimiLinearForCausalLM saved by transformers (the released layout: q/k/v_conv1d, per-expert
+    w1/w2/w3 under block_sparse_moe) → braid → to-hf: same logits, bit-identical weights, same config."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "KimiLinearForCausalLM"):
+        pytest.skip("this transformers has no KimiLinearForCausalLM")
+    from braid.convert import stock_kimi
+
+    # rms_norm_eps 1e-6: transformers' MLA latent norm always uses 1e-6 (see stock_kimi), so this is exact.
+    cfg = transformers.KimiLinearConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=8, num_local_experts=4, num_experts_per_tok=2, linear_head_dim=8, linear_num_heads=2,
+        rms_norm_eps=1e-6, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"])
+    torch.manual_seed(0)
+    hf = transformers.KimiLinearForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))  # a trained selection bias changes the routing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf.save_pretrained(tmp_path / "src")
+    run = tmp_path / "run"
+    assert convert_main(["from-hf", "--hf", str(tmp_path / "src"), "--out", str(run)]) == 0
+    loaded = load(run / "checkpoints" / "latest")
+    x = torch.randint(0, 96, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (loaded.model(x) - hf(input_ids=x).logits).abs().max().item() <= 1e-4
+    assert convert_main(["to-hf", "--checkpoint", str(run / "checkpoints" / "latest"), "--out",
+                         str(tmp_path / "back")]) == 0
+    src, back = read_safetensors(tmp_path / "src"), read_safetensors(tmp_path / "back")
+    # transformers writes the dense layer under block_sparse_moe.; braid, as released, under mlp.
+    src = stock_kimi.to_hf_state(stock_kimi.from_hf_state(src, n_experts=4))
+    assert sorted(src) == sorted(back)
+    for key in src:
+        assert src[key].dtype == back[key].dtype and torch.equal(src[key], back[key]), key
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("src", "back"))
+    assert b["architectures"] == ["KimiLinearForCausalLM"]
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                "qk_nope_head_dim", "v_head_dim", "layer_types", "mlp_layer_types", "linear_head_dim",
+                "linear_num_heads", "linear_conv_kernel_dim", "num_experts", "num_experts_per_token",
+                "num_shared_experts", "moe_renormalize", "routed_scaling_factor", "num_expert_group", "topk_group",
+                "rms_norm_eps", "tie_word_embeddings", "vocab_size"):
+        assert a.get(key) == b.get(key), key

@@ -29,7 +29,7 @@ class LoadedModel:
 
 def load(path: str | Path) -> LoadedModel:
     """Load from a braid checkpoint dir (``step_N``, ``latest``, ``checkpoints/`` or the run dir), a
-    braid-exported HF dir or a supported stock HF dir (Llama, Qwen3, Qwen3-MoE)."""
+    braid-exported HF dir or a supported stock HF dir (Llama, Qwen3, Qwen3-MoE, Kimi Linear)."""
     p = Path(path)
     if (p / "config.json").is_file():
         from braid.convert.hf_export import load_hf_dir

@@ -11,12 +11,10 @@ from braid.errors import BraidError
 
 
 def to_hf(args) -> None:
-    from braid.convert.braid_checkpoint import load_braid_checkpoint
-    from braid.convert.hf_export import export_hf
+    from braid.convert.hf_export import export_checkpoint
 
-    model, cfg = load_braid_checkpoint(args.checkpoint)
-    info = export_hf(model, cfg, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                     force_remote_code=args.remote_code)
+    info = export_checkpoint(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                             force_remote_code=args.remote_code)
     print(f"braid: exported {args.checkpoint} as {info['architecture']} to {args.out} "
           f"({len(info['files'])} weight file(s))")
 
@@ -55,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--remote-code", action="store_true", help="use the generated modeling code even when a "
                    "stock class matches")
     p.set_defaults(fn=to_hf)
-    p = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Qwen3, Qwen3-MoE) → braid run dir")
+    p = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Qwen3, Qwen3-MoE, Kimi Linear) → braid run dir")
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--out", required=True, help="the new run dir (config.yaml + checkpoints/step_0)")
     p.set_defaults(fn=from_hf)

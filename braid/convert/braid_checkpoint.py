@@ -63,9 +63,11 @@ def model_config_for(ckpt_dir: Path, cfg: Config) -> ModelConfig:
 def load_state_dict_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Fill ``model`` (unsharded, CPU) from the ``model`` entry of a DCP checkpoint, in place."""
     state = {"model": model.state_dict()}
+    # no_dist: this process reads alone, also inside a process group (rank 0 exporting at the end of
+    # training, every rank reading checkpoint.init_from) — a collective load would wait for the others.
     with warnings.catch_warnings():  # DCP warns that a lone process loads without a process group
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=str(ckpt_dir))
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
     model.load_state_dict(state["model"])
 
 

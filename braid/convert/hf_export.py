@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from braid.config import Config, ModelConfig
-from braid.convert import stock
+from braid.convert import stock, stock_kimi
 from braid.convert.remote_code import modeling_source
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -100,7 +100,7 @@ def export_hf(model: torch.nn.Module, cfg: Config, out: str | Path, *, max_shard
     bos, eos = _tokenizer_ids(cfg)
     if arch is not None:
         hf_cfg = stock.hf_config(m, arch)
-        weights = stock.to_hf_state(state)
+        weights = stock_kimi.to_hf_state(state) if arch == stock_kimi.KIMI else stock.to_hf_state(state)
     else:
         arch = BRAID_ARCH
         hf_cfg = dict(architectures=[arch], model_type="braid", vocab_size=m.vocab_size,
@@ -124,6 +124,15 @@ def export_hf(model: torch.nn.Module, cfg: Config, out: str | Path, *, max_shard
     return {"architecture": arch, "files": files}
 
 
+def export_checkpoint(checkpoint: str | Path, out: str | Path, **kwargs) -> dict:
+    """``to-hf``: a braid DCP checkpoint dir (any layout, ``latest`` accepted) → HF dir ``out``;
+    ``kwargs`` go to :func:`export_hf`. Used by the CLI and by ``checkpoint.export_hf``."""
+    from braid.convert.braid_checkpoint import load_braid_checkpoint
+
+    model, cfg = load_braid_checkpoint(checkpoint)
+    return export_hf(model, cfg, out, **kwargs)
+
+
 def hf_model_config(path: Path) -> tuple[dict, ModelConfig]:
     """config.json of a HF dir → (the dict, braid's ModelConfig): braid exports or stock classes."""
     hf = json.loads((path / "config.json").read_text())
@@ -143,6 +152,8 @@ def load_hf_dir(path: str | Path):
     tensors = read_safetensors(path)
     if "braid_model" in hf:
         state = {k[len("braid."):]: v for k, v in tensors.items() if k.startswith("braid.")}
+    elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:
+        state = stock_kimi.from_hf_state(tensors, n_experts=m.moe.n_experts)
     else:
         state = stock.from_hf_state(tensors, n_experts=m.moe.n_experts if "E" in m.ffn_pattern else 0)
     if m.tie_embeddings:

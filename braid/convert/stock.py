@@ -29,6 +29,10 @@ def _ffn_letters(m: ModelConfig) -> str:
 
 def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional[str]:
     """The stock class that computes exactly what braid computes for ``m`` (and its weights), or None."""
+    from braid.convert import stock_kimi
+
+    if stock_kimi.matches(m):  # the kimi-linear presets; older transformers lack the class
+        return stock_kimi.KIMI if stock_kimi.available() else None
     ffn = _ffn_letters(m)
     if set(m.pattern) != {"A"} or m.connection != "residual" or m.meta_tokens or m.pos_emb != "rope":
         return None
@@ -53,7 +57,11 @@ def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional
 
 def hf_config(m: ModelConfig, arch: str) -> dict:
     """config.json fields of the stock class ``arch`` for braid's model section ``m``."""
+    from braid.convert import stock_kimi
     from braid.models.ffn import ffn_hidden_size
+
+    if arch == stock_kimi.KIMI:
+        return stock_kimi.hf_config(m)
 
     head_dim = m.head_dim or m.d_model // m.n_heads
     cfg = dict(
@@ -88,9 +96,14 @@ def hf_config(m: ModelConfig, arch: str) -> dict:
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """Inverse of :func:`hf_config` for the supported stock classes (others raise ValueError)."""
+    from braid.convert import stock_kimi
+
     arch = (hf.get("architectures") or [None])[0]
+    if arch == stock_kimi.KIMI:
+        return stock_kimi.model_config_from_hf(hf)
     if arch not in MODEL_TYPES:
-        raise ValueError(f"from-hf supports {', '.join(MODEL_TYPES)}; this checkpoint is {arch!r}")
+        raise ValueError(f"from-hf supports {', '.join([*MODEL_TYPES, stock_kimi.KIMI])}; this checkpoint is "
+                         f"{arch!r}")
     n = hf["num_hidden_layers"]
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from braid.config import Config, to_yaml
-from braid.errors import BraidError, ConfigError
+from braid.errors import BraidError, ConfigError, NonFiniteLossError
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
@@ -33,12 +33,6 @@ from braid.trainer.optim import build_optimizer
 from braid.trainer.schedule import lr_at
 
 
-class NonFiniteLossError(BraidError):
-    """``train.max_nan_iterations`` consecutive non-finite steps: the run stops, its checkpoints intact."""
-
-    exit_code = 3  # the CLI's exit status (README, Launch: signals); 2 stays "bad input"
-
-
 class Trainer:
     """Owns one run. ``Trainer(cfg).train()`` returns the per-step training losses it computed."""
 
@@ -50,15 +44,9 @@ class Trainer:
         self.dims = resolve_dims(p, self.info.world_size)
         check_layout(p, self.dims)
         if self.dims.cp > 1:
-            from braid.parallel.context import layout_pieces, resolve_layout
+            from braid.parallel.context import check_cp
 
-            pieces = layout_pieces(resolve_layout(p.cp_layout, cfg.model.pattern), self.dims.cp)
-            if cfg.data.seq_len % pieces:
-                raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len} must be a multiple of {pieces} "
-                                  f"with parallel.cp = {self.dims.cp} ({p.cp_layout} layout)")
-            if p.cp_kind == "ulysses" and cfg.model.n_heads % self.dims.cp:
-                raise ConfigError(f"config key 'model.n_heads' = {cfg.model.n_heads} must be divisible by "
-                                  f"parallel.cp = {self.dims.cp} with parallel.cp_kind=ulysses")
+            check_cp(cfg, self.dims.cp)
         self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
         if t.global_batch_size % (t.micro_batch_size * self.dp):
             raise ConfigError(
@@ -84,7 +72,11 @@ class Trainer:
         self.mesh = build_mesh(self.dims, self.device.type)
         # Losses and token counts are summed over data × context ranks; tensor ranks hold copies.
         self.loss_group = self.mesh.group("dp_cp")
-        model = HybridLM(self.model_cfg).to(self.device)
+        model = HybridLM(self.model_cfg)
+        from braid.convert.init_weights import init_from_config
+
+        self.init_notes = init_from_config(model, cfg)  # before sharding: every layout shards the loaded weights
+        model = model.to(self.device)
         param_dtype = self.autocast_dtype if self.device.type == "cuda" else None
         model = parallelize(model, self.mesh, p, self.device, param_dtype)
         self.optimizer = build_optimizer(model, t)  # after sharding: it must hold the sharded parameters
@@ -349,7 +341,7 @@ class Trainer:
             + (f" ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "")
             + f", activation checkpoint {self.cfg.parallel.activation_checkpoint}"
         )
-        for note in self.resume_notes:
+        for note in self.init_notes + self.resume_notes:
             self.logger.console(note)
         if resumed is not None:
             self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "
@@ -446,5 +438,35 @@ class Trainer:
                 signal.signal(sig, previous)
             if wandb_run is not None:
                 wandb_run.finish()
+        self._export_hf()
         self.logger.console(f"braid: done at iteration {self.step}; run dir {self.run_dir}")
         return losses
+
+    def _export_hf(self) -> None:
+        """``checkpoint.export_hf``: rank 0 writes the newest checkpoint (the final one unless the last
+        step was non-finite) as ``python -m braid.convert to-hf`` would; every rank waits for it."""
+        spec = self.cfg.checkpoint.export_hf
+        if spec is False:
+            return
+        out = self.run_dir / "hf" if spec is True else Path(spec)
+        error: Optional[BaseException] = None
+        if self.info.is_main:
+            try:
+                ckpt = latest_checkpoint(self.ckpt.root)
+                if ckpt is None:
+                    raise BraidError("checkpoint.export_hf: the run saved no checkpoint to export")
+                if ckpt.name != f"step_{self.step}":
+                    self.logger.console(f"braid: warning: iteration {self.step} was not saved (non-finite); "
+                                        f"exporting {ckpt.name}")
+                from braid.convert.hf_export import export_checkpoint
+
+                info = export_checkpoint(ckpt, out)
+                self.logger.console(f"braid: exported {ckpt} as {info['architecture']} to {out}")
+            except Exception as exc:  # re-raised below, after the other ranks have heard of it
+                error = exc
+        # Agree on the outcome: a rank left waiting for a failed export would hang the job.
+        failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item() > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise BraidError("checkpoint.export_hf failed on rank 0")

@@ -1,0 +1,80 @@
+"""``checkpoint.init_from``: fill a freshly built model with another run's or a HF directory's weights.
+
+Used by the trainer before parallelism is applied, so the same code serves every layout: each rank
+reads the full weights into its plain ``HybridLM`` and FSDP2/TP/DeepSpeed then shard them as usual.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from braid.errors import BraidError, ConfigError
+
+KEY = "checkpoint.init_from"
+
+
+def _check_same(path: Path, model: torch.nn.Module, saved: dict[str, tuple]) -> None:
+    """One line naming the config key when the saved weights do not fit ``model`` exactly."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    if missing or extra:
+        raise ConfigError(f"config key '{KEY}' = '{path}': another architecture (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]})")
+    for k, shape in want.items():
+        if saved[k] != shape:
+            raise ConfigError(f"config key '{KEY}' = '{path}': {k} has shape {list(saved[k])}, "
+                              f"this model's is {list(shape)}")
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Copy the weights at ``path`` into ``model`` (a plain, unsharded HybridLM) in place.
+
+    ``path``: a braid DCP checkpoint (``step_N``, ``latest``, ``checkpoints/`` or the run dir; any
+    parallel layout) or a HF directory that :func:`braid.convert.load` reads. Returns what was
+    loaded, for the log. A shape or architecture mismatch raises ``ConfigError`` naming the key.
+    """
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from braid.convert.hf_export import load_hf_dir
+
+        try:
+            source, _, hf = load_hf_dir(p)
+        except (BraidError, ValueError, KeyError, FileNotFoundError) as exc:
+            raise ConfigError(f"config key '{KEY}' = '{path}': {str(exc).splitlines()[0]}") from None
+        state = source.state_dict()
+        _check_same(p, model, {k: tuple(v.shape) for k, v in state.items()})
+        model.load_state_dict(state)
+        return f"{p} ({(hf.get('architectures') or ['?'])[0]})"
+    from braid.convert.braid_checkpoint import load_state_dict_into, resolve_checkpoint_dir
+
+    try:
+        ckpt = resolve_checkpoint_dir(p)
+    except BraidError as exc:
+        raise ConfigError(f"config key '{KEY}' = '{path}': {exc}") from None
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    # DCP flattens {"model": {...}} to "model.<fqn>"; optimizer and trainer entries are not weights.
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    _check_same(p, model, saved)
+    with torch.no_grad():
+        load_state_dict_into(model, ckpt)
+    return str(ckpt)
+
+
+def init_from_config(model: torch.nn.Module, cfg) -> list[str]:
+    """``checkpoint.init_from``: a new run starts from those weights, unless the run resumes its own
+    checkpoint (then the resumed weights win and this says so); returns the lines to log."""
+    from braid.trainer.checkpoint import latest_checkpoint
+
+    c = cfg.checkpoint
+    if c.init_from is None:
+        return []
+    own = Path(c.resume) if c.resume not in ("auto", "none") else None
+    if c.resume == "auto":
+        own = latest_checkpoint(cfg.run_dir / "checkpoints")
+    if own is not None:
+        return [f"braid: {KEY}={c.init_from} ignored: resuming this run's checkpoint {own}"]
+    loaded = load_init_weights(model, c.init_from)
+    return [f"braid: initialised weights from {loaded} (new run: step 0, fresh optimizer and schedule)"]
