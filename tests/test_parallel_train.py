@@ -229,6 +229,22 @@ def test_tensor_parallel_with_fsdp_matches_one_process(tmp_path, preset):
 
 
 @pytest.mark.slow
+def test_tensor_and_expert_parallel_together_match_one_process(tmp_path):
+    """4 ranks, dp_shard 2 × tp 2 with ep 2: experts over the two data ranks and every expert's hidden
+    units over tp (2-D (ep, tp) DTensors), attention heads over tp, FSDP2 over the data ranks; with and
+    without sequence parallelism. 5 steps of moe-tiny give one process's losses and gradient norms."""
+    preset = "moe-tiny"
+    ref = run_one_process(tmp_path / "ref", preset)
+    layouts = {"tp2_ep2": {"parallel.dp_shard": 2, "parallel.tp": 2, "parallel.ep": 2},
+               "tp2_ep2_nosp": {"parallel.dp_shard": 2, "parallel.tp": 2, "parallel.ep": 2,
+                                "parallel.sequence_parallel": "false"}}
+    launch(tmp_path, 4, [overrides(tmp_path / k, preset, **v) for k, v in layouts.items()])
+    for k in layouts:
+        assert_same_trajectory(train_records(tmp_path / k), ref, f"{preset} {k}")
+        assert eval_losses(tmp_path / k) == pytest.approx(eval_losses(tmp_path / "ref"), rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
 def test_deepspeed_resume_same_layout(tmp_path):
     """ZeRO-3 checkpoints resume (same world size) and continue the same trajectory."""
     preset = "llama-tiny"

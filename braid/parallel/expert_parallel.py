@@ -29,12 +29,11 @@ import types
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from braid.errors import ConfigError
-from braid.kernels.grouped_gemm import grouped_mm
+from braid.parallel.tp_plans.moe import local_expert_ffn
 
 
 class _AllToAll(torch.autograd.Function):
@@ -72,13 +71,30 @@ def _ep_experts(group, ep: int):
         order = torch.argsort(row_expert, stable=True)
         w1 = self.gate_up.to_local() if isinstance(self.gate_up, DTensor) else self.gate_up
         w2 = self.down.to_local() if isinstance(self.down, DTensor) else self.down
-        sizes = recv_sizes.sum(0)
-        gate, up = grouped_mm(recv[order], w1.to(xs.dtype), sizes).chunk(2, dim=-1)
-        y_sorted = grouped_mm(F.silu(gate) * up, w2.to(xs.dtype), sizes)
+        # Under tp the local experts hold this rank's hidden units only (partial outputs, summed by
+        # the tp plan's one reduction after the combine).
+        y_sorted = local_expert_ffn(self, recv[order], recv_sizes.sum(0), w1, w2)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to source-major
         return _AllToAll.apply(y, in_splits, out_splits, group)
 
     return experts
+
+
+def _ep_over_tp(p: DTensor, ep_mesh: DeviceMesh, e_local: int) -> nn.Parameter:
+    """A tp-sharded expert weight (``tp_plans/moe.py``) → a 2-D ``(ep, tp)`` DTensor: experts over
+    ep (``Shard(0)``), hidden units over tp as before. Built from the local shard (no communication,
+    works on the meta device); the ep view must be a dim of the same root mesh as tp."""
+    root = ep_mesh._get_root_mesh()
+    try:
+        mesh = root[("ep", "tp")]
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ConfigError("config keys 'parallel.ep' and 'parallel.tp': the ep and tp views must be dims of "
+                          f"one DeviceMesh to shard experts over both ({exc})") from None
+    r = ep_mesh.get_local_rank()
+    local = p.to_local()[r * e_local:(r + 1) * e_local]
+    new = DTensor.from_local(local, mesh, [Shard(0), p.placements[0]], run_check=False,
+                             shape=p.shape, stride=p.stride())
+    return nn.Parameter(new, requires_grad=p.requires_grad)
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
@@ -86,7 +102,10 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
 
     ``gate_up [E, d, 2h]`` and ``down [E, h, d]`` become ``Shard(0)`` DTensors on the 1-D ep mesh
     (rank 0's values are scattered); the router, the bias and the shared experts stay plain. The
-    ep ranks must feed different tokens (ep is carved out of the data × context ranks).
+    ep ranks must feed different tokens (ep is carved out of the data × context ranks). After tensor
+    parallelism (experts' hidden units over tp) they become ``(Shard(0), Shard(hidden))`` on the
+    2-D ``(ep, tp)`` mesh: the ep group of a rank is the ranks with its tp coordinate, which hold the
+    same hidden units, so dispatch and combine run unchanged per tp slice.
     """
     from braid.models.moe import MoE
 
@@ -104,6 +123,8 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             p = getattr(module, name)
             if not isinstance(p, DTensor):
                 module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
+            elif p.device_mesh.mesh_dim_names == ("tp",):
+                module.register_parameter(name, _ep_over_tp(p, ep_mesh, module.n_experts // ep))
         module.experts = types.MethodType(_ep_experts(group, ep), module)
 
 

@@ -21,9 +21,10 @@ from torch.distributed.tensor import DTensor
 
 
 def expert_sharded_params(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that expert parallelism sharded over the ``ep`` mesh (DTensors on it)."""
+    """Parameters that expert parallelism sharded over the ``ep`` mesh (DTensors on it, or on
+    ``(ep, tp)`` when tensor parallelism also splits each expert's hidden units)."""
     return [p for p in model.parameters()
-            if isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("ep",)]
+            if isinstance(p, DTensor) and "ep" in (p.device_mesh.mesh_dim_names or ())]
 
 
 def scalar_params(model: nn.Module) -> list[nn.Parameter]:

@@ -16,14 +16,17 @@ How a module is sharded (``shard_module``):
   gradient all-reduced over tp (Megatron's rule for weights shared by sharded computation).
 
 Why not ``parallelize_module`` with Colwise/RowwiseParallel: braid's mixers read weights directly
-(FoX's fp32 forget gate, KDA's depthwise convs and decay parameters, Hymba's packed ``in_proj``,
-MLA's shared rope key), so a Linear-level DTensor plan would need DTensor-aware mixer code and would
-still leave the non-Linear parameters and the packed layouts. The plans in ``tp_plans/mixers.py``
+(FoX's fp32 forget gate, KDA's depthwise convs and decay parameters, Hymba's packed ``in_proj``
+and the experts' packed ``gate_up``, MLA's shared rope key), so a Linear-level DTensor plan would
+need DTensor-aware mixer code and would still leave the non-Linear parameters and the packed
+layouts. The plans in ``tp_plans/mixers.py``
 are the same Megatron layout (column-parallel in, row-parallel out) stated per parameter.
 
 What stays plain (not a DTensor, same on every tp rank, computed redundantly): the final norm, the
-meta tokens, MoE layers (experts replicated over tp; shard them over ``parallel.ep`` instead), and,
-without sequence parallelism, the connections' norms.
+meta tokens, the MoE router and expert bias (routing is replicated, ``tp_plans/moe.py``), and,
+without sequence parallelism, the connections' norms. Packed projections (Hymba's ``in_proj``, the
+experts' ``[gate | up]``) are plain ``Shard``s whose outputs one all-to-all re-lays per rank
+(``comm.PackedColumns``).
 
 Sequence parallelism (``sequence_parallel=True``): between blocks the residual stream is split along
 time; connections (norms, hyper-connections) run on the local chunk with their weights' gradients
@@ -56,14 +59,11 @@ class ModulePlan:
 
     shard: parameter name (relative to the module) → the dim split over tp; unlisted ones replicate.
     local: attribute → its per-rank value (head counts, channel counts) set once at apply time.
-    rows: replicated parameter → rows of it this rank uses (packed layouts that no single ``Shard``
-        describes, e.g. Hymba's ``in_proj``).
     setup: optional extra changes on the module (hooks for reductions in the middle of a mixer).
     """
 
     shard: dict[str, int] = field(default_factory=dict)
     local: dict[str, int] = field(default_factory=dict)
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)
     setup: Optional[Callable[[nn.Module, object], None]] = None
 
 
@@ -98,10 +98,6 @@ def _local_params(module: nn.Module, plan: ModulePlan, group):
             local = p.to_local()
             if name not in plan.shard:
                 local = comm.copy_to_tp(local, group)  # replicated weight, partial gradient per rank
-                if name in plan.rows:
-                    if plan.rows[name].device != local.device:  # built before the model was materialised
-                        plan.rows[name] = plan.rows[name].to(local.device)
-                    local = local[plan.rows[name]]
             swapped.append((owner, attr, p))
             owner._parameters[attr] = local  # a plain tensor for this call only
         yield
@@ -262,6 +258,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     """
     from braid.models.moe import MoE
     from braid.parallel.tp_plans.mixers import ffn_plan, mixer_plan
+    from braid.parallel.tp_plans.moe import shard_moe
 
     p = tp_mesh.size()
     if p == 1:
@@ -280,9 +277,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     for block in model.layers:
         shard_module(block.mixer, tp_mesh, mixer_plan(block.mixer, p), enter, leave)
         if isinstance(block.ffn, MoE):
-            if sp:  # replicated experts see the whole sequence, and keep their own chunk
-                _wrap_io(block.ffn, lambda x: comm.gather_seq_for_replicated(x, group),
-                         lambda y: comm.split_seq(y, group))
+            shard_moe(block.ffn, tp_mesh, sp)
         elif block.ffn is not None:
             shard_module(block.ffn, tp_mesh, ffn_plan(block.ffn, p), enter, leave)
         if sp:  # norms / hyper-connections run on the local chunk: all their weights replicate

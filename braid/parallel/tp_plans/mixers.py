@@ -108,40 +108,36 @@ def hymba_plan(m: Hymba, tp: int):
     """H: attention heads and SSM channels split together (rank r's attention output channels are
     its SSM channels, so the fusion stays local).
 
-    ``in_proj`` packs ``[q | k | v | x | z]``; no single ``Shard`` splits all five blocks, so it stays
-    a replicated DTensor and each rank multiplies by its own rows of every block (memory: the full
-    ``in_proj`` on each rank). The depthwise conv, ``dt_proj``, ``A_log``, ``D`` and the fusion norms
-    follow their channels; ``x_proj`` reduces over channels (split by input columns, output
-    all-reduced); the dt/B/C norms and QK-norms replicate; the fusion norms' statistic is all-reduced.
+    ``in_proj`` packs ``[q | k | v | x | z]``: it is a plain ``Shard(0)`` (rank s stores and
+    multiplies the contiguous rows ``[s·N/p, (s+1)·N/p)``), and one all-to-all of its output
+    (:class:`comm.PackedColumns`) hands each rank its 1/p of every block. The depthwise conv,
+    ``dt_proj``, ``A_log``, ``D`` and the fusion norms follow their channels; ``x_proj`` mixes all
+    channels into dt/B/C: split by input columns, its partial sums all-reduced forward (the total
+    feeds every channel) and backward (each rank's gradient of the total covers its channels only);
+    the dt/B/C norms and QK-norms replicate; the fusion norms' statistic is all-reduced.
     """
     from braid.parallel.tensor_parallel import ModulePlan
 
     _divisible(m.n_heads, tp, "model.n_heads")
     if m.kv_source is None:
         _divisible(m.n_kv_heads, tp, "model.n_kv_heads")
+    _divisible(m.ssm_inner, tp, "model.hymba.ssm_inner")
     sizes = [m.q_dim, m.k_dim, m.v_dim, m.ssm_inner, m.ssm_inner]
-    shard = {"conv1d.weight": 0, "conv1d.bias": 0, "x_proj.weight": 1, "dt_proj.weight": 0,
-             "dt_proj.bias": 0, "A_log": 0, "D": 0, "pre_avg_layernorm1.weight": 0,
+    shard = {"in_proj.weight": 0, "conv1d.weight": 0, "conv1d.bias": 0, "x_proj.weight": 1,
+             "dt_proj.weight": 0, "dt_proj.bias": 0, "A_log": 0, "D": 0, "pre_avg_layernorm1.weight": 0,
              "pre_avg_layernorm2.weight": 0, "out_proj.weight": 1}
     local = {"n_heads": m.n_heads // tp, "n_kv_heads": m.n_kv_heads // tp, "ssm_inner": m.ssm_inner // tp,
              "q_dim": m.q_dim // tp, "k_dim": m.k_dim // tp, "v_dim": m.v_dim // tp}
-    plan = ModulePlan(shard=shard, local=local)
     full_inner = m.ssm_inner
 
     def setup(module: Hymba, group) -> None:
-        rank = torch.distributed.get_rank(group)
-        rows, start = [], 0
-        for size in sizes:
-            chunk = size // tp
-            rows.append(torch.arange(start + rank * chunk, start + (rank + 1) * chunk))
-            start += size
-        plan.rows["in_proj.weight"] = torch.cat(rows)
+        relayout = comm.PackedColumns.blocks(sizes, group)
+        module.in_proj.register_forward_hook(lambda mod, inp, out: relayout(out))
         module.x_proj.register_forward_hook(lambda mod, inp, out: comm.all_reduce_both(out, group))
         for norm in (module.pre_avg_layernorm1, module.pre_avg_layernorm2):
             norm.forward = types.MethodType(_sharded_rms_forward(full_inner, group), norm)
 
-    plan.setup = setup
-    return plan
+    return ModulePlan(shard=shard, local=local, setup=setup)
 
 
 def swiglu_plan(m: SwiGLU, tp: int):
