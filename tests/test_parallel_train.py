@@ -273,3 +273,17 @@ def _worker(spec: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_every_preset_tensor_parallel_matches_one_process(tmp_path):
+    """tp 2 (sequence parallel) and dp_shard 2 × tp 2 through the trainer, for every ``*-tiny`` preset
+    whose kv heads divide over 2 ranks (tiny-swa has one kv head: TP refuses it in one line)."""
+    presets = [p for p in PRESETS if p != "tiny-swa"]
+    refs = {p: run_one_process(tmp_path / f"ref_{p}", p) for p in presets}
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_tp2", p, **{"parallel.tp": 2}) for p in presets], timeout=3600)
+    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_dp2tp2", p, **{"parallel.dp_shard": 2, "parallel.tp": 2})
+                         for p in presets], timeout=3600)
+    for p in presets:
+        for name in ("tp2", "dp2tp2"):
+            assert_same_trajectory(train_records(tmp_path / f"{p}_{name}"), refs[p], f"{p} {name}")
