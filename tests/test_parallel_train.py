@@ -278,8 +278,8 @@ if __name__ == "__main__":
 @pytest.mark.slow
 def test_every_preset_tensor_parallel_matches_one_process(tmp_path):
     """tp 2 (sequence parallel) and dp_shard 2 × tp 2 through the trainer, for every ``*-tiny`` preset
-    whose kv heads divide over 2 ranks (tiny-swa has one kv head: TP refuses it in one line)."""
-    presets = [p for p in PRESETS if p != "tiny-swa"]
+    (tiny-swa's single kv head is replicated on both tp ranks)."""
+    presets = PRESETS
     refs = {p: run_one_process(tmp_path / f"ref_{p}", p) for p in presets}
     launch(tmp_path, 2, [overrides(tmp_path / f"{p}_tp2", p, **{"parallel.tp": 2}) for p in presets], timeout=3600)
     launch(tmp_path, 4, [overrides(tmp_path / f"{p}_dp2tp2", p, **{"parallel.dp_shard": 2, "parallel.tp": 2})

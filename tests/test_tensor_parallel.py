@@ -48,7 +48,13 @@ CASES = {
         n_experts=4, top_k=2, expert_hidden=8, router="sigmoid", n_groups=2, topk_groups=1, routed_scaling=2.0,
         n_shared_experts=1, shared_hidden=8, aux_loss_coef=0.1, z_loss_coef=0.01, capacity_factor=1.0)),
     "A-hc": dict(pattern="AG", connection="hc", ffn_pattern="S-"),
+    # KV heads replicated (tp > n_kv_heads, Megatron-style): n_kv_heads = tp / 2, so tp = 2 has one
+    # KV head on both ranks and tp = 4 two KV heads, each on two ranks (see _config).
+    "AG-kvrep": dict(pattern="AG", qk_norm=True, attn_gate="elementwise", n_heads=8,
+                     s2=S2Config(enabled=True, block=2, local_blocks=1, vert_stride=4)),
+    "F-kvrep": dict(pattern="F", n_heads=8, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True)),
 }
+KV_REPLICATED = {"AG-kvrep", "F-kvrep"}
 # The default run: tp = 2 with sequence parallelism, every case. Slow: tp = 2 without SP, tp = 4 with SP.
 FAST_LAYOUT = (2, True)
 
@@ -79,13 +85,19 @@ def _grads(model) -> dict:
     return out
 
 
+def _config(name: str, tp: int):
+    overrides = dict(CASES[name])
+    if name in KV_REPLICATED:
+        overrides["n_kv_heads"] = tp // 2
+    elif tp > 2:  # 4 ranks need 4 KV heads to split
+        overrides["n_kv_heads"] = 4
+    return tiny_model_config(**overrides)
+
+
 def _run_case(name: str, tp_mesh, sp: bool) -> dict:
     from braid.parallel.tensor_parallel import apply_tp
 
-    overrides = dict(CASES[name])
-    if tp_mesh.size() > 2:  # 4 ranks need 4 KV heads to split
-        overrides["n_kv_heads"] = 4
-    cfg = tiny_model_config(**overrides)
+    cfg = _config(name, tp_mesh.size())
     torch.manual_seed(0)
     ref = HybridLM(cfg)
     with torch.no_grad():  # larger weights than the 0.02 init so that every path carries signal
@@ -134,7 +146,7 @@ def _meta_init_problems(name: str, tp_mesh, sp: bool) -> list:
 
     from braid.parallel.tensor_parallel import apply_tp
 
-    cfg = tiny_model_config(**CASES[name])
+    cfg = _config(name, tp_mesh.size())
     torch.manual_seed(0)
     ref = HybridLM(cfg)
     with torch.device("meta"):
@@ -269,9 +281,12 @@ def test_vocab_parallel_cross_entropy_equals_full_loss():
 def test_plan_rejects_heads_not_divisible_by_tp():
     from braid.parallel.tp_plans.mixers import mixer_plan
 
-    model = HybridLM(tiny_model_config(pattern="A", n_kv_heads=2))
-    with pytest.raises(ConfigError, match="model.n_kv_heads"):
-        mixer_plan(model.layers[0].mixer, 4)
+    model = HybridLM(tiny_model_config(pattern="A", n_heads=6, n_kv_heads=3, d_model=24))
+    with pytest.raises(ConfigError, match="model.n_kv_heads' = 3 must be divisible by parallel.tp = 2 or divide"):
+        mixer_plan(model.layers[0].mixer, 2)  # neither split nor replicated
+    model = HybridLM(tiny_model_config(pattern="A", n_heads=2, n_kv_heads=1))
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        mixer_plan(model.layers[0].mixer, 4)  # KV replicated, but the query heads cannot split
     kda = HybridLM(tiny_model_config(pattern="K", kda=KDAConfig(n_heads=3, head_dim=8)))
     with pytest.raises(ConfigError, match="model.kda.n_heads"):
         mixer_plan(kda.layers[0].mixer, 2)

@@ -22,6 +22,12 @@ need DTensor-aware mixer code and would still leave the non-Linear parameters an
 layouts. The plans in ``tp_plans/mixers.py``
 are the same Megatron layout (column-parallel in, row-parallel out) stated per parameter.
 
+KV heads fewer than tp ranks (tp a multiple of ``n_kv_heads``, attention/gated attention/FoX): as in
+Megatron, the KV projections are replicated and rank r uses KV head ``r // (tp / n_kv_heads)``. They
+are ordinary ``Replicate()`` DTensors holding the full weight (so FSDP2 and DCP see the unsharded
+layout, as for any replicated weight); ``ModulePlan.pick`` cuts the rank's rows inside the forward,
+and the usual tp all-reduce of replicated gradients sums the replicas of each KV head.
+
 What stays plain (not a DTensor, same on every tp rank, computed redundantly): the final norm, the
 meta tokens, the MoE router and expert bias (routing is replicated, ``tp_plans/moe.py``), and,
 without sequence parallelism, the connections' norms. Packed projections (Hymba's ``in_proj``, the
@@ -60,11 +66,16 @@ class ModulePlan:
     shard: parameter name (relative to the module) → the dim split over tp; unlisted ones replicate.
     local: attribute → its per-rank value (head counts, channel counts) set once at apply time.
     setup: optional extra changes on the module (hooks for reductions in the middle of a mixer).
+    pick: replicated parameter name → ``rank → [(start, length), ...]``: the dim-0 row ranges of the
+        full (replicated) weight this tp rank computes with (KV heads replicated when tp > n_kv_heads,
+        Megatron-style). The rows are cut after the all-reduce-backward copy, so each rank's gradient
+        is zero outside its rows and the tp all-reduce sums the replicas sharing a row.
     """
 
     shard: dict[str, int] = field(default_factory=dict)
     local: dict[str, int] = field(default_factory=dict)
     setup: Optional[Callable[[nn.Module, object], None]] = None
+    pick: dict[str, Callable[[int], list]] = field(default_factory=dict)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -87,8 +98,9 @@ def _distribute(module: nn.Module, mesh: DeviceMesh, shard: dict[str, int]) -> N
 
 
 @contextmanager
-def _local_params(module: nn.Module, plan: ModulePlan, group):
-    """Swap the module's DTensor parameters for their local tensors while the body runs."""
+def _local_params(module: nn.Module, plan: ModulePlan, group, picks: Optional[dict] = None):
+    """Swap the module's DTensor parameters for their local tensors while the body runs
+    (``picks``: replicated name → row ranges this rank uses, see :attr:`ModulePlan.pick`)."""
     swapped = []
     try:
         for name, p in list(module.named_parameters()):
@@ -98,6 +110,9 @@ def _local_params(module: nn.Module, plan: ModulePlan, group):
             local = p.to_local()
             if name not in plan.shard:
                 local = comm.copy_to_tp(local, group)  # replicated weight, partial gradient per rank
+                if picks and name in picks:
+                    parts = [local.narrow(0, start, n) for start, n in picks[name]]
+                    local = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
             swapped.append((owner, attr, p))
             owner._parameters[attr] = local  # a plain tensor for this call only
         yield
@@ -115,6 +130,7 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, plan: ModulePlan,
     replaces the forward computation (default: the module's own forward).
     """
     group = mesh.get_group()
+    picks = {name: fn(mesh.get_local_rank()) for name, fn in plan.pick.items()}
     _distribute(module, mesh, plan.shard)
     global_sizes = {attr: getattr(module, attr) for attr in plan.local}
     for attr, value in plan.local.items():
@@ -127,7 +143,7 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, plan: ModulePlan,
 
     def forward(x, *args, **kwargs):
         x = enter(x)
-        with _local_params(module, plan, group):
+        with _local_params(module, plan, group, picks):
             y = inner(x, *args, **kwargs)
         return leave(y)
 

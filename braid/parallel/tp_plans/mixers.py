@@ -36,17 +36,34 @@ def _present(module: nn.Module, shard: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in shard.items() if k in names}
 
 
+def _kv_replicas(n_kv: int, tp: int, key: str) -> int:
+    """1 when the KV heads split over tp; else the number of ranks sharing each (replicated) KV head."""
+    if n_kv % tp == 0:
+        return 1
+    if tp % n_kv == 0:
+        return tp // n_kv
+    raise ConfigError(f"config key '{key}' = {n_kv} must be divisible by parallel.tp = {tp} or divide it "
+                      f"(KV heads are split or replicated over tp)")
+
+
 def attention_plan(m: Attention, tp: int):
     """A and G: query, key and value heads split over tp (GQA groups stay on one rank).
 
     Gated attention's widened ``q_proj`` is laid out per KV group ``[Hkv, G·D | G·E]``, so its
     contiguous row blocks are whole KV groups: each rank gets its heads' queries and gates together.
     QK-norm weights (shared by all heads) replicate.
+
+    tp a multiple of n_kv_heads (Megatron's KV replication): ``k_proj``/``v_proj`` replicate and rank
+    r computes with the rows of KV head ``r // (tp / n_kv_heads)`` only (:attr:`ModulePlan.pick`); the
+    tp all-reduce of replicated gradients sums the replicas of each KV head. Query heads still split
+    (``n_heads`` divisible by tp). Gated attention's ``q_proj`` then holds part of a KV group per rank,
+    whose query and gate rows are not contiguous: it replicates too, each rank picking its two row
+    ranges (the full q_proj on every rank: memory, not FLOPs, is what this costs).
     """
     from braid.parallel.tensor_parallel import ModulePlan
 
-    _divisible(m.n_kv_heads, tp, "model.n_kv_heads")
-    shard = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "o_proj.weight": 1}
+    rep = _kv_replicas(m.n_kv_heads, tp, "model.n_kv_heads")
+    _divisible(m.n_heads, tp, "model.n_heads")
     local_heads = m.n_heads // tp
 
     def setup(module: Attention, group) -> None:
@@ -54,15 +71,41 @@ def attention_plan(m: Attention, tp: int):
             start = torch.distributed.get_rank(group) * local_heads
             module.s2 = dataclasses.replace(module.s2, head_start=module.s2.head_start + start)
 
-    return ModulePlan(shard=shard, local={"n_heads": local_heads, "n_kv_heads": m.n_kv_heads // tp}, setup=setup)
+    if rep == 1:
+        shard = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "o_proj.weight": 1}
+        return ModulePlan(shard=shard, local={"n_heads": local_heads, "n_kv_heads": m.n_kv_heads // tp},
+                          setup=setup)
+    hd = m.head_dim
+    kv_rows = lambda r: [((r // rep) * hd, hd)]  # noqa: E731
+    pick = {"k_proj.weight": kv_rows, "v_proj.weight": kv_rows}
+    local = {"n_heads": local_heads, "n_kv_heads": 1}
+    shard = {"q_proj.weight": 0, "o_proj.weight": 1}
+    if isinstance(m, GatedAttention):
+        g, e = m.group, m.gate_dim
+        gl = g // rep  # this rank's query heads within its KV group
+
+        def q_rows(r: int) -> list:
+            base, g0 = (r // rep) * g * (hd + e), (r % rep) * gl
+            return [(base + g0 * hd, gl * hd), (base + g * hd + g0 * e, gl * e)]
+
+        del shard["q_proj.weight"]
+        pick["q_proj.weight"] = q_rows
+        local["group"] = gl
+    return ModulePlan(shard=shard, local=local, setup=setup, pick=pick)
 
 
 def fox_plan(m: FoX, tp: int):
     """F: attention's split plus the per-head forget gate, per-KV-head shift gates and the
-    per-channel output gate; the output norm (per head, shared weight) replicates."""
+    per-channel output gate; the output norm (per head, shared weight) replicates. With KV heads
+    replicated, the shift gates replicate too and each rank picks its KV head's row."""
     plan = attention_plan(m, tp)
-    plan.shard.update(_present(m, {"fgate_proj.weight": 0, "fgate_proj.bias": 0, "k_shift_proj.weight": 0,
-                                   "v_shift_proj.weight": 0, "out_gate_proj.weight": 0}))
+    plan.shard.update(_present(m, {"fgate_proj.weight": 0, "fgate_proj.bias": 0, "out_gate_proj.weight": 0}))
+    shift = _present(m, {"k_shift_proj.weight": 0, "v_shift_proj.weight": 0})
+    if not plan.pick:
+        plan.shard.update(shift)
+    else:
+        rep = tp // m.n_kv_heads
+        plan.pick.update({name: (lambda r: [(r // rep, 1)]) for name in shift})
     return plan
 
 
@@ -119,8 +162,9 @@ def hymba_plan(m: Hymba, tp: int):
     from braid.parallel.tensor_parallel import ModulePlan
 
     _divisible(m.n_heads, tp, "model.n_heads")
-    if m.kv_source is None:
-        _divisible(m.n_kv_heads, tp, "model.n_kv_heads")
+    if m.kv_source is None and m.n_kv_heads % tp:
+        raise ConfigError(f"config key 'model.n_kv_heads' = {m.n_kv_heads} must be divisible by parallel.tp = "
+                          f"{tp} for Hymba (no KV-head replication in its packed in_proj)")
     _divisible(m.ssm_inner, tp, "model.hymba.ssm_inner")
     sizes = [m.q_dim, m.k_dim, m.v_dim, m.ssm_inner, m.ssm_inner]
     shard = {"in_proj.weight": 0, "conv1d.weight": 0, "conv1d.bias": 0, "x_proj.weight": 1,
