@@ -172,6 +172,7 @@ def test_deepspeed_refuses_scalar_parameters_in_one_line():
     cfg = load_config(None, ["model.preset=llama-tiny", "model.connection=hc", "model.hc.dynamic=true",
                              "parallel.engine=deepspeed", "parallel.zero_stage=3"])
     model = HybridLM(resolve_vocab(cfg.model, 256))
-    assert any(p.ndim == 0 for p in model.parameters())
+    assert not any(p.ndim == 0 for p in model.parameters())  # hyper-connections keep [1] scales
+    model.layers[0].register_parameter("scale", torch.nn.Parameter(torch.zeros(())))  # a future 0-d one
     with pytest.raises(ConfigError, match=r"'parallel.engine' = 'deepspeed' cannot flatten 0-d parameters"):
         build_engine(model, torch.optim.AdamW(model.parameters()), cfg, dp=1, grad_accum=1, bf16=False)

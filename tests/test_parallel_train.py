@@ -161,13 +161,14 @@ def test_hsdp_four_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_hyper_connections_match_one_process(tmp_path):
-    """``model.connection=hc`` (static + dynamic, mHC Sinkhorn) under FSDP2 + AC and HSDP. Its 0-d
-    parameters are all-reduced by hand (FSDP2 cannot shard them; DeepSpeed refuses them)."""
+    """``model.connection=hc`` (static + dynamic, mHC Sinkhorn) under FSDP2 + AC, HSDP and ZeRO-1/3."""
     hc = {"model.connection": "hc", "model.hc.dynamic": "true", "model.hc.sinkhorn_iters": 3}
     ref = run_one_process(tmp_path / "ref", "hybrid-tiny", **hc)
     launch(tmp_path, 2, [overrides(tmp_path / "fsdp", "hybrid-tiny", **hc, **TWO_PROC_LAYOUTS["fsdp_dp_shard2_ac"])])
     launch(tmp_path, 4, [overrides(tmp_path / "hsdp", "hybrid-tiny", **hc, **FOUR_PROC_LAYOUTS["hsdp_2x2"])])
-    for n in ("fsdp", "hsdp"):
+    launch(tmp_path, 2, [overrides(tmp_path / name, "hybrid-tiny", **hc, **TWO_PROC_LAYOUTS[name])
+                         for name in ("zero1", "zero3")])
+    for n in ("fsdp", "hsdp", "zero1", "zero3"):
         assert_same_trajectory(train_records(tmp_path / n), ref, f"hc {n}")
 
 

@@ -96,7 +96,7 @@ class HyperConnection(nn.Module):
             logits of the Sinkhorn projection (init 0 on the diagonal, ``MHC_OFFDIAG_LOGIT`` elsewhere).
         beta ``[n]``: B, how much of the sublayer output each stream receives (init 1).
         dynamic only: stream_norm (RMSNorm over d), dyn_proj ``[d, n + 2]`` (columns: A_m, A_r row,
-            B; init 0), dyn_scale_alpha and dyn_scale_beta (scalars s_α for A_m and A_r, s_β for B;
+            B; init 0), dyn_scale_alpha and dyn_scale_beta (``[1]``: the scales s_α for A_m and A_r, s_β for B;
             init 0.01).
     With these inits and equal streams the block is exactly ``h + f(norm(h))`` on every stream.
     """
@@ -117,8 +117,9 @@ class HyperConnection(nn.Module):
         if self.dynamic:
             self.stream_norm = RMSNorm(d, cfg.norm_eps)
             self.dyn_proj = nn.Parameter(torch.empty(d, n + 2))
-            self.dyn_scale_alpha = nn.Parameter(torch.empty(()))
-            self.dyn_scale_beta = nn.Parameter(torch.empty(()))
+            # Shape [1], not 0-d: ZeRO flattens parameters through byte views that 0-d tensors lack.
+            self.dyn_scale_alpha = nn.Parameter(torch.empty(1))
+            self.dyn_scale_beta = nn.Parameter(torch.empty(1))
         for p in self.parameters():  # norms included (1-D, exempt anyway): one rule for the whole module
             _no_decay(p)
         self.reset_parameters()

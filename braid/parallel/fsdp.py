@@ -28,7 +28,7 @@ def expert_sharded_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def scalar_params(model: nn.Module) -> list[nn.Parameter]:
-    """0-d parameters (e.g. dynamic hyper-connections' scales): FSDP2 cannot shard them, so they
+    """0-d parameters (none in braid's models today; a guard for new ones): FSDP2 cannot shard them, so they
     stay replicated and their gradients are all-reduced by :func:`reduce_manual_grads`."""
     return [p for p in model.parameters() if p.ndim == 0 and not isinstance(p, DTensor)]
 
