@@ -28,3 +28,19 @@ def tiny_model_config(**overrides) -> ModelConfig:
     fields = dict(pattern="AA", d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_multiple=16)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def cp_local(x, lay, m: int):
+    """This rank's part of a global ``[B, M+T, ...]`` tensor under context parallelism: the M meta rows
+    (every rank has them) then its segments of layout ``lay``; None stays None."""
+    return None if x is None else torch.cat([x[:, :m], lay.shard(x[:, m:], 1)], 1)
+
+
+def cp_gather(x, lay, m: int, group):
+    """The global tensor from every rank's local part; meta rows summed over ranks (each has a copy)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    meta = sum(p[:, :m] for p in parts)
+    return torch.cat([meta, lay.unshard([p[:, m:] for p in parts], 1)], 1)

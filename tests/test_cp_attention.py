@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from braid.kernels import attention
 from braid.kernels.s2 import S2Pattern
-from helpers import rel_rms
+from helpers import cp_gather, cp_local, rel_rms
 from spawn_group import run_group
 
 TOL = 1e-5
@@ -53,18 +53,6 @@ def _kw(case):
     return dict(window=case.get("window"), s2=case.get("s2"))
 
 
-def _local(x, lay, m):
-    return None if x is None else torch.cat([x[:, :m], lay.shard(x[:, m:], 1)], 1)
-
-
-def _gather(x, lay, m, group):
-    """The global tensor from local parts; meta rows summed over ranks (each rank has a copy)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    meta = sum(p[:, :m] for p in parts)
-    return torch.cat([meta, lay.unshard([p[:, m:] for p in parts], 1)], 1)
-
-
 def run_cases(kind: str, layout: str, node_size=None) -> dict:
     from braid.parallel.context import ContextParallel
 
@@ -80,18 +68,18 @@ def run_cases(kind: str, layout: str, node_size=None) -> dict:
             ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
             cps = cp.bind(T // cp.size, m)
             lay = cps.layout
-            loc = [None if x is None else _local(x.detach(), lay, m) for x in (q, k, v, lf)]
+            loc = [None if x is None else cp_local(x.detach(), lay, m) for x in (q, k, v, lf)]
             loc_leaves = [x.requires_grad_() for x in loc if x is not None]
-            o = cps.attention(loc[0], loc[1], loc[2], causal=True, sink=m, doc_ids=_local(doc, lay, m),
+            o = cps.attention(loc[0], loc[1], loc[2], causal=True, sink=m, doc_ids=cp_local(doc, lay, m),
                               log_forget=loc[3], backend="torch", **_kw(case))
-            w_loc = _local(w, lay, m)
+            w_loc = cp_local(w, lay, m)
             w_loc[:, :m] /= cp.size  # the meta rows are replicated: each rank carries 1/cp of their loss
             grads = torch.autograd.grad((o * w_loc).sum(), loc_leaves)
-            o_full = _gather(o.detach(), lay, m, group)
+            o_full = cp_gather(o.detach(), lay, m, group)
             o_full[:, :m] /= cp.size  # every rank computed the meta rows: the sum is cp copies
             errs = {"out": rel_rms(o_full, ref.detach())}
             for i, (gl, gr) in enumerate(zip(grads, ref_grads)):
-                errs[f"grad{i}"] = rel_rms(_gather(gl, lay, m, group), gr)
+                errs[f"grad{i}"] = rel_rms(cp_gather(gl, lay, m, group), gr)
             out[name] = errs
         except Exception as exc:  # recorded so one broken case does not hide the others
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -114,16 +102,22 @@ def _check(res: dict) -> None:
         assert err <= TOL, f"{what}: rel RMS {err:.2e} > {TOL}"
 
 
+# S2 runs these cases in its own group beside its own ones (tests/test_cp_s2.py).
+KINDS = ["ring", "tree", "ulysses"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_ring_cp2_zigzag(case):
-    _check(_results("ring", 2, "zigzag")[case])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cp2_zigzag(kind, case):
+    _check(_results(kind, 2, "zigzag")[case])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_ring_cp4(case, layout):
-    _check(_results("ring", 4, layout)[case])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cp4(kind, case, layout):
+    _check(_results(kind, 4, layout)[case])
 
 
 def run_ring_bytes() -> dict:
@@ -138,9 +132,9 @@ def run_ring_bytes() -> dict:
         case = dict(meta=2, docs=True, fox=fox)
         q, k, v, lf, doc, _ = _inputs(case)
         cps = cp.bind(T // cp.size, 2)
-        loc = [None if x is None else _local(x, cps.layout, 2).requires_grad_() for x in (q, k, v, lf)]
+        loc = [None if x is None else cp_local(x, cps.layout, 2).requires_grad_() for x in (q, k, v, lf)]
         with COUNTER.counting() as got:
-            cps.attention(*loc[:3], sink=2, doc_ids=_local(doc, cps.layout, 2), log_forget=loc[3],
+            cps.attention(*loc[:3], sink=2, doc_ids=cp_local(doc, cps.layout, 2), log_forget=loc[3],
                           backend="torch").sum().backward()
         want = ring_comm_bytes(cp.size, B, T // cp.size, 2, 8, 8, 4, 4, fox=fox, docs=True)
         out[f"fox={fox}"] = [dict(got), want]

@@ -19,7 +19,7 @@ from braid.models.fox import shift_mix
 from braid.models.hymba import Hymba
 from braid.models.kda import ShortConv, kda_behind_meta
 from braid.models.layers import SeqInfo
-from helpers import rel_rms, tiny_model_config
+from helpers import cp_gather, cp_local, rel_rms, tiny_model_config
 from spawn_group import run_group
 
 TOL = 1e-5
@@ -136,18 +136,6 @@ def _apply(case, extra, xs, params, doc, cps=None):
     return fn(*xs, doc) if cps is None else cps.local_mix(fn, n, *xs, doc)
 
 
-def _local(x, lay, m):
-    return None if x is None else torch.cat([x[:, :m], lay.shard(x[:, m:], 1)], 1)
-
-
-def _gather(x, lay, m, group):
-    """The global tensor from local parts; meta rows summed over ranks (each rank has a copy)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    meta = sum(p[:, :m] for p in parts)
-    return torch.cat([meta, lay.unshard([p[:, m:] for p in parts], 1)], 1)
-
-
 def run_cases(kind: str, layout: str) -> dict:
     from braid.parallel.context import ContextParallel
     from braid.parallel.context.comm import COUNTER
@@ -168,18 +156,18 @@ def run_cases(kind: str, layout: str) -> dict:
             ref_grads = torch.autograd.grad((ref * w).sum(), xs + params)
             cps = cp.bind(T // cp.size, m)
             lay = cps.layout
-            loc = [_local(x.detach(), lay, m).requires_grad_() for x in xs]
-            w_loc = _local(w, lay, m)
+            loc = [cp_local(x.detach(), lay, m).requires_grad_() for x in xs]
+            w_loc = cp_local(w, lay, m)
             w_loc[:, :m] /= cp.size  # the meta rows are replicated: each rank carries 1/cp of their loss
             with COUNTER.counting() as sent:
-                o = _apply(case, extra, loc, params, _local(doc, lay, m), cps)
+                o = _apply(case, extra, loc, params, cp_local(doc, lay, m), cps)
                 grads = torch.autograd.grad((o * w_loc).sum(), loc + params)
             sent = dict(sent)
-            o_full = _gather(o.detach(), lay, m, group)
+            o_full = cp_gather(o.detach(), lay, m, group)
             o_full[:, :m] /= cp.size  # every rank computed the meta rows: the sum is cp copies
             errs = {"out": rel_rms(o_full, ref.detach())}
             for i, (gl, gr) in enumerate(zip(grads[:len(xs)], ref_grads)):
-                errs[f"grad_in{i}"] = rel_rms(_gather(gl, lay, m, group), gr)
+                errs[f"grad_in{i}"] = rel_rms(cp_gather(gl, lay, m, group), gr)
             for i, (gl, gr) in enumerate(zip(grads[len(xs):], ref_grads[len(xs):])):
                 gl = gl.clone()
                 dist.all_reduce(gl, group=group)  # replicated parameters: the data-parallel sum

@@ -24,9 +24,9 @@ from braid.kernels.attention_blocked import visibility
 from braid.kernels.s2 import S2Pattern
 from braid.parallel.context.layout import CPLayout
 from braid.parallel.context.s2_shard import fetch_need, s2_fetch_bytes
-from helpers import rel_rms
+from helpers import cp_gather, cp_local, rel_rms
 from spawn_group import run_group
-from test_cp_attention import CASES, TOL, _check, _gather, _local, run_cases
+from test_cp_attention import CASES, TOL, _check, run_cases
 
 B, T, HQ, D = 2, 32, 8, 8
 
@@ -78,21 +78,21 @@ def _run(kind: str, case: dict, group, size: int, layout: str) -> dict:
     ref_grads = torch.autograd.grad((ref.float() * w).sum(), leaves)
     cps = cp.bind(T // size, m)
     lay = cps.layout
-    loc = [None if x is None else _local(x.detach(), lay, m) for x in (q, k, v, lf)]
+    loc = [None if x is None else cp_local(x.detach(), lay, m) for x in (q, k, v, lf)]
     loc_leaves = [x.requires_grad_() for x in loc if x is not None]
     with COUNTER.counting() as counted:
-        o = cps.attention(loc[0], loc[1], loc[2], doc_ids=_local(doc, lay, m), log_forget=loc[3], **kw)
+        o = cps.attention(loc[0], loc[1], loc[2], doc_ids=cp_local(doc, lay, m), log_forget=loc[3], **kw)
     fwd = _sent(counted)
-    w_loc = _local(w, lay, m)
+    w_loc = cp_local(w, lay, m)
     w_loc[:, :m] /= size  # meta rows are replicated: each rank carries 1/cp of their loss
     with COUNTER.counting() as counted:
         grads = torch.autograd.grad((o.float() * w_loc).sum(), loc_leaves)
     bwd = _sent(counted)
-    o_full = _gather(o.detach().float(), lay, m, group)
+    o_full = cp_gather(o.detach().float(), lay, m, group)
     o_full[:, :m] /= size
     errs = {"out": rel_rms(o_full, ref.detach())}
     for i, (gl, gr) in enumerate(zip(grads, ref_grads)):
-        errs[f"grad{i}"] = rel_rms(_gather(gl.float(), lay, m, group), gr)
+        errs[f"grad{i}"] = rel_rms(cp_gather(gl.float(), lay, m, group), gr)
     sent = [None] * size
     dist.all_gather_object(sent, (fwd, bwd), group=group)
     return {"errs": errs, "fwd": [s[0] for s in sent], "bwd": [s[1] for s in sent]}

@@ -16,18 +16,6 @@ from spawn_group import run_group
 from test_cp_attention import CASES, _check, _results
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_tree_cp2_zigzag(case):
-    _check(_results("tree", 2, "zigzag")[case])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_tree_cp4(case, layout):
-    _check(_results("tree", 4, layout)[case])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_tree_cp4_two_nodes(case):
@@ -122,7 +110,8 @@ def run_bytes(node_size) -> dict:
     from braid.parallel.context import ContextParallel
     from braid.parallel.context.comm import COUNTER
     from braid.parallel.context.tree import tree_comm_bytes
-    from test_cp_attention import B, T, _inputs, _local
+    from helpers import cp_local
+    from test_cp_attention import B, T, _inputs
 
     cp = ContextParallel(dist.group.WORLD, "tree", "zigzag", node_size)
     out = {}
@@ -130,9 +119,9 @@ def run_bytes(node_size) -> dict:
         case = dict(meta=2, docs=True, fox=fox)
         q, k, v, lf, doc, _ = _inputs(case)
         cps = cp.bind(T // cp.size, 2)
-        loc = [None if x is None else _local(x, cps.layout, 2).requires_grad_() for x in (q, k, v, lf)]
+        loc = [None if x is None else cp_local(x, cps.layout, 2).requires_grad_() for x in (q, k, v, lf)]
         with COUNTER.counting() as got:
-            cps.attention(*loc[:3], sink=2, doc_ids=_local(doc, cps.layout, 2), log_forget=loc[3],
+            cps.attention(*loc[:3], sink=2, doc_ids=cp_local(doc, cps.layout, 2), log_forget=loc[3],
                           backend="torch").sum().backward()
         want = tree_comm_bytes(cp.size, B, T // cp.size, 8, 8, 4, 4, fox=fox, docs=True, node_size=node_size)
         out[f"fox={fox}"] = [dict(got), want]
