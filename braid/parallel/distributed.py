@@ -16,6 +16,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # Launcher agents (torchrun: one per node), for the log; 1 for a single process.
+    nodes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +49,9 @@ def init_distributed(device_spec: str = "auto", single_process_group: bool = Fal
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     elif single_process_group and not dist.is_initialized():
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    # torchrun numbers its agents (one per node) in GROUP_RANK / GROUP_WORLD_SIZE.
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, nodes=nodes)
 
 
 def barrier() -> None:

@@ -333,7 +333,7 @@ class Trainer:
     def _banner(self, resumed: Optional[Path]) -> None:
         s = self.stats
         self.logger.console(
-            f"braid: run dir {self.run_dir} | {self.info.world_size} rank(s) on {self.device.type} | "
+            f"braid: run dir {self.run_dir} | {self.info.world_size} rank(s) on {self.info.nodes} node(s), {self.device.type} | "
             f"pattern {self.model_cfg.pattern} | params {s.params / 1e6:.2f}M "
             f"({s.non_embedding_params / 1e6:.2f}M non-embedding) | {s.flops_per_token / 1e6:.1f} MFLOP/token | "
             f"train {len(self.train_data)} / valid {len(self.valid_data)} sequences of {self.cfg.data.seq_len} | "
