@@ -10,26 +10,45 @@ import datetime
 import importlib
 import json
 import os
-import socket
 import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
+TIMEOUT_S = 240
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+@contextmanager
+def rendezvous() -> Iterator[int]:
+    """The port of a TCPStore that this (parent) process serves for the group's lifetime.
+
+    The OS picks the port and the store keeps it bound, so no other process (a concurrent test, a
+    background torchrun) can take it between choosing it and the ranks connecting, which a port
+    found by binding to 0 and closing allows."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        yield store.port
+    finally:
+        del store
+
+
+def join_group(rank: int, n: int, port: int) -> None:
+    """In a spawned rank: join the gloo group whose store :func:`rendezvous` serves on ``port``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    # A rank that fails while the others wait in a collective must end the test, not hang it.
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
 def _entry(rank: int, n: int, port: int, target: str, args: tuple, out_path: str) -> None:
     import torch
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    # A rank that fails while the others wait in a collective must end the test, not hang it.
-    dist.init_process_group("gloo", rank=rank, world_size=n, timeout=datetime.timedelta(seconds=240))
+    join_group(rank, n, port)
     try:
         module, name = target.rsplit(".", 1)
         result = getattr(importlib.import_module(module), name)(*args)
@@ -44,6 +63,7 @@ def run_group(n: int, target: str, *args) -> dict:
     """Call ``target`` (``"module.function"``, importable from tests/) with ``args`` on ``n`` ranks."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "out.json")
-        mp.spawn(_entry, args=(n, free_port(), target, args, path), nprocs=n, join=True)
+        with rendezvous() as port:
+            mp.spawn(_entry, args=(n, port, target, args, path), nprocs=n, join=True)
         with open(path) as f:
             return json.load(f)

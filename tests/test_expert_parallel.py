@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import tempfile
 
 import pytest
@@ -20,6 +19,7 @@ from braid.config import ModelConfig, MoEConfig
 from braid.errors import ConfigError
 from braid.models.moe import MoE
 from helpers import rel_rms
+from spawn_group import join_group, rendezvous
 
 TOL = 1e-5
 B, T, D = 2, 12, 16
@@ -32,12 +32,6 @@ CASES = {
     # one expert gets almost every token: some ranks receive nothing for some experts
     "skewed": dict(n_experts=4, top_k=1, expert_hidden=8),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(case: str) -> MoE:
@@ -107,9 +101,8 @@ def _run_case(case: str, ep_mesh, tp_mesh=None, sp: bool = False) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, tp: int, sp: bool, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("ep", "tp"))
@@ -137,7 +130,8 @@ def run_layout(ep: int, tp: int = 1, sp: bool = False) -> dict:
     if key not in _CACHE:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "out.json")
-            mp.spawn(_worker, args=(ep * tp, _free_port(), tp, sp, path), nprocs=ep * tp, join=True)
+            with rendezvous() as port:
+                mp.spawn(_worker, args=(ep * tp, port, tp, sp, path), nprocs=ep * tp, join=True)
             with open(path) as f:
                 _CACHE[key] = json.load(f)
     return _CACHE[key]

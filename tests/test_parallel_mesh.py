@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from braid.errors import ConfigError
 from braid.parallel.activation_checkpoint import checkpointed_layers
 from braid.parallel.mesh import ParallelDims, build_mesh, resolve_dims
 from braid.parallel.parallelize import _lazy, check_layout
+from spawn_group import join_group, rendezvous
 
 
 def dims(world: int, **kw) -> ParallelDims:
@@ -84,15 +83,8 @@ def test_deepspeed_config_follows_ours(tmp_path):
     assert c["bf16"] == {"enabled": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mesh_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     try:
         mesh = build_mesh(dims(world, dp_replicate=2, tp=2), "cpu")
         out = {name: mesh.local_rank(name) for name in ("dp_replicate", "dp_shard", "tp", "dp", "dp_cp")}
@@ -139,7 +131,8 @@ def test_mesh_collectives_on_four_ranks():
     """The real thing (gloo, 4 spawned ranks): the loss group sums data ranks, never tensor ranks."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_mesh_worker, args=(4, _free_port(), queue), nprocs=4, start_method="spawn", join=True)
+    with rendezvous() as port:
+        mp.start_processes(_mesh_worker, args=(4, port, queue), nprocs=4, start_method="spawn", join=True)
     got = dict(queue.get() for _ in range(4))
     for rank, out in got.items():
         assert out["tp"] == rank % 2 and out["dp"] == rank // 2 and out["dp_replicate"] == rank // 2

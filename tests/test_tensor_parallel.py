@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import tempfile
 
 import pytest
@@ -23,6 +22,7 @@ from braid.config import FoxConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig
 from braid.errors import ConfigError
 from braid.models.hybrid import HybridLM, aux_loss
 from helpers import rel_rms, tiny_model_config
+from spawn_group import join_group, rendezvous
 
 TOL = 1e-5
 B, T = 2, 16
@@ -57,12 +57,6 @@ CASES = {
 KV_REPLICATED = {"AG-kvrep", "F-kvrep"}
 # The default run: tp = 2 with sequence parallelism, every case. Slow: tp = 2 without SP, tp = 4 with SP.
 FAST_LAYOUT = (2, True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(vocab: int):
@@ -172,9 +166,8 @@ def _meta_init_problems(name: str, tp_mesh, sp: bool) -> list:
 
 
 def _worker(rank: int, world: int, port: int, sp: bool, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
@@ -209,7 +202,8 @@ def run_layout(tp: int, sp: bool) -> dict:
     if key not in _CACHE:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "out.json")
-            mp.spawn(_worker, args=(tp, _free_port(), sp, path), nprocs=tp, join=True)
+            with rendezvous() as port:
+                mp.spawn(_worker, args=(tp, port, sp, path), nprocs=tp, join=True)
             with open(path) as f:
                 _CACHE[key] = json.load(f)
     return _CACHE[key]
@@ -247,8 +241,7 @@ def test_tp4_matches_one_process(case):
 # ---------------------------------------------------------------------------- single-process checks
 
 def _loss_worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     from braid.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
     g = torch.Generator().manual_seed(3)
@@ -273,7 +266,8 @@ def _loss_worker(rank: int, world: int, port: int, out_path: str) -> None:
 def test_vocab_parallel_cross_entropy_equals_full_loss():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "out.json")
-        mp.spawn(_loss_worker, args=(3, _free_port(), path), nprocs=3, join=True)
+        with rendezvous() as port:
+            mp.spawn(_loss_worker, args=(3, port, path), nprocs=3, join=True)
         loss_err, grad_err = json.load(open(path))
     assert loss_err <= 1e-6 and grad_err <= 1e-6
 
