@@ -97,7 +97,6 @@ def _braid(b, t, hq, hkv, d, *, fox=False, window=None, s2=None):
 
 def _sdpa_flash(b, t, hq, hkv, d):
     def build():
-        import torch
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_indexed_source_samples(corpus):
     _check_windows(train, docs, 16, 40)
     _check_windows(valid, docs, 16, len(valid))
     # megatron-core cached the indices next to the data (a second build reuses them).
-    assert any((prefix_dir := __import__("pathlib").Path(prefix)).parent.rglob("*.npy"))
+    assert any(Path(prefix).parent.rglob("*.npy"))
     assert [train[i]["input_ids"].tolist() for i in range(5)] == \
         [x["input_ids"].tolist() for x in (build_datasets(cfg, ByteTokenizer())[0][i] for i in range(5))]
 
