@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from braid.config import FoxConfig
-from braid.models.attention import Attention, mean_visible_keys
+from braid.models.attention import Attention
+from braid.models.visible_keys import mean_visible_keys
 from braid.models.fox import FoX, shift_mix
 from braid.models.hybrid import HybridLM
 from braid.models.layers import SeqInfo

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from braid.models.attention import Attention, mean_visible_keys
+from braid.models.attention import Attention
+from braid.models.visible_keys import mean_visible_keys
 from braid.models.gated_attention import GatedAttention
 from braid.models.hybrid import HybridLM
 from braid.models.layers import RMSNorm, Rotary, SeqInfo

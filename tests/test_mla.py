@@ -13,7 +13,8 @@ from torch.func import functional_call
 from braid.kernels import attention_blocked
 from braid.models.hybrid import HybridLM
 from braid.models.layers import SeqInfo
-from braid.models.mla import MLA, mean_visible_keys
+from braid.models.mla import MLA
+from braid.models.visible_keys import mean_visible_keys
 from helpers import rel_rms, tiny_model_config
 
 TOL = 1e-5

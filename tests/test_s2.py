@@ -214,3 +214,47 @@ def test_mixer_uses_the_s2_pattern(letter):
     x2 = x.clone()
     x2[:, 5] += 1.0  # causal: earlier outputs unchanged
     assert torch.allclose(sparse(x2, seq)[:, :5], y_sparse[:, :5], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mean_visible_keys_counts_the_pattern_exactly(seed):
+    """The closed count (block pairs × token pairs per block distance) equals counting every (head,
+    query, key) of the token mask ∧ causal ∧ window, for lengths that do not fill the last block."""
+    from braid.models.visible_keys import s2_mean_visible_keys
+
+    rng = random.Random(seed)
+    for _ in range(25):
+        p = S2Pattern(block=rng.choice([1, 2, 3, 5]), local_blocks=rng.randint(1, 3),
+                      vert_stride=rng.randint(1, 5), offset=rng.randint(0, 4))
+        t, heads, window = rng.randint(1, 40), rng.randint(1, 6), rng.choice([None, 1, 4, 9, 100])
+        pos = torch.arange(t)
+        i, j = pos[:, None], pos[None, :]
+        keep = p.token_mask(torch.arange(heads), pos, pos, heads) & (j <= i) & (i - j < (window or t))
+        assert s2_mean_visible_keys(p, t, heads, window) == pytest.approx(float(keep.sum()) / (heads * t))
+
+
+@pytest.mark.parametrize("letter", ["A", "G", "F"])
+def test_mixer_flops_count_only_visible_blocks(letter):
+    """MFU must not credit S2 with dense work: its attention FLOPs follow the pattern's visible keys;
+    vert_stride = 1 (every block visible) costs exactly what dense attention costs."""
+    from braid.config import S2Config
+    from braid.models.registry import mixer_class
+    from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
+
+    def build(**s2):
+        cfg = tiny_model_config(pattern=letter * 2, n_heads=4, n_kv_heads=2)
+        if s2:
+            cfg.s2 = S2Config(enabled=True, **s2)
+        return mixer_class(letter)(cfg, 0)
+
+    dense, sparse, full = build(), build(block=16, local_blocks=2, vert_stride=4), \
+        build(block=16, local_blocks=1, vert_stride=1)
+    t = 1024
+    attn = 4 * dense.n_heads * dense.head_dim
+    assert full.flops_per_token(t) == pytest.approx(dense.flops_per_token(t))
+    saved = attn * (mean_visible_keys(t, None) - s2_mean_visible_keys(sparse.s2, t, 4))
+    assert dense.flops_per_token(t) - sparse.flops_per_token(t) == pytest.approx(saved)
+    assert saved > 0.5 * attn * mean_visible_keys(t, None)  # 2 local + 1/4 of the older blocks

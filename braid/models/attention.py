@@ -16,17 +16,12 @@ from braid.kernels import attention
 from braid.kernels.s2 import S2Pattern
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
+from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in fp32, or kept in fp64 (``.float()`` would drop fp64 inputs, e.g. under gradcheck, to fp32)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def mean_visible_keys(seq_len: int, window: Optional[int]) -> float:
-    """Mean number of keys a causal query sees: ``min(t + 1, window)`` over ``t = 0..seq_len-1``."""
-    w = window or seq_len
-    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
 
 
 @register_mixer("A")
@@ -82,8 +77,12 @@ class Attention(nn.Module):
         return self.o_proj(o.flatten(2))
 
     def _mixing_flops(self, seq_len: int) -> float:
-        """QKᵀ and PV: 2 matmuls × 2 FLOPs × H·D per visible key."""
-        return 4 * self.n_heads * self.head_dim * mean_visible_keys(seq_len, self.window)
+        """QKᵀ and PV: 2 matmuls × 2 FLOPs × H·D per visible key (S2 skips whole blocks: not counted)."""
+        if self.s2 is None:
+            visible = mean_visible_keys(seq_len, self.window)
+        else:
+            visible = s2_mean_visible_keys(self.s2, seq_len, self.n_heads, self.window)
+        return 4 * self.n_heads * self.head_dim * visible
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token, averaged over the positions of a causal sequence."""

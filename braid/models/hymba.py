@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.kernels import attention, selective_scan
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
-from braid.models.mla import mean_visible_keys
+from braid.models.visible_keys import mean_visible_keys
 from braid.models.registry import register_mixer
 
 # Mamba's dt initialisation range: dt ~ logUniform(DT_MIN, DT_MAX), floored at DT_FLOOR.

@@ -20,7 +20,6 @@ Training computes the full per-head K/V (the latent is only a cache-size trick a
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,25 +28,7 @@ from braid.config import ModelConfig
 from braid.kernels import attention
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
-
-
-def _sum_min(n: int, cap: int) -> int:
-    """``Σ_{k=1..n} min(k, cap)``."""
-    if n <= cap:
-        return n * (n + 1) // 2
-    return cap * (cap + 1) // 2 + (n - cap) * cap
-
-
-def mean_visible_keys(seq_len: int, window: Optional[int], sink: int = 0) -> float:
-    """Mean number of keys a query sees over positions ``0..seq_len−1`` of a causal sequence.
-
-    Key j is visible to query i iff ``j ≤ i`` and (``i − j < window`` or ``j < sink``): query i sees
-    ``min(i + 1, w)`` keys in its window plus ``min(sink, i + 1 − w)`` older sinks (closed form).
-    """
-    if seq_len <= 0:
-        return 0.0
-    w = min(window or seq_len, seq_len)
-    return (_sum_min(seq_len, w) + _sum_min(seq_len - w, sink)) / seq_len
+from braid.models.visible_keys import mean_visible_keys
 
 
 @register_mixer("M")
