@@ -188,18 +188,8 @@ def _hymba_step(mix: Hymba, x: torch.Tensor, seq: SeqInfo, st: dict, cache: Deco
     b, t, _ = x.shape
     q, k, v, xs, z = mix.in_proj(x).split([mix.q_dim, mix.k_dim, mix.v_dim, mix.ssm_inner, mix.ssm_inner], dim=-1)
     # Attention branch, as Hymba._attention with K/V from the cache.
-    q = q.view(b, t, mix.n_heads, mix.head_dim)
-    if mix.q_norm is not None:
-        q = mix.q_norm(q)
-    if mix.rotary is not None:
-        q = mix.rotary(q, seq.position_ids)
+    q, k, v = mix.heads(q, k, v, seq)
     if mix.kv_source is None:
-        k = k.view(b, t, mix.n_kv_heads, mix.head_dim)
-        v = v.view(b, t, mix.n_kv_heads, mix.v_head_dim)
-        if mix.k_norm is not None:
-            k = mix.k_norm(k)
-        if mix.rotary is not None:
-            k = mix.rotary(k, seq.position_ids)
         # A shared cache must serve its readers' windows: only an unshared one is trimmed.
         o = cached_attention(cache, st, q, k, v, window=mix.window, sink=seq.meta_tokens, trim=not mix.stores_kv)
     else:

@@ -127,21 +127,31 @@ class Hymba(nn.Module):
 
     # ------------------------------------------------------------------ attention branch
 
-    def _attention(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
-        """q ``[B,T,Hq·Dqk]``, k/v of this layer or None → attention output ``[B, T, H·Dv]``."""
+    def heads(self, q, k, v, seq: SeqInfo):
+        """Projections ``[B,T,H·D]`` → per-head q (QK-norm, RoPE) and, for a layer with its own K/V,
+        per-head k (likewise) and v; a layer that reuses another's K/V gets ``k = v = None``.
+        Shared by training and cached decoding (braid.models.decoding), which must agree exactly."""
         b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rotary is not None:
             q = self.rotary(q, seq.position_ids)
+        if self.kv_source is not None:
+            return q, None, None
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.v_head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.rotary is not None:
+            k = self.rotary(k, seq.position_ids)
+        return q, k, v
+
+    def _attention(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
+        """q ``[B,T,Hq·Dqk]``, k/v of this layer or None → attention output ``[B, T, H·Dv]``."""
+        b, t, _ = q.shape
+        q, k, v = self.heads(q, k, v, seq)
         if self.kv_source is None:
-            k = k.view(b, t, self.n_kv_heads, self.head_dim)
-            v = v.view(b, t, self.n_kv_heads, self.v_head_dim)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            if self.rotary is not None:
-                k = self.rotary(k, seq.position_ids)
             if self.stores_kv:
                 seq.shared[self.layer_idx] = (k, v)
         else:
