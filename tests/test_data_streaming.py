@@ -174,3 +174,20 @@ def test_trainer_on_a_streaming_blend_resumes_bit_identically(tmp_path, files):
     full = run(tmp_path / "full")
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "res" / "checkpoints" / "step_4")
     assert run(tmp_path / "res") == full[4:]
+
+
+def test_banner_of_a_streaming_run_counts_no_sequences(tmp_path, files, capsys):
+    """A stream's ``len`` is the sentinel ``loader.UNBOUNDED``, not a number of sequences to print."""
+    import sys
+
+    from braid.config import load_config
+    from braid.trainer.trainer import Trainer
+    from conftest import tiny_overrides
+
+    root, _, _ = files
+    extra = {"data.source": str(root / "a.jsonl"), "data.streaming": True, "data.stream_lanes": 2,
+             "data.seq_len": 16, "data.valid_fraction": 0.1, "train.steps": 1}
+    Trainer(load_config(None, tiny_overrides(tmp_path / "r", **extra))).train()
+    banner = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("braid: run dir "))
+    assert str(sys.maxsize) not in banner
+    assert "| train stream / valid stream sequences of 16 |" in banner, banner

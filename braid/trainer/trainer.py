@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,23 +12,26 @@ from typing import Optional
 import torch
 
 from braid.config import Config, to_yaml
-from braid.errors import BraidError, ConfigError, NonFiniteLossError
+from braid.errors import ConfigError
+from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
-from braid.models.hybrid import IGNORE_INDEX, HybridLM, aux_loss
+from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
 from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from braid.parallel.fsdp import (clip_grad_norm, expert_sharded_params, grad_divide_factor, reduce_manual_grads,
-                                 scalar_params)
-from braid.parallel.mesh import build_mesh, mesh_summary, resolve_dims
-from braid.parallel.parallelize import check_layout, parallelize
-from braid.trainer.checkpoint import CheckpointManager, latest_checkpoint
-from braid.trainer.metrics import (LossSpikeDetector, MetricsLogger, StepProfiler, StepTimer, init_wandb, memory_gib,
-                                   peak_flops)
-from braid.trainer.optim import build_optimizer
+from braid.parallel.fsdp import clip_grad_norm, reduce_manual_grads
+from braid.parallel.mesh import build_mesh, resolve_dims
+from braid.parallel.parallelize import check_layout
+from braid.trainer.checkpoint import CheckpointManager
+from braid.trainer.export import export_hf
+from braid.trainer.health import LossHealth
+from braid.trainer.metrics import MetricsLogger, StepProfiler, StepTimer, init_wandb
+from braid.trainer.report import IntervalLog, banner
 from braid.trainer.schedule import lr_at
+from braid.trainer.stop import StopSignals
+from braid.trainer.training_model import autocast_dtype, build_training_model
 
 
 class Trainer:
@@ -57,7 +58,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = self.info.device
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = autocast_dtype(t.precision, self.device)
 
         # Data before any file is written: a bad source fails with nothing on disk.
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -72,33 +73,9 @@ class Trainer:
         self.mesh = build_mesh(self.dims, self.device.type)
         # Losses and token counts are summed over data × context ranks; tensor ranks hold copies.
         self.loss_group = self.mesh.group("dp_cp")
-        model = HybridLM(self.model_cfg)
-        from braid.convert.init_weights import init_from_config
-
-        self.init_notes = init_from_config(model, cfg)  # before sharding: every layout shards the loaded weights
-        model = model.to(self.device)
-        param_dtype = self.autocast_dtype if self.device.type == "cuda" else None
-        model = parallelize(model, self.mesh, p, self.device, param_dtype)
-        self.optimizer = build_optimizer(model, t)  # after sharding: it must hold the sharded parameters
-        # (parameters, group) whose gradients FSDP2 does not reduce: see fsdp.reduce_manual_grads.
-        self.manual_reductions: list = []
-        if self.deepspeed:
-            from braid.parallel.deepspeed_engine import build_engine
-
-            self.model = build_engine(model, self.optimizer, cfg, self.dp, self.grad_accum,
-                                      bf16=self.autocast_dtype == torch.bfloat16)
-            self.loss_factor = float(self.dp)  # DeepSpeed averages gradients over data-parallel ranks
-        else:
-            self.model = model
-            fsdp = self.mesh.fsdp_mesh() if p.engine == "fsdp" and self.dims.dp_cp > 1 else None
-            self.loss_factor = grad_divide_factor(fsdp)  # FSDP2 averages over its mesh: undo it
-            if fsdp is not None:
-                experts, scalars = expert_sharded_params(model), scalar_params(model)
-                if experts:  # replicas of the same experts: dp_replicate × dp_shard / (ep / cp)
-                    replicas = self.mesh.sub("dp_mod_ep")
-                    self.manual_reductions.append((experts, replicas.get_group() if replicas.size() > 1 else None))
-                if scalars:
-                    self.manual_reductions.append((scalars, self.loss_group))
+        built = build_training_model(cfg, self.model_cfg, self.mesh, self.device, self.autocast_dtype, self.grad_accum)
+        self.model, self.optimizer, self.loss_factor = built.model, built.optimizer, built.loss_factor
+        self.manual_reductions, self.init_notes = built.manual_reductions, built.init_notes
         self.has_moe = "E" in self.model_cfg.ffn_pattern
         self._aux: Optional[float] = None
         self._moe_metrics: dict = {}
@@ -113,20 +90,12 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_iterations = 0
         self.nan_iterations = 0
-        self.nan_streak = 0  # consecutive non-finite steps; never checkpointed: no save happens during one
-        self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
         self.timer = StepTimer(self.device, t.timing_sync)
-        self.spikes = LossSpikeDetector(t.loss_spike_window, t.loss_spike_zscore) if t.loss_spike_window else None
+        self.interval_log = IntervalLog(cfg, self.stats, self.info, self.timer)
+        self.health = LossHealth(t)
         self.resume_notes: list[str] = []  # checkpoints set aside by resume=auto, said once the logger exists
-        self.peak = peak_flops(self.device)
         self.logger: Optional[MetricsLogger] = None
         self.stopped_by: Optional[str] = None
-
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -141,9 +110,7 @@ class Trainer:
             "consumed_samples": self.consumed_samples,
             "skipped_iterations": self.skipped_iterations,
             "nan_iterations": self.nan_iterations,
-            "window_loss_sum": self.window["loss_sum"],
-            "window_steps": self.window["steps"],
-            "window_time": self.window["time"],
+            **self.interval_log.state(),
             "scheduler": {"kind": self.cfg.train.schedule, "step": self.step},
         }
 
@@ -164,8 +131,7 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_iterations = int(state["skipped_iterations"])
         self.nan_iterations = int(state["nan_iterations"])
-        self.window = {"loss_sum": float(state["window_loss_sum"]), "steps": int(state["window_steps"]),
-                       "time": float(state["window_time"])}
+        self.interval_log.load_state(state)
 
     def _prepare_run_dir(self) -> None:
         if self.info.is_main:
@@ -235,7 +201,7 @@ class Trainer:
         with timer("optimizer"):
             grad_norm = self._optimizer_step(loss)
         finite = math.isfinite(loss) and (self.deepspeed or math.isfinite(grad_norm))
-        self.nan_streak = 0 if finite else self.nan_streak + 1
+        self.health.count(finite)
         timer.steps += 1
         self.step += 1
         self.consumed_samples += t.global_batch_size
@@ -294,101 +260,30 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
-    def _log_step(self, loss: float, dt: float) -> None:
-        t, w = self.cfg.train, self.window
-        w["loss_sum"] += loss
-        w["steps"] += 1
-        w["time"] += dt
-        if self.step % self.cfg.logging.interval and self.step != t.steps:
-            return
-        step_time = w["time"] / w["steps"]
-        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
-        tokens_per_s = tokens_per_step / step_time
-        tflops = self.stats.flops_per_token * tokens_per_s / self.info.world_size / 1e12
-        mem, mem_kind = memory_gib(self.device)
-        record = {
-            "step": self.step,
-            "loss": w["loss_sum"] / w["steps"],
-            "lr": self._last["lr"],
-            "grad_norm": self._last["grad_norm"],
-            "tokens_per_s": tokens_per_s,
-            "consumed_samples": self.consumed_samples,
-            "consumed_tokens": self.consumed_samples * self.cfg.data.seq_len,
-            "global_batch_size": t.global_batch_size,
-            "step_time_s": step_time,
-            "tflops": tflops if self.device.type == "cuda" else None,
-            "mfu": tflops * 1e12 / self.peak if self.peak else None,
-            "skipped_iterations": self.skipped_iterations,
-            "nan_iterations": self.nan_iterations,
-            "memory_gib": mem,
-            **self.timer.averages(),
-        }
-        if self.has_moe:
-            record["aux_loss"] = self._aux
-            record.update(self._moe_metrics)
-        self.logger.console(self.logger.train_line(record, t.steps, mem_kind))
-        self.logger.write(record)
-        self.window = {"loss_sum": 0.0, "steps": 0, "time": 0.0}
+    def _log_step(self, loss: float, seconds: float) -> None:
+        if self.interval_log.add(self.step, loss, seconds):
+            moe = {"aux_loss": self._aux, **self._moe_metrics} if self.has_moe else {}
+            self.interval_log.flush(self.logger, self.step, self._last["lr"], self._last["grad_norm"],
+                                    self.consumed_samples, self.skipped_iterations, self.nan_iterations, moe)
 
     def _banner(self, resumed: Optional[Path]) -> None:
-        s = self.stats
-        self.logger.console(
-            f"braid: run dir {self.run_dir} | {self.info.world_size} rank(s) on {self.info.nodes} node(s), {self.device.type} | "
-            f"pattern {self.model_cfg.pattern} | params {s.params / 1e6:.2f}M "
-            f"({s.non_embedding_params / 1e6:.2f}M non-embedding) | {s.flops_per_token / 1e6:.1f} MFLOP/token | "
-            f"train {len(self.train_data)} / valid {len(self.valid_data)} sequences of {self.cfg.data.seq_len} | "
-            f"grad accumulation {self.grad_accum} | {mesh_summary(self.dims)}, engine {self.cfg.parallel.engine}"
-            + (f" ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "")
-            + f", activation checkpoint {self.cfg.parallel.activation_checkpoint}"
-        )
+        self.logger.console(banner(self.cfg, self.info, self.model_cfg, self.stats, self.train_data, self.valid_data,
+                                   self.grad_accum, self.dims))
         for note in self.init_notes + self.resume_notes:
             self.logger.console(note)
         if resumed is not None:
             self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "
                                 f"({self.consumed_samples} samples consumed)")
 
-    def _check_spike(self, loss: float) -> None:
-        """Warn with the batch's global sample ids and dataset indices, so the data can be looked at."""
-        spike = self.spikes.check(loss) if self.spikes is not None else None
-        if spike is not None:
-            first, end = self.consumed_samples - self.cfg.train.global_batch_size, self.consumed_samples
-            record = {"step": self.step, "spike_loss": loss, **spike, "global_samples": [first, end],
-                      "dataset_indices": [self.order(g) for g in range(first, end)]}
-            self.logger.console(self.spikes.warning(record))
-            self.logger.write(record)
-
-    def _check_nan_streak(self) -> None:
-        limit = self.cfg.train.max_nan_iterations
-        if limit and self.nan_streak >= limit:
-            good = latest_checkpoint(self.ckpt.root)
-            raise NonFiniteLossError(
-                f"{self.nan_streak} consecutive non-finite iterations (loss or gradients) up to iteration {self.step} "
-                f"(train.max_nan_iterations={limit}); stopped, last good checkpoint: {good or 'none saved yet'}")
-
     def _save(self) -> None:
-        if self.nan_streak:  # the state may be poisoned (DeepSpeed applies such updates): keep the last good one
+        if self.health.nan_streak:  # the state may be poisoned (DeepSpeed applies such updates): keep the last good one
             self.logger.console(f" not saving a checkpoint at iteration {self.step}: its step was non-finite")
             return
         path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
         self.logger.console(f" saved checkpoint {path}")
 
-    def _install_stop_handlers(self) -> dict:
-        """SIGTERM/SIGUSR1 (slurm's pre-timeout signal) → checkpoint at the next step boundary, exit."""
-        received: dict = {"signal": None, "previous": {}}
-        if threading.current_thread() is not threading.main_thread():
-            return received
-
-        def handler(signum, frame):
-            received["signal"] = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            received["previous"][sig] = signal.signal(sig, handler)
-        return received
-
-    def _should_stop(self, received: dict) -> bool:
-        # Ranks may see the signal at different steps; agree so that all stop at the same one.
-        flag = torch.tensor(float(received["signal"] is not None), device=self.device)
-        return all_reduce_sum(flag).item() > 0
+    def _should_stop(self, signals: StopSignals) -> bool:
+        return signals.agreed(self.device)
 
     def train(self) -> list[float]:
         """Train to ``train.steps``, or until SIGTERM/SIGUSR1 (then checkpoint and return early)."""
@@ -406,7 +301,7 @@ class Trainer:
         profiler = StepProfiler(self.run_dir, self.info.rank, self.device, t.profile_steps, t.memory_snapshot_step,
                                 self.timer, self.logger.console)
         profiler.start(self.step)
-        received = self._install_stop_handlers()
+        signals = StopSignals().install()
         try:
             while self.step < t.steps:
                 profiler.before_step(self.step + 1)
@@ -417,56 +312,27 @@ class Trainer:
                 losses.append(loss)
                 self._log_step(loss, time.perf_counter() - start)
                 profiler.after_step(self.step)
-                self._check_spike(loss)
-                self._check_nan_streak()
+                batch = range(self.consumed_samples - t.global_batch_size, self.consumed_samples)
+                self.health.check_spike(self.step, loss, batch, self.order, self.logger)
+                self.health.check_nan_streak(self.step, self.ckpt.root)
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     eval_loss = self.evaluate()
                     self.logger.console(self.logger.eval_line(self.step, eval_loss))
                     self.logger.write({"step": self.step, "eval_loss": eval_loss,
                                        "eval_ppl": math.exp(min(eval_loss, 50.0))})
-                stop = self._should_stop(received)
+                stop = self._should_stop(signals)
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or stop:
                     self._save()
                 if stop:
-                    self.stopped_by = received["signal"] or "a signal on another rank"
+                    self.stopped_by = signals.reason()
                     self.logger.console(f"braid: stopping at iteration {self.step} on {self.stopped_by}; "
                                         "resume with checkpoint.resume=auto")
                     return losses
         finally:
             profiler.close(self.step)
-            for sig, previous in received["previous"].items():
-                signal.signal(sig, previous)
+            signals.restore()
             if wandb_run is not None:
                 wandb_run.finish()
-        self._export_hf()
+        export_hf(cfg.checkpoint.export_hf, self.run_dir, self.ckpt.root, self.step, self.info, self.logger.console)
         self.logger.console(f"braid: done at iteration {self.step}; run dir {self.run_dir}")
         return losses
-
-    def _export_hf(self) -> None:
-        """``checkpoint.export_hf``: rank 0 writes the newest checkpoint (the final one unless the last
-        step was non-finite) as ``python -m braid.convert to-hf`` would; every rank waits for it."""
-        spec = self.cfg.checkpoint.export_hf
-        if spec is False:
-            return
-        out = self.run_dir / "hf" if spec is True else Path(spec)
-        error: Optional[BaseException] = None
-        if self.info.is_main:
-            try:
-                ckpt = latest_checkpoint(self.ckpt.root)
-                if ckpt is None:
-                    raise BraidError("checkpoint.export_hf: the run saved no checkpoint to export")
-                if ckpt.name != f"step_{self.step}":
-                    self.logger.console(f"braid: warning: iteration {self.step} was not saved (non-finite); "
-                                        f"exporting {ckpt.name}")
-                from braid.convert.hf_export import export_checkpoint
-
-                info = export_checkpoint(ckpt, out)
-                self.logger.console(f"braid: exported {ckpt} as {info['architecture']} to {out}")
-            except Exception as exc:  # re-raised below, after the other ranks have heard of it
-                error = exc
-        # Agree on the outcome: a rank left waiting for a failed export would hang the job.
-        failed = all_reduce_sum(torch.tensor(float(error is not None), device=self.device)).item() > 0
-        if error is not None:
-            raise error
-        if failed:
-            raise BraidError("checkpoint.export_hf failed on rank 0")

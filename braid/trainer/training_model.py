@@ -1,0 +1,63 @@
+"""The model as the training steps run it: initialised, placed, parallelised and, under
+``parallel.engine=deepspeed``, inside a DeepSpeed engine; with its optimizer and how its gradients
+are scaled and reduced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from braid.config import Config, ModelConfig
+from braid.models.hybrid import HybridLM
+from braid.parallel.fsdp import expert_sharded_params, grad_divide_factor, scalar_params
+from braid.parallel.mesh import Mesh
+from braid.parallel.parallelize import parallelize
+from braid.trainer.optim import build_optimizer
+
+
+@dataclass
+class TrainingModel:
+    model: torch.nn.Module  # what forward and backward go through: the parallelised HybridLM or a DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    loss_factor: float  # multiplies the objective: undoes the engine's averaging of gradients over ranks
+    # (parameters, group) whose gradients FSDP2 does not reduce: see fsdp.reduce_manual_grads.
+    manual_reductions: list
+    init_notes: list[str]  # what checkpoint.init_from did, for the log
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device: torch.device,
+                         dtype: Optional[torch.dtype], grad_accum: int) -> TrainingModel:
+    """Draws the initial weights: seed the RNG first."""
+    p, dims = cfg.parallel, mesh.dims
+    model = HybridLM(model_cfg)
+    from braid.convert.init_weights import init_from_config
+
+    init_notes = init_from_config(model, cfg)  # before sharding: every layout shards the loaded weights
+    model = model.to(device)
+    model = parallelize(model, mesh, p, device, dtype if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg.train)  # after sharding: it must hold the sharded parameters
+    if p.engine == "deepspeed":
+        from braid.parallel.deepspeed_engine import build_engine
+
+        engine = build_engine(model, optimizer, cfg, dims.dp, grad_accum, bf16=dtype == torch.bfloat16)
+        # DeepSpeed averages gradients over data-parallel ranks.
+        return TrainingModel(engine, optimizer, float(dims.dp), [], init_notes)
+    fsdp = mesh.fsdp_mesh() if p.engine == "fsdp" and dims.dp_cp > 1 else None
+    manual_reductions: list = []
+    if fsdp is not None:
+        experts, scalars = expert_sharded_params(model), scalar_params(model)
+        if experts:  # replicas of the same experts: dp_replicate × dp_shard / (ep / cp)
+            replicas = mesh.sub("dp_mod_ep")
+            manual_reductions.append((experts, replicas.get_group() if replicas.size() > 1 else None))
+        if scalars:  # summed like the losses, over data × context ranks
+            manual_reductions.append((scalars, mesh.group("dp_cp")))
+    # FSDP2 averages over its mesh: undo it.
+    return TrainingModel(model, optimizer, grad_divide_factor(fsdp), manual_reductions, init_notes)
