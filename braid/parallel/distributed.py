@@ -66,6 +66,11 @@ def all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: whether ``flag`` holds on any rank (every rank must call it); ``flag`` itself alone."""
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from braid.errors import CheckpointError
 from braid.trainer.checkpoint_layout import MARKER, checkpoint_problem, complete_checkpoints
-from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier
+from braid.parallel.distributed import DistInfo, any_rank, barrier
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -206,8 +206,7 @@ class CheckpointManager:
             except DamagedCheckpoint as exc:
                 error = str(exc)
             # A rank that cannot read its own files (its RNG state) makes every rank fall back.
-            flag = torch.tensor(float(error is not None), device=self.info.device)
-            if all_reduce_sum(flag).item() > 0:
+            if any_rank(error is not None, self.info.device):
                 failures.append((path, error or f"checkpoint '{path}' is unreadable on another rank"))
                 continue
             notes = [f"braid: warning: {why}; set aside as {self.set_aside(bad).name}, falling back to {path.name}"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import torch
 
 from braid.errors import BraidError
-from braid.parallel.distributed import DistInfo, all_reduce_sum
+from braid.parallel.distributed import DistInfo, any_rank
 from braid.trainer.checkpoint import latest_checkpoint
 
 
@@ -34,7 +33,7 @@ def export_hf(spec: Union[bool, str], run_dir: Path, checkpoints: Path, step: in
         except Exception as exc:  # re-raised below, after the other ranks have heard of it
             error = exc
     # Agree on the outcome: a rank left waiting for a failed export would hang the job.
-    failed = all_reduce_sum(torch.tensor(float(error is not None), device=info.device)).item() > 0
+    failed = any_rank(error is not None, info.device)
     if error is not None:
         raise error
     if failed:

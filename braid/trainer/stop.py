@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from braid.parallel.distributed import all_reduce_sum
+from braid.parallel.distributed import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -35,8 +35,7 @@ class StopSignals:
     def agreed(self, device: torch.device) -> bool:
         """Collective: whether any rank has received a stop signal."""
         # Ranks may see the signal at different steps; agree so that all stop at the same one.
-        flag = torch.tensor(float(self.received is not None), device=device)
-        return all_reduce_sum(flag).item() > 0
+        return any_rank(self.received is not None, device)
 
     def reason(self) -> str:
         return self.received or "a signal on another rank"
