@@ -5,13 +5,16 @@ which ``bench/cp_comm.py`` reads.
 Counting conventions (bytes sent by one rank of a group of ``n``):
 all-gather of ``b`` bytes per rank: ``(n−1)·b``; all-reduce of ``b`` bytes: ``2·(n−1)/n·b`` (ring);
 all-to-all of ``b`` bytes in total: ``(n−1)/n·b``; point-to-point: the message.
+
+``differentiable`` pairs a forward collective with its transpose; ``tp_plans/comm.py`` builds its
+(uncounted) tensor-parallel collectives with it too.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,12 +57,17 @@ def group_rank(group) -> int:
     return dist.get_rank(group)
 
 
-def all_reduce_(x: torch.Tensor, group, label: str) -> torch.Tensor:
-    """In-place sum over ``group`` (not differentiable)."""
+def all_reduce_(x: torch.Tensor, group, label: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place reduction (default: sum) over ``group`` (not differentiable)."""
     n = group_size(group)
     COUNTER.add(label, 2 * (n - 1) / n * nbytes(x))
-    dist.all_reduce(x, group=group)
+    dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def all_reduce_max_(x: torch.Tensor, group, label: str) -> torch.Tensor:
+    """In-place maximum over ``group`` (not differentiable)."""
+    return all_reduce_(x, group, label, dist.ReduceOp.MAX)
 
 
 def all_gather_raw(x: torch.Tensor, group, label: str) -> torch.Tensor:
@@ -72,26 +80,41 @@ def all_gather_raw(x: torch.Tensor, group, label: str) -> torch.Tensor:
     return torch.stack(out)
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, label):
-        ctx.group, ctx.label = group, label
-        return all_gather_raw(x, group, label)
+def differentiable(name: str, forward: Callable, backward: Callable) -> Callable:
+    """``forward(x, *args)`` as an autograd op whose backward is ``backward(grad, *args)``; ``args``
+    (group, label, ...) get no gradient. The caller owns the math: ``backward`` must be the transpose
+    of ``forward`` as the ranks' graphs use it. Returns the op's ``apply``."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank used every rank's x: the gradient of mine is the sum over ranks of their grad[mine].
-        grad = all_reduce_(grad.contiguous().clone(), ctx.group, ctx.label + ".grad")
-        return grad[group_rank(ctx.group)], None, None
+    def fwd(ctx, x, *args):
+        ctx.args = args
+        return forward(x, *args)
+
+    def bwd(ctx, grad):
+        return (backward(grad, *ctx.args), *(None,) * len(ctx.args))
+
+    # Through the metaclass, so the graph shows ``<name>Backward`` rather than one shared name.
+    op = type(torch.autograd.Function)(name, (torch.autograd.Function,),
+                                       {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    return op.apply
+
+
+def _reduce_scatter_grad(grad: torch.Tensor, group, label: str) -> torch.Tensor:
+    # Every rank used every rank's x, so the gradient of mine is the sum over ranks of their
+    # grad[mine]: a reduce-scatter, done as an all-to-all (gloo has none) that sends rank r its slice
+    # of this rank's gradient, then summed here. (n−1)·|x| bytes, half of an all-reduce and slice.
+    return torch.stack(all_to_all_raw(list(grad.unbind(0)), group, label + ".grad")).sum(0)
+
+
+_all_gather = differentiable("AllGather", all_gather_raw, _reduce_scatter_grad)
 
 
 def all_gather(x: torch.Tensor, group, label: str = "all_gather") -> torch.Tensor:
-    """Differentiable ``[n, *x.shape]`` all-gather (backward: all-reduce, then this rank's slice).
+    """Differentiable ``[n, *x.shape]`` all-gather; backward a reduce-scatter (as an all-to-all):
+    ``(n−1)·|x|`` bytes each way.
 
-    Meant for small tensors (per-segment states, halos, sums): the backward moves ``n`` times ``x``.
     Its backward is a collective: the output must reach the loss on EVERY rank (use the whole gathered
     tensor, e.g. a scan over all of it, then select), or the ranks whose graph skips it hang the rest."""
-    return _AllGather.apply(x, group, label)
+    return _all_gather(x, group, label)
 
 
 def all_to_all_raw(chunks: Sequence[torch.Tensor], group, label: str) -> list[torch.Tensor]:
@@ -185,54 +208,26 @@ class AllToAllV:
         return out
 
 
-def all_reduce_max_(x: torch.Tensor, group, label: str) -> torch.Tensor:
-    """In-place maximum over ``group`` (not differentiable)."""
-    n = group_size(group)
-    COUNTER.add(label, 2 * (n - 1) / n * nbytes(x))
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return x
+def _reduce_levels(x: torch.Tensor, group, levels, label: str) -> torch.Tensor:
+    x = x.contiguous().clone()
+    for g in levels:
+        all_reduce_(x, g, label)
+    return x[group_rank(group)].clone()
 
 
-class _GatherScatterBack(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, label):
-        ctx.group, ctx.label = group, label
-        return all_gather_raw(x, group, label)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # A reduce-scatter, as an all-to-all (gloo has no reduce_scatter): rank r's slice of every
-        # rank's gradient goes to rank r, which sums them.
-        got = all_to_all_raw(list(grad.unbind(0)), ctx.group, ctx.label + ".grad")
-        return torch.stack(got).sum(0), None, None
+def _gather_slice_grads(grad: torch.Tensor, group, levels, label: str) -> torch.Tensor:
+    # Rank r kept only slice r of the sum, so every rank's input gets every rank's slice gradient.
+    return all_gather_raw(grad.contiguous(), group, label + ".grad")
 
 
-def all_gather_rs(x: torch.Tensor, group, label: str = "all_gather") -> torch.Tensor:
-    """Differentiable ``[n, *x.shape]`` all-gather whose backward is a reduce-scatter (as an all-to-all):
-    ``(n−1)·|x|`` bytes each way, half of what ``all_gather``'s all-reduce backward moves."""
-    return _GatherScatterBack.apply(x, group, label)
-
-
-class _ReduceToOwner(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, levels, label):
-        ctx.group, ctx.label = group, label
-        x = x.contiguous().clone()
-        for g in levels:
-            all_reduce_(x, g, label)
-        return x[group_rank(group)].clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Rank r kept only slice r of the sum, so every rank's input gets every rank's slice gradient.
-        return all_gather_raw(grad.contiguous(), ctx.group, ctx.label + ".grad"), None, None, None
+_reduce_to_owner = differentiable("ReduceToOwner", _reduce_levels, _gather_slice_grads)
 
 
 def reduce_to_owner(x: torch.Tensor, group, levels: Sequence, label: str = "reduce") -> torch.Tensor:
     """Differentiable: ``x [n, ...]`` summed over ``group`` by all-reduces over ``levels`` (process
     groups whose successive sums give the group's sum, e.g. within nodes then across), returning this
     rank's slice ``[...]``. Backward: an all-gather of the slice gradients."""
-    return _ReduceToOwner.apply(x, group, tuple(levels), label)
+    return _reduce_to_owner(x, group, tuple(levels), label)
 
 
 def exchange_raw(sends: dict, recvs: dict, group, label: str) -> dict:
@@ -283,19 +278,19 @@ def exchange(anchor: torch.Tensor, sends: dict, recvs: dict, group, label: str =
     return out[0], dict(zip([p for p, _ in recv_spec], out[1:]))
 
 
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, label):
-        ctx.group, ctx.label = group, label
-        return all_reduce_(x.contiguous().clone(), group, label)
+def _sum(x: torch.Tensor, group, label: str) -> torch.Tensor:
+    return all_reduce_(x.contiguous().clone(), group, label)
 
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's output is the sum: each input gets the sum of all ranks' output gradients.
-        return all_reduce_(grad.contiguous().clone(), ctx.group, ctx.label + ".grad"), None, None
+
+def _sum_grad(grad: torch.Tensor, group, label: str) -> torch.Tensor:
+    # Every rank's output is the sum: each input gets the sum of all ranks' output gradients.
+    return _sum(grad, group, label + ".grad")
+
+
+_all_reduce_sum = differentiable("AllReduceSum", _sum, _sum_grad)
 
 
 def all_reduce_sum(x: torch.Tensor, group, label: str = "all_reduce") -> torch.Tensor:
     """Differentiable sum over ``group`` (backward: the sum of the gradients). Like ``all_gather``, its
     output must reach the loss on every rank."""
-    return _AllReduceSum.apply(x, group, label)
+    return _all_reduce_sum(x, group, label)

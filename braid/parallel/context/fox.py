@@ -24,7 +24,7 @@ def global_forget_cumsum(cps, log_forget: torch.Tensor) -> torch.Tensor:
     order = cps.layout.global_order()
     ordered = torch.stack([every[r, :, i] for r, i in order], 1)  # [B, n_segments, H] in global order
     # One exclusive scan over every segment, then this rank's entries: the gathered tensor stays in
-    # the graph on every rank, so every rank joins the backward all-reduce (even rank 0, whose
+    # the graph on every rank, so every rank joins the backward reduce-scatter (even rank 0, whose
     # prefixes are all zero).
     prefix = base[:, None] + ordered.cumsum(1) - ordered
     mine = [order.index((cps.rank, i)) for i in range(len(local))]

@@ -126,7 +126,7 @@ def ring_comm_bytes(cps_size: int, batch: int, local_len: int, n_kv_heads: int, 
     ``local_len``: text tokens per rank (meta tokens never travel). Forward: ``cp−1`` hops of the
     packet (K, V, fp32 FoX cumsums, int64 doc ids). Backward: the same ``cp−1`` K/V hops, plus ``cp``
     hops of the fp32 gradient accumulators (dK, dV, dc). FoX adds the all-gather of per-segment
-    gate sums (fp32) and its backward all-reduce.
+    gate sums (fp32) and its backward reduce-scatter, ``cp−1`` times one rank's sums each way.
     """
     n = cps_size
     kv = batch * local_len * n_kv_heads * (head_dim + v_dim) * dtype_bytes
@@ -137,5 +137,5 @@ def ring_comm_bytes(cps_size: int, batch: int, local_len: int, n_kv_heads: int, 
     if fox:
         sums = batch * n_segments * n_heads * 4
         out["fox.sums"] = (n - 1) * sums
-        out["fox.sums.grad"] = round(2 * (n - 1) / n * n * sums)
+        out["fox.sums.grad"] = (n - 1) * sums
     return out

@@ -145,8 +145,9 @@ def state_comm_bytes(cps_size: int, batch: int, n_segments: int, map_elems: int)
     """Bytes one rank sends for one state-passing op (forward + backward), by COUNTER label suffix.
 
     ``map_elems``: fp32 elements of one segment's map per row: KDA ``H·K·(V+K)`` (``[c | P]``), SSM
-    ``2·C·N`` (decay product and state). Forward all-gathers the maps; backward all-reduces the
-    gathered gradient (``cp`` times one rank's maps)."""
+    ``2·C·N`` (decay product and state). Forward all-gathers the maps: every other rank gets this
+    rank's; backward reduce-scatters the gathered gradient: every other rank gets its slice of it,
+    which has the size of one rank's maps."""
     n = cps_size
     local = batch * n_segments * map_elems * 4
-    return {"": (n - 1) * local, ".grad": round(2 * (n - 1) / n * n * local)}
+    return {"": (n - 1) * local, ".grad": (n - 1) * local}

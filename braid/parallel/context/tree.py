@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from braid.kernels.attention import attention, resolve_backend
-from braid.parallel.context.comm import all_gather_raw, all_gather_rs, all_reduce_, all_reduce_max_, reduce_to_owner
+from braid.parallel.context.comm import all_gather, all_gather_raw, all_reduce_, all_reduce_max_, reduce_to_owner
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.pairs import PairAttention, Seg
 
@@ -134,8 +134,8 @@ def tree_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
     acc = torch.promote_types(q.dtype, torch.float32)
 
     # Every rank's text queries (and what their rows need) here: [cp, B, T_loc, ...].
-    q_all = all_gather_rs(q[:, m:], group, "tree.q")
-    c_all = None if c is None else all_gather_rs(c[:, m:], group, "tree.c")
+    q_all = all_gather(q[:, m:], group, "tree.q")
+    c_all = None if c is None else all_gather(c[:, m:], group, "tree.c")
     doc_all = None if doc_ids is None else all_gather_raw(doc_ids[:, m:], group, "tree.doc")
     ksegs = [Seg(m + s.start, m + s.offset, s.length) for s in cps.layout.local]
     if m and cps.rank == 0:  # every rank holds the meta keys; one counts them
@@ -167,8 +167,8 @@ def tree_comm_bytes(cps_size: int, batch: int, local_len: int, head_dim: int, v_
     Forward: the text queries all-gathered (with fp32 FoX cumsums and int64 doc ids), the fp32 max of
     the lse partials of all ``cp·local_len`` queries and the sum of their ``Dv + 1`` numerator and
     denominator terms, each as all-reduces over the levels (node, then cross-node). Backward: the
-    sums' gradient all-gathered, the query (and cumsum) gradients reduce-scattered as all-to-alls, and
-    the FoX per-segment sums' all-reduce.
+    sums' gradient all-gathered, and the query (and cumsum, and FoX per-segment sum) gradients
+    reduce-scattered as all-to-alls.
     """
     n = cps_size
     sizes = [n] if node_size is None or node_size >= n else [node_size, n // node_size]
@@ -184,7 +184,7 @@ def tree_comm_bytes(cps_size: int, batch: int, local_len: int, head_dim: int, v_
     if fox:
         sums = batch * n_segments * n_heads * 4
         sent.update({"tree.c": (n - 1) * rows * 4, "tree.c.grad": round((n - 1) / n * n * rows * 4),
-                     "fox.sums": (n - 1) * sums, "fox.sums.grad": round(2 * (n - 1) / n * n * sums)})
+                     "fox.sums": (n - 1) * sums, "fox.sums.grad": (n - 1) * sums})
     if docs:
         sent["tree.doc"] = (n - 1) * batch * local_len * 8
     return sent

@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Only the op pattern is shared: context.comm's collectives count their bytes in COUNTER (what the CP
+# tests and bench measure) and gather along a new leading dim, where these gather along time.
+from braid.parallel.context.comm import differentiable
+
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous().clone()
@@ -43,143 +47,50 @@ def _slice_seq(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(p, dim=1)[r].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+def _view(x: torch.Tensor, group) -> torch.Tensor:
+    return x.view_as(x)
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+def _identity(g: torch.Tensor, group) -> torch.Tensor:
+    return g
 
 
-class _AllReduceBoth(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return _slice_seq(_all_reduce(x, group), group)
 
 
-class _GatherSeqForShard(torch.autograd.Function):
-    """Forward all-gather (time); backward reduce-scatter: the consumer is sharded computation."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _slice_seq(_all_reduce(g, ctx.group), ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    """Forward reduce-scatter of partial sums (time); backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _slice_seq(_all_reduce(x, group), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_seq(g, ctx.group), None
-
-
-class _SplitSeq(torch.autograd.Function):
-    """Forward: keep this rank's time chunk of a replicated tensor; backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _slice_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_seq(g, ctx.group), None
-
-
-class _GatherSeqForReplicated(torch.autograd.Function):
-    """Forward all-gather (time); backward keeps this rank's chunk: the consumer is replicated."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _slice_seq(g, ctx.group), None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Identity; backward all-reduces the gradient (replicated value → sharded consumers)."""
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce (sum) of partial results; backward identity (the total feeds replicated compute)."""
-    return _ReduceFromTP.apply(x, group)
-
-
-def all_reduce_both(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce (sum) forward and backward (the total feeds sharded compute again)."""
-    return _AllReduceBoth.apply(x, group)
-
-
-def gather_seq_for_shard(x: torch.Tensor, group) -> torch.Tensor:
-    """``[B, T/p, ...]`` → ``[B, T, ...]``; backward reduce-scatter (sequence parallel → TP region)."""
-    return _GatherSeqForShard.apply(x, group)
-
-
-def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """Partial ``[B, T, ...]`` → summed ``[B, T/p, ...]`` chunk; backward all-gather (TP → SP region)."""
-    return _ReduceScatterSeq.apply(x, group)
-
-
-def split_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """Replicated ``[B, T, ...]`` → this rank's ``[B, T/p, ...]``; backward all-gather."""
-    return _SplitSeq.apply(x, group)
-
-
-def gather_seq_for_replicated(x: torch.Tensor, group) -> torch.Tensor:
-    """``[B, T/p, ...]`` → ``[B, T, ...]`` for replicated compute; backward keeps the local chunk."""
-    return _GatherSeqForReplicated.apply(x, group)
+# Each is called ``op(x, group)``; the module docstring says which consumer needs which backward.
+# Identity; backward all-reduces the gradient (replicated value → sharded consumers).
+copy_to_tp = differentiable("CopyToTP", _view, _all_reduce)
+# All-reduce (sum) of partial results; backward identity (the total feeds replicated compute).
+reduce_from_tp = differentiable("ReduceFromTP", _all_reduce, _identity)
+# All-reduce (sum) forward and backward (the total feeds sharded compute again).
+all_reduce_both = differentiable("AllReduceBoth", _all_reduce, _all_reduce)
+# ``[B, T/p, ...]`` → ``[B, T, ...]``; backward reduce-scatter (sequence parallel → TP region).
+gather_seq_for_shard = differentiable("GatherSeqForShard", _gather_seq, _reduce_scatter_seq)
+# Partial ``[B, T, ...]`` → summed ``[B, T/p, ...]`` chunk; backward all-gather (TP → SP region).
+reduce_scatter_seq = differentiable("ReduceScatterSeq", _reduce_scatter_seq, _gather_seq)
+# Replicated ``[B, T, ...]`` → this rank's ``[B, T/p, ...]``; backward all-gather.
+split_seq = differentiable("SplitSeq", _slice_seq, _gather_seq)
+# ``[B, T/p, ...]`` → ``[B, T, ...]`` for replicated compute: every rank already holds the whole
+# gradient, so the backward only keeps the local chunk.
+gather_seq_for_replicated = differentiable("GatherSeqForReplicated", _gather_seq, _slice_seq)
 
 
 # ---------------------------------------------------------------------------- packed projections
 
-class _AllToAllRows(torch.autograd.Function):
-    """``all_to_all_single`` on dim 0 with given splits; backward sends the gradients back."""
+def _all_to_all_rows(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
 
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
 
-    @staticmethod
-    def backward(ctx, g):
-        out_splits, in_splits = ctx.splits
-        grad = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad, None, None, None
+def _all_to_all_rows_back(g: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    # The transpose sends each gradient row back where its value came from.
+    return _all_to_all_rows(g, in_splits, out_splits, group)
+
+
+_all_to_all_rows_op = differentiable("AllToAllRows", _all_to_all_rows, _all_to_all_rows_back)
 
 
 class PackedColumns:
@@ -226,4 +137,4 @@ class PackedColumns:
         if self.send_idx.device != y.device:
             self.send_idx = self.send_idx.to(y.device)
         cols = y.movedim(-1, 0).index_select(0, self.send_idx)
-        return _AllToAllRows.apply(cols, self.out_splits, self.in_splits, self.group).movedim(0, -1)
+        return _all_to_all_rows_op(cols, self.out_splits, self.in_splits, self.group).movedim(0, -1)
