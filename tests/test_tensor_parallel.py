@@ -284,3 +284,26 @@ def test_plan_rejects_heads_not_divisible_by_tp():
     kda = HybridLM(tiny_model_config(pattern="K", kda=KDAConfig(n_heads=3, head_dim=8)))
     with pytest.raises(ConfigError, match="model.kda.n_heads"):
         mixer_plan(kda.layers[0].mixer, 2)
+
+
+def _reduce_scatter_paths() -> dict:
+    """On 2 gloo ranks: the native reduce-scatter (NCCL's path) and the all-reduce + slice (gloo's)."""
+    from braid.parallel.tp_plans.comm import _reduce_scatter_seq
+
+    rank = dist.get_rank()
+    x = torch.randn(3, 6, 2, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    total = sum(torch.randn(3, 6, 2, 5, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+                for r in range(2))
+    want = total[:, 3 * rank: 3 * rank + 3]
+    native, emulated = (_reduce_scatter_seq(x, None, native=flag) for flag in (True, False))
+    errors = torch.stack([(native - want).abs().max(), (emulated - want).abs().max()])
+    dist.all_reduce(errors, op=dist.ReduceOp.MAX)  # rank 0 reports for both ranks
+    return {"native": float(errors[0]), "emulated": float(errors[1]), "shape": list(native.shape)}
+
+
+def test_sequence_parallel_reduce_scatter_paths_agree():
+    from spawn_group import run_group
+
+    got = run_group(2, "test_tensor_parallel._reduce_scatter_paths")
+    assert got["shape"] == [3, 3, 2, 5]
+    assert got["native"] < 1e-12 and got["emulated"] < 1e-12

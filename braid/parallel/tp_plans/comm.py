@@ -9,11 +9,10 @@ Which backward a collective needs depends on what consumes its output:
 * a partial sum whose total feeds sharded computation again needs an all-reduce both ways
   (``all_reduce_both``, e.g. Hymba's ``x_proj`` over sharded SSM channels).
 
-The sequence-parallel variants gather / scatter along dim 1 (time). Only ``all_reduce``,
-``all_gather_into_tensor`` and (packed projections) ``all_to_all_single`` are used: all run on gloo
-(CPU tests) and NCCL. Reduce-scatter is an
-all-reduce plus a slice, which gloo supports everywhere; on NCCL this costs ~2× a reduce-scatter's
-traffic (noted for the GPU work).
+The sequence-parallel variants gather / scatter along dim 1 (time). The collectives are
+``all_reduce``, ``all_gather_into_tensor``, ``reduce_scatter_tensor`` and (packed projections)
+``all_to_all_single``: all run on NCCL and on gloo (CPU tests). On NCCL the sequence-parallel
+reduce-scatter is a true one, half the traffic of an all-reduce on the critical path of every layer.
 """
 
 from __future__ import annotations
@@ -55,8 +54,25 @@ def _identity(g: torch.Tensor, group) -> torch.Tensor:
     return g
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
-    return _slice_seq(_all_reduce(x, group), group)
+# torch 2.13 renames reduce_scatter_tensor (deprecated there) to reduce_scatter_single.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group, native: bool | None = None) -> torch.Tensor:
+    """Partial ``[B, T, ...]`` per rank → this rank's ``[B, T/p, ...]`` chunk of the sum.
+
+    ``native`` (default: on NCCL) is a true reduce-scatter, (p−1)/p of x each way. Elsewhere an
+    all-reduce and a slice: gloo's reduce-scatter is that same all-reduce, on a transposed copy whose
+    different summation order would only move the CPU tests' rounding."""
+    if native is None:
+        native = dist.get_backend(group) == "nccl"
+    if not native:
+        return _slice_seq(_all_reduce(x, group), group)
+    p = dist.get_world_size(group)
+    xt = x.transpose(0, 1).contiguous()
+    out = xt.new_empty((xt.shape[0] // p,) + tuple(xt.shape[1:]))
+    _reduce_scatter_single(out, xt, op=dist.ReduceOp.SUM, group=group)
+    return out.transpose(0, 1).contiguous()
 
 
 # Each is called ``op(x, group)``; the module docstring says which consumer needs which backward.
