@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 from braid.kernels import attention_blocked
 from braid.kernels.attention_blocked import visibility
+from braid.kernels.backend import BACKENDS, resolve_backend  # noqa: F401 (both re-exported)
 from braid.kernels.s2 import S2Pattern
-
-BACKENDS = ("auto", "torch", "triton")
 
 # Above this many (query, key) pairs per (batch row, head) an explicit SDPA mask costs too much memory
 # (it grows as T·S), so masked attention takes the blocked path. Plain causal/full attention needs no
@@ -75,24 +74,6 @@ def _check(q, k, v, doc_ids, log_forget) -> None:
         raise ValueError(f"attention: doc_ids {tuple(doc_ids.shape)} must be [B,S] = {(b, s)}")
     if log_forget is not None and tuple(log_forget.shape) != (b, s, hq):
         raise ValueError(f"attention: log_forget {tuple(log_forget.shape)} must be [B,S,Hq] = {(b, s, hq)}")
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"``: ``auto`` = Triton on CUDA tensors when Triton imports, else torch.
-
-    ``"triton"`` on CPU tensors runs the kernels in Triton's interpreter (slow; for tests).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"attention: backend={backend!r} is unknown (allowed: {', '.join(BACKENDS)})")
-    if backend != "auto":
-        return backend
-    if not q.is_cuda:
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "triton"
 
 
 def _use_sdpa(t: int, s: int, *, causal: bool, log_forget, window, sink: int, doc_ids, return_lse: bool,

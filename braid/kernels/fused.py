@@ -15,26 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, x: torch.Tensor, op: str) -> str:
-    """``"torch"`` or ``"triton"`` for an op called with ``backend`` on tensors living where ``x`` lives.
-
-    Raises ``ValueError`` (naming ``backend``) for an unknown name. ``"triton"`` on CPU tensors runs
-    the kernels in Triton's interpreter (``braid.kernels.triton.load`` arranges or refuses it).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r} is unknown (allowed: {', '.join(BACKENDS)})")
-    if backend == "auto":
-        if x.is_cuda:
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                return "torch"
-            return "triton"
-        return "torch"
-    return backend
+from braid.kernels.backend import BACKENDS, resolve_backend  # noqa: F401 (BACKENDS re-exported)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:

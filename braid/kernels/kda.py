@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from braid.kernels.fused import resolve_backend
+from braid.kernels.backend import resolve_backend
 from braid.kernels.kda_chunk import kda_chunk
 
 # Sub-chunk size of the chunked path: pairs inside one sub-chunk form exponent differences explicitly

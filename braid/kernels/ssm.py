@@ -36,7 +36,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from braid.kernels.fused import resolve_backend
+from braid.kernels.backend import resolve_backend
 
 DEFAULT_CHUNK = 64
 

@@ -115,6 +115,62 @@ def _key_range(q_lo, q_hi, S, window, sink, BN: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
+def _s2_residue(h, s2_step, s2_shift, s2_stride):
+    # S2Pattern.residue(h): the launcher (``_Args``) folds head_start and offset into s2_shift.
+    return (h * s2_step + s2_shift) % s2_stride
+
+
+@triton.jit
+def _query_head(HQ, G, s2_step, s2_shift, s2_stride):
+    """(batch, query head, kv head, S2 residue) of a program over (query tile, batch·query head)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    return b, h, h // G, _s2_residue(h, s2_step, s2_shift, s2_stride)
+
+
+@triton.jit
+def _tile(DOC, b, L, start, offs0, pos0, doc_other, BLOCK: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Rows [start, start + BLOCK) of a length-L sequence whose row i sits at position pos0 + i:
+    (offsets, in range, doc ids, min and max doc id in range, first and last position in range).
+    offs0 = tl.arange(0, BLOCK), made by the caller outside its loops (it is not hoisted otherwise)."""
+    offs = start + offs0
+    ok = offs < L
+    doc = tl.zeros([BLOCK], dtype=tl.int64)
+    doc_lo = 0
+    doc_hi = 0
+    if HAS_DOC:
+        doc = tl.load(DOC + b * L + offs, mask=ok, other=doc_other)
+        doc_lo = tl.min(tl.where(ok, doc, 2 ** 62), 0)
+        doc_hi = tl.max(tl.where(ok, doc, -2 ** 62), 0)
+    return offs, ok, doc, doc_lo, doc_hi, pos0 + start, pos0 + tl.minimum(start + BLOCK, L) - 1
+
+
+@triton.jit
+def _gate(C_, b, L, offs, ok, HQ, h, BLOCK: tl.constexpr, HAS_C: tl.constexpr):
+    """FoX cumulative gates [BLOCK] of head h at rows offs of c [B, L, Hq] (zeros without FoX)."""
+    c = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_C:
+        c = tl.load(C_ + (b * L + offs) * HQ + h, mask=ok, other=0.0)
+    return c
+
+
+@triton.jit
+def _load_tile(ptr, rows, s_row, col0, cols, row_ok, n_cols):
+    """[rows, cols] tile at ``ptr + row·s_row + col0 + col``, zeros outside the rows and n_cols."""
+    return tl.load(ptr + rows[:, None] * s_row + col0 + cols[None, :],
+                   mask=row_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _lse_delta(LSE, DELTA, b, HQ, h, T, offs_m, q_ok):
+    # lse of fully masked rows is +inf here (set by the launcher): exp2(s − inf) = 0.
+    lse = tl.load(LSE + (b * HQ + h) * T + offs_m, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + (b * HQ + h) * T + offs_m, mask=q_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CQ, CK, QD, KD,
               s_qb, s_qt, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_ot, s_oh,
               T, S, HQ, G, q_offset, scale_log2, window, sink,
@@ -124,31 +180,15 @@ def _attn_fwd(Q, K, V, O, LSE, CQ, CK, QD, KD,
               HAS_DOC: tl.constexpr, HAS_S2: tl.constexpr, HAS_C: tl.constexpr, PREC: tl.constexpr):
     """One program per (query tile, batch·query head): o [B,T,Hq,DV] and lse [B,Hq,T] (fp32)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    kvh = h // G
-    res = (h * s2_step + s2_shift) % s2_stride
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    b, h, kvh, res = _query_head(HQ, G, s2_step, s2_shift, s2_stride)
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q_ok = offs_m < T
+    offs_m, q_ok, qd, qd_lo, qd_hi, q_lo, q_hi = _tile(QD, b, T, pid_m * BM, tl.arange(0, BM), q_offset, 0, BM,
+                                                       HAS_DOC)
     qp = q_offset + offs_m
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qt + h * s_qh + offs_d[None, :],
-                mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    qd = tl.zeros([BM], dtype=tl.int64)
-    qd_lo = 0
-    qd_hi = 0
-    if HAS_DOC:
-        qd = tl.load(QD + b * T + offs_m, mask=q_ok, other=0)
-        qd_lo = tl.min(tl.where(q_ok, qd, 2 ** 62), 0)
-        qd_hi = tl.max(tl.where(q_ok, qd, -2 ** 62), 0)
-    cq = tl.zeros([BM], dtype=tl.float32)
-    if HAS_C:
-        cq = tl.load(CQ + (b * T + offs_m) * HQ + h, mask=q_ok, other=0.0)
-    q_lo = q_offset + pid_m * BM
-    q_hi = q_offset + tl.minimum(pid_m * BM + BM, T) - 1
+    q = _load_tile(Q + b * s_qb, offs_m, s_qt, h * s_qh, offs_d, q_ok, D)
+    cq = _gate(CQ, b, T, offs_m, q_ok, HQ, h, BM, HAS_C)
     sink_end, lo, hi = _key_range(q_lo, q_hi, S, window, sink, BN, CAUSAL, HAS_WINDOW)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -156,23 +196,12 @@ def _attn_fwd(Q, K, V, O, LSE, CQ, CK, QD, KD,
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for loop in tl.static_range(2):  # sink tiles [0, sink_end), then the causal/window range [lo, hi)
         for start_n in range(lo * loop, sink_end + (hi - sink_end) * loop, BN):
-            offs_n = start_n + offs_n0
-            k_ok = offs_n < S
-            kd = tl.zeros([BN], dtype=tl.int64)
-            kd_lo = 0
-            kd_hi = 0
-            if HAS_DOC:
-                kd = tl.load(KD + b * S + offs_n, mask=k_ok, other=-1)
-                kd_lo = tl.min(tl.where(k_ok, kd, 2 ** 62), 0)
-                kd_hi = tl.max(tl.where(k_ok, kd, -2 ** 62), 0)
-            k_hi = tl.minimum(start_n + BN, S) - 1
-            if _tile_live(q_lo, q_hi, start_n, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, res, window, sink,
+            offs_n, k_ok, kd, kd_lo, kd_hi, k_lo, k_hi = _tile(KD, b, S, start_n, offs_n0, 0, -1, BN, HAS_DOC)
+            if _tile_live(q_lo, q_hi, k_lo, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, res, window, sink,
                           s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2):
                 k_t = tl.load(K + b * s_kb + offs_n[None, :] * s_ks + kvh * s_kh + offs_d[:, None],
                               mask=k_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                ck = tl.zeros([BN], dtype=tl.float32)
-                if HAS_C:
-                    ck = tl.load(CK + (b * S + offs_n) * HQ + h, mask=k_ok, other=0.0)
+                ck = _gate(CK, b, S, offs_n, k_ok, HQ, h, BN, HAS_C)
                 s = _scores(q, k_t, qp[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :],
                             qd[:, None], kd[None, :], cq[:, None], ck[None, :], res, scale_log2, window, sink,
                             s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2, HAS_C, PREC)
@@ -182,8 +211,7 @@ def _attn_fwd(Q, K, V, O, LSE, CQ, CK, QD, KD,
                 p = tl.math.exp2(s - m_safe[:, None])
                 alpha = tl.math.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + kvh * s_vh + offs_dv[None, :],
-                            mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                v = _load_tile(V + b * s_vb, offs_n, s_vs, kvh * s_vh, offs_dv, k_ok, DV)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
                 m_i = m_new
     seen = l_i > 0.0  # fully masked rows: o = 0, lse = −inf
@@ -211,24 +239,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CQ, CK, QD, KD, DK, DV_, DCK,
     hkv = HQ // G
     b = (pid_bh // hkv).to(tl.int64)
     kvh = pid_bh % hkv
-    offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m0 = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    k_ok = offs_n < S
-    k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
-                mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + kvh * s_vh + offs_dv[None, :],
-                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    k_lo = pid_n * BN
-    k_hi = tl.minimum(k_lo + BN, S) - 1
-    kd = tl.zeros([BN], dtype=tl.int64)
-    kd_lo = 0
-    kd_hi = 0
-    if HAS_DOC:
-        kd = tl.load(KD + b * S + offs_n, mask=k_ok, other=-1)
-        kd_lo = tl.min(tl.where(k_ok, kd, 2 ** 62), 0)
-        kd_hi = tl.max(tl.where(k_ok, kd, -2 ** 62), 0)
+    offs_n, k_ok, kd, kd_lo, kd_hi, k_lo, k_hi = _tile(KD, b, S, pid_n * BN, tl.arange(0, BN), 0, -1, BN, HAS_DOC)
+    k = _load_tile(K + b * s_kb, offs_n, s_ks, kvh * s_kh, offs_d, k_ok, D)
+    v = _load_tile(V + b * s_vb, offs_n, s_vs, kvh * s_vh, offs_dv, k_ok, DV)
     # Query tiles that can see this key tile: [m_lo, m_hi) in query indices.
     m_lo = T * 0  # tensors, not Python ints: the runtime `if` below must yield the same types
     m_hi = T + 0
@@ -243,35 +259,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, CQ, CK, QD, KD, DK, DV_, DCK,
     dv = tl.zeros([BN, BDV], dtype=tl.float32)
     for g in range(0, G):
         h = kvh * G + g
-        res = (h * s2_step + s2_shift) % s2_stride
-        ck = tl.zeros([BN], dtype=tl.float32)
-        if HAS_C:
-            ck = tl.load(CK + (b * S + offs_n) * HQ + h, mask=k_ok, other=0.0)
+        res = _s2_residue(h, s2_step, s2_shift, s2_stride)
+        ck = _gate(CK, b, S, offs_n, k_ok, HQ, h, BN, HAS_C)
         dck = tl.zeros([BN], dtype=tl.float32)
         for start_m in range(m_lo, m_hi, BM):
-            offs_m = start_m + offs_m0
-            q_ok = offs_m < T
-            qd = tl.zeros([BM], dtype=tl.int64)
-            qd_lo = 0
-            qd_hi = 0
-            if HAS_DOC:
-                qd = tl.load(QD + b * T + offs_m, mask=q_ok, other=0)
-                qd_lo = tl.min(tl.where(q_ok, qd, 2 ** 62), 0)
-                qd_hi = tl.max(tl.where(q_ok, qd, -2 ** 62), 0)
-            q_lo = q_offset + start_m
-            q_hi = q_offset + tl.minimum(start_m + BM, T) - 1
+            offs_m, q_ok, qd, qd_lo, qd_hi, q_lo, q_hi = _tile(QD, b, T, start_m, offs_m0, q_offset, 0, BM, HAS_DOC)
             if _tile_live(q_lo, q_hi, k_lo, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, res, window, sink,
                           s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2):
-                q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qt + h * s_qh + offs_d[None, :],
-                            mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                do = tl.load(DO + b * s_ob + offs_m[:, None] * s_ot + h * s_oh + offs_dv[None, :],
-                             mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                cq = tl.zeros([BM], dtype=tl.float32)
-                if HAS_C:
-                    cq = tl.load(CQ + (b * T + offs_m) * HQ + h, mask=q_ok, other=0.0)
-                # lse of fully masked rows is +inf here (set by the launcher): exp2(s − inf) = 0.
-                lse = tl.load(LSE + (b * HQ + h) * T + offs_m, mask=q_ok, other=float("inf"))
-                delta = tl.load(DELTA + (b * HQ + h) * T + offs_m, mask=q_ok, other=0.0)
+                q = _load_tile(Q + b * s_qb, offs_m, s_qt, h * s_qh, offs_d, q_ok, D)
+                do = _load_tile(DO + b * s_ob, offs_m, s_ot, h * s_oh, offs_dv, q_ok, DV)
+                cq = _gate(CQ, b, T, offs_m, q_ok, HQ, h, BM, HAS_C)
+                lse, delta = _lse_delta(LSE, DELTA, b, HQ, h, T, offs_m, q_ok)
                 s = _scores(q, tl.trans(k), (q_offset + offs_m)[:, None], offs_n[None, :], q_ok[:, None],
                             k_ok[None, :], qd[:, None], kd[None, :], cq[:, None], ck[None, :], res, scale_log2,
                             window, sink, s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2,
@@ -302,58 +300,27 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, CQ, CK, QD, KD, DQ, DCQ,
                  HAS_DOC: tl.constexpr, HAS_S2: tl.constexpr, HAS_C: tl.constexpr, PREC: tl.constexpr):
     """One program per (query tile, batch·query head): dQ (q dtype) and dc_q [B,T,Hq] = row sums of dS."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    kvh = h // G
-    res = (h * s2_step + s2_shift) % s2_stride
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    b, h, kvh, res = _query_head(HQ, G, s2_step, s2_shift, s2_stride)
     offs_n0 = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q_ok = offs_m < T
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qt + h * s_qh + offs_d[None, :],
-                mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * s_ob + offs_m[:, None] * s_ot + h * s_oh + offs_dv[None, :],
-                 mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + (b * HQ + h) * T + offs_m, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + (b * HQ + h) * T + offs_m, mask=q_ok, other=0.0)
-    qd = tl.zeros([BM], dtype=tl.int64)
-    qd_lo = 0
-    qd_hi = 0
-    if HAS_DOC:
-        qd = tl.load(QD + b * T + offs_m, mask=q_ok, other=0)
-        qd_lo = tl.min(tl.where(q_ok, qd, 2 ** 62), 0)
-        qd_hi = tl.max(tl.where(q_ok, qd, -2 ** 62), 0)
-    cq = tl.zeros([BM], dtype=tl.float32)
-    if HAS_C:
-        cq = tl.load(CQ + (b * T + offs_m) * HQ + h, mask=q_ok, other=0.0)
-    q_lo = q_offset + pid_m * BM
-    q_hi = q_offset + tl.minimum(pid_m * BM + BM, T) - 1
+    offs_m, q_ok, qd, qd_lo, qd_hi, q_lo, q_hi = _tile(QD, b, T, pid_m * BM, tl.arange(0, BM), q_offset, 0, BM,
+                                                       HAS_DOC)
+    q = _load_tile(Q + b * s_qb, offs_m, s_qt, h * s_qh, offs_d, q_ok, D)
+    do = _load_tile(DO + b * s_ob, offs_m, s_ot, h * s_oh, offs_dv, q_ok, DV)
+    lse, delta = _lse_delta(LSE, DELTA, b, HQ, h, T, offs_m, q_ok)
+    cq = _gate(CQ, b, T, offs_m, q_ok, HQ, h, BM, HAS_C)
     sink_end, lo, hi = _key_range(q_lo, q_hi, S, window, sink, BN, CAUSAL, HAS_WINDOW)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     dcq = tl.zeros([BM], dtype=tl.float32)
     for loop in tl.static_range(2):  # sink tiles [0, sink_end), then the causal/window range [lo, hi)
         for start_n in range(lo * loop, sink_end + (hi - sink_end) * loop, BN):
-            offs_n = start_n + offs_n0
-            k_ok = offs_n < S
-            kd = tl.zeros([BN], dtype=tl.int64)
-            kd_lo = 0
-            kd_hi = 0
-            if HAS_DOC:
-                kd = tl.load(KD + b * S + offs_n, mask=k_ok, other=-1)
-                kd_lo = tl.min(tl.where(k_ok, kd, 2 ** 62), 0)
-                kd_hi = tl.max(tl.where(k_ok, kd, -2 ** 62), 0)
-            k_hi = tl.minimum(start_n + BN, S) - 1
-            if _tile_live(q_lo, q_hi, start_n, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, res, window, sink,
+            offs_n, k_ok, kd, kd_lo, kd_hi, k_lo, k_hi = _tile(KD, b, S, start_n, offs_n0, 0, -1, BN, HAS_DOC)
+            if _tile_live(q_lo, q_hi, k_lo, k_hi, qd_lo, qd_hi, kd_lo, kd_hi, res, window, sink,
                           s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2):
-                k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
-                            mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + kvh * s_vh + offs_dv[None, :],
-                            mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                ck = tl.zeros([BN], dtype=tl.float32)
-                if HAS_C:
-                    ck = tl.load(CK + (b * S + offs_n) * HQ + h, mask=k_ok, other=0.0)
+                k = _load_tile(K + b * s_kb, offs_n, s_ks, kvh * s_kh, offs_d, k_ok, D)
+                v = _load_tile(V + b * s_vb, offs_n, s_vs, kvh * s_vh, offs_dv, k_ok, DV)
+                ck = _gate(CK, b, S, offs_n, k_ok, HQ, h, BN, HAS_C)
                 s = _scores(q, tl.trans(k), (q_offset + offs_m)[:, None], offs_n[None, :], q_ok[:, None],
                             k_ok[None, :], qd[:, None], kd[None, :], cq[:, None], ck[None, :], res, scale_log2,
                             window, sink, s2_block, s2_local, s2_stride, CAUSAL, HAS_WINDOW, HAS_DOC, HAS_S2,

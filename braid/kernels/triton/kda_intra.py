@@ -86,14 +86,34 @@ def _doc_masks(seg_ptr, prev_ptr, pid, HN, N, rc, C: tl.constexpr, HAS_DOC: tl.c
 
 
 @triton.jit
-def _kda_intra_solve(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, seg_ptr, prev_ptr, a_ptr,
-                     tinv_ptr, w_ptr, u_ptr, qin_ptr, kout_ptr, dec_ptr, K, V, HN, N,
-                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DOC: tl.constexpr):
-    pid = tl.program_id(0)
+def _chunk_offsets(pid, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Row offsets of chunk pid: rc [C], rk [BK], [C, C] pairs cc, [C, K] ck with mask km, [C, V] cv with vm."""
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     rv = tl.arange(0, BV)
     cc = pid * C * C + rc[:, None] * C + rc[None, :]
+    ck = pid * C * K + rc[:, None] * K + rk[None, :]
+    cv = pid * C * V + rc[:, None] * V + rv[None, :]
+    return rc, rk, cc, ck, rk[None, :] < K, cv, rv[None, :] < V
+
+
+@triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, pid, rc, ck, km, cv, vm, C: tl.constexpr):
+    """q, k, Γ [C, K], v [C, V] and β [C] of chunk pid (zeros in the K/V padding)."""
+    q = tl.load(q_ptr + ck, mask=km, other=0.0)
+    k = tl.load(k_ptr + ck, mask=km, other=0.0)
+    gam = tl.load(gam_ptr + ck, mask=km, other=0.0)
+    v = tl.load(v_ptr + cv, mask=vm, other=0.0)
+    beta = tl.load(beta_ptr + pid * C + rc)
+    return q, k, gam, v, beta
+
+
+@triton.jit
+def _kda_intra_solve(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, seg_ptr, prev_ptr, a_ptr,
+                     tinv_ptr, w_ptr, u_ptr, qin_ptr, kout_ptr, dec_ptr, K, V, HN, N,
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DOC: tl.constexpr):
+    pid = tl.program_id(0)
+    rc, rk, cc, ck, km, cv, vm = _chunk_offsets(pid, K, V, C, BK, BV)
     A = tl.load(a_ptr + cc)
     # (I + A)⁻¹ row by row: T[i] = e_i − Σ_{j<i} A[i, j] T[j] (rows ≥ i of T are still identity rows,
     # and A[i, j ≥ i] = 0, so the full sum is the sum over j < i).
@@ -104,15 +124,7 @@ def _kda_intra_solve(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, seg_ptr, prev_ptr, 
         new = tl.sum(a_row[:, None] * tinv, axis=0)
         tinv = tl.where(rc[:, None] == i, (rc == i).to(tl.float32)[None, :] - new[None, :], tinv)
     tl.store(tinv_ptr + cc, tinv)
-    ck = pid * C * K + rc[:, None] * K + rk[None, :]
-    km = rk[None, :] < K
-    cv = pid * C * V + rc[:, None] * V + rv[None, :]
-    vm = rv[None, :] < V
-    q = tl.load(q_ptr + ck, mask=km, other=0.0)
-    k = tl.load(k_ptr + ck, mask=km, other=0.0)
-    gam = tl.load(gam_ptr + ck, mask=km, other=0.0)
-    v = tl.load(v_ptr + cv, mask=vm, other=0.0)
-    beta = tl.load(beta_ptr + pid * C + rc)
+    q, k, gam, v, beta = _load_chunk(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, pid, rc, ck, km, cv, vm, C)
     carry, last, carry_last = _doc_masks(seg_ptr, prev_ptr, pid, HN, N, rc, C, HAS_DOC)
     eg = tl.exp(gam)
     g_last = tl.load(gam_ptr + pid * C * K + (C - 1) * K + rk, mask=rk < K, other=0.0)
@@ -130,14 +142,7 @@ def _kda_intra_bwd_local(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, seg_ptr, prev_p
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DOC: tl.constexpr):
     """Everything but the pair-score terms: the solve (dA), and the elementwise outputs."""
     pid = tl.program_id(0)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    cc = pid * C * C + rc[:, None] * C + rc[None, :]
-    ck = pid * C * K + rc[:, None] * K + rk[None, :]
-    km = rk[None, :] < K
-    cv = pid * C * V + rc[:, None] * V + rv[None, :]
-    vm = rv[None, :] < V
+    rc, rk, cc, ck, km, cv, vm = _chunk_offsets(pid, K, V, C, BK, BV)
     tinv = tl.load(tinv_ptr + cc)
     w, dw = tl.load(w_ptr + ck, mask=km, other=0.0), tl.load(dw_ptr + ck, mask=km, other=0.0)
     u, du = tl.load(u_ptr + cv, mask=vm, other=0.0), tl.load(du_ptr + cv, mask=vm, other=0.0)
@@ -151,11 +156,7 @@ def _kda_intra_bwd_local(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, seg_ptr, prev_p
         seg = tl.load(seg_ptr + chunk * C + rc)
         keep = keep & (seg[:, None] == seg[None, :])
     tl.store(da_ptr + cc, tl.where(keep, dA, 0.0))
-    q = tl.load(q_ptr + ck, mask=km, other=0.0)
-    k = tl.load(k_ptr + ck, mask=km, other=0.0)
-    gam = tl.load(gam_ptr + ck, mask=km, other=0.0)
-    v = tl.load(v_ptr + cv, mask=vm, other=0.0)
-    beta = tl.load(beta_ptr + pid * C + rc)
+    q, k, gam, v, beta = _load_chunk(q_ptr, k_ptr, v_ptr, gam_ptr, beta_ptr, pid, rc, ck, km, cv, vm, C)
     carry, last, carry_last = _doc_masks(seg_ptr, prev_ptr, pid, HN, N, rc, C, HAS_DOC)
     eg = tl.exp(gam)
     kexp = k * eg * carry[:, None]  # X_w = β · kexp

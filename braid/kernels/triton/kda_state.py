@@ -28,10 +28,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, dr_ptr, sr_ptr, o_ptr, states_ptr,
-                   final_ptr, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_RESTART: tl.constexpr):
-    bh, vb = tl.program_id(0), tl.program_id(1)
+def _offsets(vb, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets of value block vb: rk [BK] (mask km), rv [BV] (mask vm), the state's [K, V] kv (mask
+    kvm) and a chunk's [C, K] ck, [C, V] cv and [C, C] cc."""
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
@@ -40,18 +39,37 @@ def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, dr_ptr,
     kvm = km[:, None] & vm[None, :]
     ck = rc[:, None] * K + rk[None, :]
     cv = rc[:, None] * V + rv[None, :]
+    cc = rc[:, None] * C + rc[None, :]
+    return rk, km, vm, kv, kvm, ck, cv, cc
+
+
+@triton.jit
+def _load_chunk(w_ptr, qi_ptr, ko_ptr, u_ptr, p_ptr, dec_ptr, chunk, rk, km, vm, ck, cv, cc, K, V,
+                C: tl.constexpr):
+    """w, q̃, k̃ [C, K], u [C, V], P [C, C] and d [K] of one chunk (zeros in the K/V padding)."""
+    w = tl.load(w_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+    qi = tl.load(qi_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+    ko = tl.load(ko_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
+    u = tl.load(u_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
+    p = tl.load(p_ptr + chunk * C * C + cc)
+    dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
+    return w, qi, ko, u, p, dec
+
+
+@triton.jit
+def _kda_state_fwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, s0_ptr, dr_ptr, sr_ptr, o_ptr, states_ptr,
+                   final_ptr, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   HAS_RESTART: tl.constexpr):
+    bh, vb = tl.program_id(0), tl.program_id(1)
+    rk, km, vm, kv, kvm, ck, cv, cc = _offsets(vb, K, V, C, BK, BV)
     S = tl.load(s0_ptr + bh * K * V + kv, mask=kvm, other=0.0)
     if HAS_RESTART:
         Sr = tl.load(sr_ptr + bh * K * V + kv, mask=kvm, other=0.0)
     for i in range(NC):
         chunk = bh * NC + i
         tl.store(states_ptr + chunk * K * V + kv, S, mask=kvm)
-        w = tl.load(w_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        qi = tl.load(qi_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        ko = tl.load(ko_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        u = tl.load(u_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
-        p = tl.load(p_ptr + chunk * C * C + rc[:, None] * C + rc[None, :])
-        dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
+        w, qi, ko, u, p, dec = _load_chunk(w_ptr, qi_ptr, ko_ptr, u_ptr, p_ptr, dec_ptr, chunk, rk, km, vm, ck, cv, cc,
+                                           K, V, C)
         v_new = u - tl.dot(w, S)
         o = tl.dot(qi, S) + tl.dot(p, v_new)
         tl.store(o_ptr + chunk * C * V + cv, o, mask=vm[None, :])
@@ -67,15 +85,7 @@ def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, dr_ptr, sr_ptr,
                    BH, NC, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_DFINAL: tl.constexpr, HAS_RESTART: tl.constexpr):
     bh, vb = tl.program_id(0), tl.program_id(1)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = vb * BV + tl.arange(0, BV)
-    km, vm = rk < K, rv < V
-    kv = rk[:, None] * V + rv[None, :]
-    kvm = km[:, None] & vm[None, :]
-    ck = rc[:, None] * K + rk[None, :]
-    cv = rc[:, None] * V + rv[None, :]
-    cc = rc[:, None] * C + rc[None, :]
+    rk, km, vm, kv, kvm, ck, cv, cc = _offsets(vb, K, V, C, BK, BV)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DFINAL:
         dS = tl.load(dfinal_ptr + bh * K * V + kv, mask=kvm, other=0.0)
@@ -87,12 +97,8 @@ def _kda_state_bwd(w_ptr, qi_ptr, u_ptr, p_ptr, ko_ptr, dec_ptr, dr_ptr, sr_ptr,
         i = NC - 1 - j
         chunk = bh * NC + i
         S = tl.load(states_ptr + chunk * K * V + kv, mask=kvm, other=0.0)
-        w = tl.load(w_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        qi = tl.load(qi_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        ko = tl.load(ko_ptr + chunk * C * K + ck, mask=km[None, :], other=0.0)
-        u = tl.load(u_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
-        p = tl.load(p_ptr + chunk * C * C + cc)
-        dec = tl.load(dec_ptr + chunk * K + rk, mask=km, other=0.0)
+        w, qi, ko, u, p, dec = _load_chunk(w_ptr, qi_ptr, ko_ptr, u_ptr, p_ptr, dec_ptr, chunk, rk, km, vm, ck, cv, cc,
+                                           K, V, C)
         do = tl.load(do_ptr + chunk * C * V + cv, mask=vm[None, :], other=0.0)
         v_new = u - tl.dot(w, S)  # recomputed, not stored
         if HAS_RESTART:  # dS is still dS_{n+1} here

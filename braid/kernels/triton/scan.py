@@ -19,16 +19,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_ptr,
-              y_ptr, ckpt_ptr, final_ptr, T, C, N,
-              CHUNK: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
-              HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr):
-    b, cb = tl.program_id(0), tl.program_id(1)
+def _channel_block(cb, C, N, BC: tl.constexpr, BN: tl.constexpr):
+    """Channels ch [BC] (mask cm) and states n [BN] (mask nm) of block cb, and their [BC, BN] offsets
+    cn (mask m2)."""
     ch = cb * BC + tl.arange(0, BC)
     n = tl.arange(0, BN)
     cm, nm = ch < C, n < N
-    m2 = cm[:, None] & nm[None, :]
-    cn = ch[:, None] * N + n[None, :]
+    return ch, n, cm, nm, cm[:, None] & nm[None, :], ch[:, None] * N + n[None, :]
+
+
+@triton.jit
+def _block_params(a_ptr, d_ptr, h0_ptr, b, C, N, ch, cm, cn, m2, BC: tl.constexpr, BN: tl.constexpr,
+                  HAS_D: tl.constexpr, HAS_H0: tl.constexpr):
+    """A [BC, BN], h0 [BC, BN] of row b (zeros if none) and D [BC] (zeros if none) of the block, fp32."""
     A = tl.load(a_ptr + cn, mask=m2, other=0.0).to(tl.float32)
     h0 = tl.zeros([BC, BN], dtype=tl.float32)
     if HAS_H0:
@@ -36,15 +39,33 @@ def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_pt
     Dv = tl.zeros([BC], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(d_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+    return A, h0, Dv
+
+
+@triton.jit
+def _step_inputs(u_ptr, dt_ptr, b_ptr, b, t, T, C, N, ch, n, cm, nm):
+    """Row offsets (b, t, ch) and u, dt [BC], B [BN] at position t, fp32."""
+    row = (b * T + t) * C + ch
+    uv = tl.load(u_ptr + row, mask=cm, other=0.0).to(tl.float32)
+    dtv = tl.load(dt_ptr + row, mask=cm, other=0.0).to(tl.float32)
+    Bv = tl.load(b_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
+    return row, uv, dtv, Bv
+
+
+@triton.jit
+def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_ptr,
+              y_ptr, ckpt_ptr, final_ptr, T, C, N,
+              CHUNK: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr):
+    b, cb = tl.program_id(0), tl.program_id(1)
+    ch, n, cm, nm, m2, cn = _channel_block(cb, C, N, BC, BN)
+    A, h0, Dv = _block_params(a_ptr, d_ptr, h0_ptr, b, C, N, ch, cm, cn, m2, BC, BN, HAS_D, HAS_H0)
     h = h0
     n_chunks = tl.cdiv(T, CHUNK)
     for t in range(T):
         if t % CHUNK == 0:  # checkpoint: the state entering this chunk
             tl.store(ckpt_ptr + ((b * n_chunks + t // CHUNK) * C) * N + cn, h, mask=m2)
-        row = (b * T + t) * C + ch
-        uv = tl.load(u_ptr + row, mask=cm, other=0.0).to(tl.float32)
-        dtv = tl.load(dt_ptr + row, mask=cm, other=0.0).to(tl.float32)
-        Bv = tl.load(b_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
+        row, uv, dtv, Bv = _step_inputs(u_ptr, dt_ptr, b_ptr, b, t, T, C, N, ch, n, cm, nm)
         Cv = tl.load(c_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
         if HAS_RESET:
             r = tl.load(reset_ptr + b * T + t)
@@ -67,20 +88,10 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_pt
               HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DFINAL: tl.constexpr):
     b, cb = tl.program_id(0), tl.program_id(1)
     n_cb = tl.num_programs(1)
-    ch = cb * BC + tl.arange(0, BC)
-    n = tl.arange(0, BN)
-    cm, nm = ch < C, n < N
-    m2 = cm[:, None] & nm[None, :]
-    cn = ch[:, None] * N + n[None, :]
+    ch, n, cm, nm, m2, cn = _channel_block(cb, C, N, BC, BN)
+    A, h0, Dv = _block_params(a_ptr, d_ptr, h0_ptr, b, C, N, ch, cm, cn, m2, BC, BN, HAS_D, HAS_H0)
     local = tl.arange(0, BC)[:, None] * BN + n[None, :]  # scratch layout [CHUNK, BC, BN]
     scratch = scratch_ptr + (b * n_cb + cb) * CHUNK * BC * BN
-    A = tl.load(a_ptr + cn, mask=m2, other=0.0).to(tl.float32)
-    h0 = tl.zeros([BC, BN], dtype=tl.float32)
-    if HAS_H0:
-        h0 = tl.load(h0_ptr + b * C * N + cn, mask=m2, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BC], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(d_ptr + ch, mask=cm, other=0.0).to(tl.float32)
     carry = tl.zeros([BC, BN], dtype=tl.float32)  # a_{t+1}·λ_{t+1}: what λ_t inherits from the future
     if HAS_DFINAL:
         carry = tl.load(dfinal_ptr + b * C * N + cn, mask=m2, other=0.0).to(tl.float32)
@@ -96,10 +107,7 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_pt
         # Recompute this chunk's states into the scratch buffer.
         h = start
         for t in range(t0, t1):
-            row = (b * T + t) * C + ch
-            uv = tl.load(u_ptr + row, mask=cm, other=0.0).to(tl.float32)
-            dtv = tl.load(dt_ptr + row, mask=cm, other=0.0).to(tl.float32)
-            Bv = tl.load(b_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
+            row, uv, dtv, Bv = _step_inputs(u_ptr, dt_ptr, b_ptr, b, t, T, C, N, ch, n, cm, nm)
             if HAS_RESET:
                 h = tl.where(tl.load(reset_ptr + b * T + t) != 0, h0, h)
             h = tl.exp(dtv[:, None] * A) * h + (dtv * uv)[:, None] * Bv[None, :]
@@ -107,10 +115,7 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, h0_ptr, reset_pt
         tl.debug_barrier()  # the reverse walk reads states other threads may have written
         for i in range(t1 - t0):
             t = t1 - 1 - i
-            row = (b * T + t) * C + ch
-            uv = tl.load(u_ptr + row, mask=cm, other=0.0).to(tl.float32)
-            dtv = tl.load(dt_ptr + row, mask=cm, other=0.0).to(tl.float32)
-            Bv = tl.load(b_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
+            row, uv, dtv, Bv = _step_inputs(u_ptr, dt_ptr, b_ptr, b, t, T, C, N, ch, n, cm, nm)
             Cv = tl.load(c_ptr + (b * T + t) * N + n, mask=nm, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row, mask=cm, other=0.0).to(tl.float32)
             h = tl.load(scratch + (t - t0) * BC * BN + local)
