@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,19 @@ from braid.config import ModelConfig
 interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                       reason="Triton runs compiled in this process (CUDA present); the GPU "
                                              "checks are bench/gpu_*_check.py")
+
+
+def compile_in_subprocess(module: str, variants: list[dict]) -> list[dict]:
+    """``braid.kernels.triton.<module>.compile_for_gpu(**v)`` for each variant, in a fresh process
+    without the interpreter (compiling for a GPU needs Triton in compiled mode)."""
+    code = (f"import json, sys; from braid.kernels.triton.{module} import compile_for_gpu; "
+            "print(json.dumps([compile_for_gpu(**v) for v in json.loads(sys.argv[1])]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default; set to silence its warning
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(variants)], env=env,
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

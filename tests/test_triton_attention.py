@@ -9,19 +9,13 @@ on machines without CUDA (``braid.kernels.triton`` explains the rule). Shapes ar
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from braid.kernels import attention
 from braid.kernels.attention_blocked import partial_attention
 from braid.kernels.s2 import S2Pattern
-from helpers import interpreter_only, rel_rms
+from helpers import compile_in_subprocess, interpreter_only, rel_rms
 
 pytestmark = interpreter_only
 from test_s2 import random_inputs, reference_attention
@@ -140,24 +134,12 @@ def test_public_op_dispatch():
         attention(q, k, v, s2=(64, 32, 8))
 
 
-def _compile_in_subprocess(variants: list[dict]) -> list[dict]:
-    """compile_for_gpu(**v) for each variant in a fresh process without the interpreter."""
-    code = ("import json, sys; from braid.kernels.triton.attention import compile_for_gpu; "
-            "print(json.dumps([compile_for_gpu(**v) for v in json.loads(sys.argv[1])]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(variants)], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=280)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.splitlines()[-1])
-
-
 def test_kernels_compile_for_h100_with_every_option():
     """The interpreter does not type-check like the compiler: compile the real kernels for sm_90
     (no GPU needed) and check they use Hopper tensor-core MMAs without register spills."""
-    (stats,) = _compile_in_subprocess([{}])
+    (stats,) = compile_in_subprocess("attention", [{}])
     for name, st in stats.items():
-        assert st["wgmma"] > 0 and st["local"] == 0, (name, st)
+        assert st["wgmma"] > 0 and st["local"] == 0 and st["fits"], (name, st)
 
 
 @pytest.mark.slow
@@ -165,6 +147,6 @@ def test_kernels_compile_for_gpu_variants():
     variants = [dict(dtype="fp16", d=64, CAUSAL=False, HAS_C=False, HAS_S2=False),
                 dict(HAS_WINDOW=False, HAS_DOC=False, HAS_S2=False, HAS_C=False),
                 dict(dtype="fp32"), dict(capability=80, d=96)]
-    for v, stats in zip(variants, _compile_in_subprocess(variants)):
+    for v, stats in zip(variants, compile_in_subprocess("attention", variants)):
         for name, st in stats.items():
-            assert st["local"] == 0, (v, name, st)
+            assert st["local"] == 0 and st["fits"], (v, name, st)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from braid.kernels import kda
-from helpers import interpreter_only, rel_rms
+from helpers import compile_in_subprocess, interpreter_only, rel_rms
 
 pytestmark = interpreter_only
 
@@ -92,3 +92,14 @@ def test_kda_triton_rejects_bad_chunk():
 @pytest.mark.parametrize("t", [200, 257])
 def test_kda_triton_long(poison, t):
     check(make_inputs(b=1, t=t, h=2, dk=32, dv=48, seed=t), torch.float32, chunk_size=64)
+
+
+@pytest.mark.parametrize("k,capability", [(128, 90), pytest.param(64, 90, marks=pytest.mark.slow),
+                                          pytest.param(128, 80, marks=pytest.mark.slow),
+                                          pytest.param(64, 80, marks=pytest.mark.slow)])
+def test_state_kernels_fit_the_gpu(k, capability):
+    """Compiled for the GPU (no GPU needed): Kimi Linear's 128-wide heads in chunks of 64 must fit a
+    block's shared memory (Triton's default pipelining did not: 442 KB on sm_90) without spills."""
+    (stats,) = compile_in_subprocess("kda_state", [dict(k=k, v=k, c=64, capability=capability)])
+    for name, st in stats.items():
+        assert st["fits"] and st["local"] == 0, (name, st)

@@ -180,18 +180,13 @@ def triton_attention(
 
 def compile_for_gpu(capability: int = 90, dtype: str = "bf16", d: int = 128, **flags) -> dict[str, dict]:
     """Compile the three kernels ahead of time for ``cuda`` compute capability ``capability`` (no GPU
-    needed: Triton's front end, LLVM and ptxas run on the host), with every option on unless ``flags``
-    (``CAUSAL``, ``HAS_WINDOW``, ``HAS_DOC``, ``HAS_S2``, ``HAS_C``) turn some off. Catches compile errors
-    that the interpreter cannot see. Needs a process without ``TRITON_INTERPRET=1``.
+    needed, see ``triton.aot``), with every option on unless ``flags`` (``CAUSAL``, ``HAS_WINDOW``,
+    ``HAS_DOC``, ``HAS_S2``, ``HAS_C``) turn some off. Catches compile errors that the interpreter
+    cannot see. Needs a process without ``TRITON_INTERPRET=1``.
 
-    Returns ``{kernel: {"shared": bytes of shared memory, "wgmma": Hopper MMA instructions in the PTX,
-    "local": local-memory (spill) references}}``.
+    Returns ``{kernel: aot.compile_stats(...)}`` (shared memory and whether it fits, MMAs, spills).
     """
-    import re
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from braid.kernels.triton.aot import compile_stats
 
     mod = load("attention_kernels", interpret=False)
     consts = dict(D=d, DV=d, BD=_pow2(d), BDV=_pow2(d), CAUSAL=True, HAS_WINDOW=True, HAS_DOC=True, HAS_S2=True,
@@ -199,26 +194,17 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", d: int = 128, **f
     consts.update(flags)
     cfg = _config(torch.device("cuda"), d)  # only reads the device type
     (fwd_bm, fwd_bn, fwd_opts), (bwd_bm, bwd_bn, bwd_opts) = cfg["fwd"], cfg["bwd"]
-    out = {}
+
+    def arg_type(name: str) -> str:
+        if name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"):
+            return f"*{dtype}"
+        if name in ("QD", "KD"):
+            return "*i64"
+        if name in ("LSE", "DELTA", "CQ", "CK", "DCQ", "DCK"):
+            return "*fp32"
+        return "fp32" if name.startswith("scale") else "i32"
+
     kernels = ((mod._attn_fwd, fwd_bm, fwd_bn, fwd_opts), (mod._attn_bwd_dkdv, bwd_bm, bwd_bn, bwd_opts),
                (mod._attn_bwd_dq, bwd_bm, bwd_bn, bwd_opts))
-    for fn, bm, bn, opts in kernels:
-        c = dict(consts, BM=bm, BN=bn)
-        sig = {}
-        for name in fn.arg_names:
-            if name in c:
-                sig[name] = "constexpr"
-            elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"):
-                sig[name] = f"*{dtype}"
-            elif name in ("QD", "KD"):
-                sig[name] = "*i64"
-            elif name in ("LSE", "DELTA", "CQ", "CK", "DCQ", "DCK"):
-                sig[name] = "*fp32"
-            else:
-                sig[name] = "fp32" if name.startswith("scale") else "i32"
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in c.items()})
-        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
-        ptx = kernel.asm["ptx"]
-        out[fn.__name__] = dict(shared=kernel.metadata.shared, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-                                local=len(re.findall(r"\.local", ptx)))
-    return out
+    return {fn.__name__: compile_stats(fn, dict(consts, BM=bm, BN=bn), arg_type, opts, capability)
+            for fn, bm, bn, opts in kernels}

@@ -123,6 +123,26 @@ def _blocks(k: int, v: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(k)), max(16, min(64, triton.next_power_of_2(v)))
 
 
+def _launch_options(bk: int) -> dict:
+    # Software pipelining keeps num_stages copies of each chunk's w, q̃, k̃ [C, K], u and P tiles in
+    # shared memory: with C = 64, Triton's default 3 stages need 442 KB at K = 128 and 262 KB at
+    # K = 64 on sm_90, over the 227 KB a block may use, so the launch would fail. These fit sm_80's
+    # 163 KB and sm_90's 227 KB (tests/test_triton_kda.py compiles them for both).
+    return dict(num_warps=4, num_stages=3 if bk <= 32 else 2 if bk <= 64 else 1)
+
+
+def compile_for_gpu(k: int = 128, v: int = 128, c: int = 64, capability: int = 90) -> dict[str, dict]:
+    """Both kernels compiled ahead of time with the launch options above (see ``triton.aot``); needs a
+    process without ``TRITON_INTERPRET=1``."""
+    from braid.kernels.triton.aot import compile_stats
+
+    bk, bv = _blocks(k, v)
+    consts = dict(C=c, BK=bk, BV=bv, HAS_RESTART=True, HAS_DFINAL=True)
+    return {fn.__name__: compile_stats(fn, consts, lambda name: "*fp32" if name.endswith("_ptr") else "i32",
+                                       _launch_options(bk), capability)
+            for fn in (_kda_state_fwd, _kda_state_bwd)}
+
+
 class _KDAStateRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, qi, u, p, dec, ko, s0, dr, sr):
@@ -136,7 +156,8 @@ class _KDAStateRecurrence(torch.autograd.Function):
         states = torch.empty(b, h, nc, k, v, dtype=torch.float32, device=w.device)
         final = torch.empty(b, h, k, v, dtype=torch.float32, device=w.device)
         _kda_state_fwd[(b * h, triton.cdiv(v, bv))](w, qi, u, p, ko, dec, s0, dr, sr, o, states, final, nc, k, v,
-                                                    C=c, BK=bk, BV=bv, HAS_RESTART=sr is not None)
+                                                    C=c, BK=bk, BV=bv, HAS_RESTART=sr is not None,
+                                                    **_launch_options(bk))
         ctx.save_for_backward(w, qi, u, p, dec, ko, dr, sr, states)
         return o, final
 
@@ -161,7 +182,7 @@ class _KDAStateRecurrence(torch.autograd.Function):
         _kda_state_bwd[(b * h, nv)](w, qi, u, p, ko, dec, dr, sr, states, do.float().contiguous(),
                                     None if dfinal is None else dfinal.float().contiguous(),
                                     du, dw, dqi, dko, dp, ddec, ds0, ddr, dsr, b * h, nc, k, v, C=c, BK=bk, BV=bv,
-                                    HAS_DFINAL=dfinal is not None, HAS_RESTART=restart)
+                                    HAS_DFINAL=dfinal is not None, HAS_RESTART=restart, **_launch_options(bk))
         grads = (dw.sum(0), dqi.sum(0), du, dp.sum(0), ddec.sum(0), dko.sum(0), ds0,
                  ddr.sum(0) if restart else None, dsr)
         return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
