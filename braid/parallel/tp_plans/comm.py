@@ -10,8 +10,8 @@ Which backward a collective needs depends on what consumes its output:
   (``all_reduce_both``, e.g. Hymba's ``x_proj`` over sharded SSM channels).
 
 The sequence-parallel variants gather / scatter along dim 1 (time). The collectives are
-``all_reduce``, ``all_gather_into_tensor``, ``reduce_scatter_tensor`` and (packed projections)
-``all_to_all_single``: all run on NCCL and on gloo (CPU tests). On NCCL the sequence-parallel
+``all_reduce``, ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (``*_single`` from torch 2.13)
+and (packed projections) ``all_to_all_single``: all run on NCCL and on gloo (CPU tests). On NCCL the sequence-parallel
 reduce-scatter is a true one, half the traffic of an all-reduce on the critical path of every layer.
 """
 
@@ -25,6 +25,12 @@ import torch.distributed as dist
 from braid.parallel.context.comm import differentiable
 
 
+# torch 2.13 renames all_gather_into_tensor and reduce_scatter_tensor (deprecated there, with a
+# warning per process) to *_single; older torch (the GPU image's 2.11) has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
@@ -36,7 +42,7 @@ def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     p = dist.get_world_size(group)
     xt = x.transpose(0, 1).contiguous()
     out = xt.new_empty((p * xt.shape[0],) + tuple(xt.shape[1:]))
-    dist.all_gather_into_tensor(out, xt, group=group)
+    _all_gather_single(out, xt, group=group)
     return out.transpose(0, 1).contiguous()
 
 
@@ -54,8 +60,6 @@ def _identity(g: torch.Tensor, group) -> torch.Tensor:
     return g
 
 
-# torch 2.13 renames reduce_scatter_tensor (deprecated there) to reduce_scatter_single.
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group, native: bool | None = None) -> torch.Tensor:
