@@ -472,22 +472,27 @@ def _validate_mixers(m: ModelConfig) -> None:
                      "disjoint, ascending lists of indices of H layers", h.kv_share_groups)
             seen |= set(group)
     if "E" in ffn:
-        e = m.moe
-        _require(e.n_experts >= 1, "model.moe.n_experts", "must be >= 1", e.n_experts)
-        _require(1 <= e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]",
-                 e.top_k)
-        _require(e.router in ("softmax", "sigmoid"), "model.moe.router", "softmax | sigmoid", e.router)
-        _require(e.n_groups >= 1 and e.n_experts % e.n_groups == 0, "model.moe.n_groups",
-                 f"must divide model.moe.n_experts={e.n_experts}", e.n_groups)
-        _require(1 <= e.topk_groups <= e.n_groups, "model.moe.topk_groups",
-                 f"in [1, model.moe.n_groups={e.n_groups}]", e.topk_groups)
-        _require(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups), "model.moe.top_k",
-                 "at most topk_groups × experts per group", e.top_k)
-        _require(e.n_shared_experts >= 0, "model.moe.n_shared_experts", "must be >= 0", e.n_shared_experts)
-        for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
-            _require(getattr(e, key) >= 0, f"model.moe.{key}", "must be >= 0", getattr(e, key))
-        _require(e.capacity_factor is None or e.capacity_factor > 0, "model.moe.capacity_factor",
-                 "null (dropless) or > 0", e.capacity_factor)
+        validate_moe(m.moe)
+
+
+def validate_moe(e: MoEConfig) -> None:
+    """The ``model.moe`` checks: run by :func:`validate` and by the MoE layer itself, which tests and
+    tools also build from a bare ``ModelConfig``."""
+    _require(e.n_experts >= 1, "model.moe.n_experts", "must be >= 1", e.n_experts)
+    _require(1 <= e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]",
+             e.top_k)
+    _require(e.router in ("softmax", "sigmoid"), "model.moe.router", "softmax | sigmoid", e.router)
+    _require(e.n_groups >= 1 and e.n_experts % e.n_groups == 0, "model.moe.n_groups",
+             f"must divide model.moe.n_experts={e.n_experts}", e.n_groups)
+    _require(1 <= e.topk_groups <= e.n_groups, "model.moe.topk_groups",
+             f"in [1, model.moe.n_groups={e.n_groups}]", e.topk_groups)
+    _require(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups), "model.moe.top_k",
+             "at most topk_groups × experts per group", e.top_k)
+    _require(e.n_shared_experts >= 0, "model.moe.n_shared_experts", "must be >= 0", e.n_shared_experts)
+    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+        _require(getattr(e, key) >= 0, f"model.moe.{key}", "must be >= 0", getattr(e, key))
+    _require(e.capacity_factor is None or e.capacity_factor > 0, "model.moe.capacity_factor",
+             "null (dropless) or > 0", e.capacity_factor)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -36,33 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from braid.config import ModelConfig
-from braid.errors import ConfigError
+from braid.config import ModelConfig, validate_moe
 from braid.kernels.grouped_gemm import grouped_mm
 from braid.models.ffn import SwiGLU, ffn_hidden_size
 from braid.models.registry import register_ffn
-
-
-def _check(ok: bool, key: str, allowed: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"config key 'model.moe.{key}' = {value!r} is invalid: {allowed}")
-
-
-def _validate(m) -> None:
-    _check(m.router in ("softmax", "sigmoid"), "router", "softmax | sigmoid", m.router)
-    _check(m.n_experts > 0, "n_experts", "must be > 0", m.n_experts)
-    _check(0 < m.top_k <= m.n_experts, "top_k", f"must be in [1, n_experts={m.n_experts}]", m.top_k)
-    _check(m.n_groups > 0 and m.n_experts % m.n_groups == 0, "n_groups",
-           f"must be > 0 and divide n_experts={m.n_experts}", m.n_groups)
-    _check(0 < m.topk_groups <= m.n_groups, "topk_groups", f"must be in [1, n_groups={m.n_groups}]",
-           m.topk_groups)
-    _check(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "top_k",
-           "must not exceed the experts of the topk_groups chosen groups", m.top_k)
-    _check(m.n_shared_experts >= 0, "n_shared_experts", "must be >= 0", m.n_shared_experts)
-    _check(m.capacity_factor is None or m.capacity_factor > 0, "capacity_factor", "null or > 0",
-           m.capacity_factor)
-    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
-        _check(getattr(m, key) >= 0, key, "must be >= 0", getattr(m, key))
 
 
 @register_ffn("E")
@@ -79,7 +56,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = cfg.moe
-        _validate(m)
+        validate_moe(m)
         self.layer_idx = layer_idx
         self.n_experts, self.top_k = m.n_experts, m.top_k
         self.router_kind, self.renormalize, self.routed_scaling = m.router, m.renormalize, m.routed_scaling
