@@ -53,8 +53,11 @@ CASES = {
     "AG-kvrep": dict(pattern="AG", qk_norm=True, attn_gate="elementwise", n_heads=8,
                      s2=S2Config(enabled=True, block=2, local_blocks=1, vert_stride=4)),
     "F-kvrep": dict(pattern="F", n_heads=8, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True)),
+    # Hymba's packed in_proj: each rank receives its KV head's k/v columns; layer 1 reuses layer 0's.
+    "H-kvrep": dict(pattern="HH", n_heads=8, hymba=HymbaConfig(ssm_inner=32, d_state=4, dt_rank=4,
+                                                               kv_share_groups=[[0, 1]])),
 }
-KV_REPLICATED = {"AG-kvrep", "F-kvrep"}
+KV_REPLICATED = {"AG-kvrep", "F-kvrep", "H-kvrep"}
 # The default run: tp = 2 with sequence parallelism, every case. Slow: tp = 2 without SP, tp = 4 with SP.
 FAST_LAYOUT = (2, True)
 

@@ -162,20 +162,39 @@ def hymba_plan(m: Hymba, tp: int):
     from braid.parallel.tensor_parallel import ModulePlan
 
     _divisible(m.n_heads, tp, "model.n_heads")
-    if m.kv_source is None and m.n_kv_heads % tp:
-        raise ConfigError(f"config key 'model.n_kv_heads' = {m.n_kv_heads} must be divisible by parallel.tp = "
-                          f"{tp} for Hymba (no KV-head replication in its packed in_proj)")
+    # Every layer of a KV-sharing group must lay its heads out alike, producer or not.
+    replicas = _kv_replicas(m.n_kv_heads, tp, "model.n_kv_heads")
     _divisible(m.ssm_inner, tp, "model.hymba.ssm_inner")
     sizes = [m.q_dim, m.k_dim, m.v_dim, m.ssm_inner, m.ssm_inner]
+    _divisible(sum(sizes), tp, "model.n_kv_heads (Hymba's in_proj rows: q + k + v + 2·ssm_inner)")
     shard = {"in_proj.weight": 0, "conv1d.weight": 0, "conv1d.bias": 0, "x_proj.weight": 1,
              "dt_proj.weight": 0, "dt_proj.bias": 0, "A_log": 0, "D": 0, "pre_avg_layernorm1.weight": 0,
              "pre_avg_layernorm2.weight": 0, "out_proj.weight": 1}
-    local = {"n_heads": m.n_heads // tp, "n_kv_heads": m.n_kv_heads // tp, "ssm_inner": m.ssm_inner // tp,
-             "q_dim": m.q_dim // tp, "k_dim": m.k_dim // tp, "v_dim": m.v_dim // tp}
-    full_inner = m.ssm_inner
+    kv_local = m.n_kv_heads // tp if replicas == 1 else 1
+    local = {"n_heads": m.n_heads // tp, "n_kv_heads": kv_local, "ssm_inner": m.ssm_inner // tp,
+             "q_dim": m.q_dim // tp, "k_dim": m.k_dim * kv_local // m.n_kv_heads,
+             "v_dim": m.v_dim * kv_local // m.n_kv_heads}
+    full_inner, n_kv = m.ssm_inner, m.n_kv_heads  # read now: setup runs after the sizes turn local
+
+    def wanted_columns(r: int, p: int) -> torch.Tensor:
+        # Rank r's 1/p of q, x and z; of k and v its KV heads' columns: its 1/p of them, or with
+        # replicas > 1 (tp a multiple of n_kv_heads, Megatron-style) the whole KV head r // replicas,
+        # which several ranks then receive (the all-to-all backward sums their gradients).
+        cols, start = [], 0
+        for i, size in enumerate(sizes):
+            if i in (1, 2) and replicas > 1:
+                width = size // n_kv
+                lo = start + (r // replicas) * width
+            else:
+                width = size // p
+                lo = start + r * width
+            cols.append(torch.arange(lo, lo + width))
+            start += size
+        return torch.cat(cols)
 
     def setup(module: Hymba, group) -> None:
-        relayout = comm.PackedColumns.blocks(sizes, group)
+        p = torch.distributed.get_world_size(group)
+        relayout = comm.PackedColumns([wanted_columns(r, p) for r in range(p)], sum(sizes), group)
         module.in_proj.register_forward_hook(lambda mod, inp, out: relayout(out))
         module.x_proj.register_forward_hook(lambda mod, inp, out: comm.all_reduce_both(out, group))
         for norm in (module.pre_avg_layernorm1, module.pre_avg_layernorm2):
