@@ -11,6 +11,7 @@ difference ≤ 1e-5 per step (reduction order is the only difference); gradient 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -131,9 +132,29 @@ def fast_runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("parallel")
     for preset in sorted({p for p, _ in FAST_CASES}):
         run_one_process(tmp / f"ref_{preset}", preset)
+    run_one_process(tmp / "ref_nan", "moe-tiny", **NAN_STEP)
     launch(tmp, 2, [overrides(tmp / f"{p}_{name}", p, **TWO_PROC_LAYOUTS[name], **{"checkpoint.interval": 3})
-                    for p, name in FAST_CASES])
+                    for p, name in FAST_CASES] +
+           [overrides(tmp / f"nan_{name}", "moe-tiny", **TWO_PROC_LAYOUTS[name], **NAN_STEP) for name in NAN_LAYOUTS])
     return tmp
+
+
+NAN_STEP = {"train.debug_nan_steps": "[2]"}
+NAN_LAYOUTS = ["zero1", "zero3"]
+
+
+@pytest.mark.parametrize("layout", NAN_LAYOUTS)
+def test_deepspeed_skips_a_non_finite_step_like_one_process(fast_runs, layout):
+    """Megatron semantics under ZeRO too: the poisoned iteration 2 counts but changes no weight or
+    optimizer state (DeepSpeed alone would apply NaN gradients), so the run goes on as one process does."""
+    got, ref = train_records(fast_runs / f"nan_{layout}"), train_records(fast_runs / "ref_nan")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4, 5]
+    assert math.isnan(got[1]["loss"]) and math.isnan(ref[1]["loss"])
+    for a, b in zip(got, ref):
+        assert (a["skipped_iterations"], a["nan_iterations"]) == (b["skipped_iterations"], b["nan_iterations"])
+        if a["step"] != 2:
+            assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"{layout}: step {a['step']} loss"
+    assert (got[-1]["skipped_iterations"], got[-1]["nan_iterations"]) == (1, 1)
 
 
 @pytest.mark.parametrize("preset,layout", FAST_CASES)
@@ -288,3 +309,21 @@ def test_every_preset_tensor_parallel_matches_one_process(tmp_path):
     for p in presets:
         for name in ("tp2", "dp2tp2"):
             assert_same_trajectory(train_records(tmp_path / f"{p}_{name}"), refs[p], f"{p} {name}")
+
+
+def test_deepspeed_client_optimizer_guard_skips_non_finite_gradients():
+    """The guard for DeepSpeed's bf16 path (which applies NaN gradients): a non-finite gradient leaves
+    weights and optimizer state alone and says so; a finite one steps."""
+    import torch
+
+    from braid.parallel.deepspeed_engine import skip_non_finite_steps
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    skip_non_finite_steps(opt, torch.device("cpu"))
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert opt.skipped_last and torch.equal(w.detach(), torch.ones(3)) and not opt.state
+    w.grad = torch.tensor([1.0, 1.0, 0.0])
+    opt.step()
+    assert not opt.skipped_last and w[0].item() < 1.0 and opt.state[w]["step"] == 1

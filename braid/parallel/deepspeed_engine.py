@@ -87,10 +87,32 @@ def load(engine, directory: str) -> dict:
     return client["braid_trainer"]
 
 
+def skip_non_finite_steps(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Megatron semantics under DeepSpeed: an iteration whose gradients are non-finite on any rank
+    leaves the weights and the optimizer state alone (in fp32/bf16 DeepSpeed itself would apply it).
+
+    DeepSpeed calls the client optimizer's ``step()`` on every rank, with this rank's (partitioned,
+    clipped) fp32 gradients attached, so the check wraps that call; the ranks agree by an all-reduce.
+    ``optimizer.skipped_last`` says whether the last step was skipped."""
+    from braid.parallel.distributed import any_rank
+
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = not all(bool(torch.isfinite(g).all()) for g in grads)
+        optimizer.skipped_last = any_rank(bad, device)
+        return None if optimizer.skipped_last else step(*args, **kwargs)
+
+    optimizer.skipped_last = False
+    optimizer.step = guarded_step
+
+
 def global_grad_norm(engine) -> Optional[float]:
     """The pre-clipping gradient norm DeepSpeed computed in its last optimizer step."""
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
 
-__all__ = ["ds_config", "build_engine", "save", "load", "global_grad_norm", "import_deepspeed"]
+__all__ = ["ds_config", "build_engine", "save", "load", "global_grad_norm", "import_deepspeed",
+           "skip_non_finite_steps"]

@@ -199,26 +199,28 @@ class Trainer:
             loss = self._all_reduce(loss_sum).item() / global_tokens
             self._aux = self._all_reduce(aux_sum).item() if self.has_moe else None
         with timer("optimizer"):
-            grad_norm = self._optimizer_step(loss)
-        finite = math.isfinite(loss) and (self.deepspeed or math.isfinite(grad_norm))
-        self.health.count(finite)
+            grad_norm, updated = self._optimizer_step(loss)
+        self.health.count(updated)  # an update is skipped exactly when the loss or gradients are non-finite
         timer.steps += 1
         self.step += 1
         self.consumed_samples += t.global_batch_size
         self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         return loss
 
-    def _optimizer_step(self, loss: float) -> float:
-        """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm."""
+    def _optimizer_step(self, loss: float) -> tuple[float, bool]:
+        """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm
+        and whether the weights were updated."""
         t = self.cfg.train
         if self.deepspeed:
-            # DeepSpeed has already applied the update; in fp32/bf16 it does not skip non-finite steps.
+            # DeepSpeed has stepped already, or skipped a non-finite step (skip_non_finite_steps).
             from braid.parallel.deepspeed_engine import global_grad_norm
 
             grad_norm = global_grad_norm(self.model)
             grad_norm = float("nan") if grad_norm is None else grad_norm
-            updated = True
-            self.nan_iterations += int(not math.isfinite(loss))  # counted, though not skipped
+            # DeepSpeed skips by itself where it checks for overflow (fp16; fp32 with clipping), not
+            # in bf16: then our guard on its client optimizer does (skip_non_finite_steps).
+            updated = math.isfinite(loss) and self.model.was_step_applied() and not self.optimizer.skipped_last
+            self.optimizer.skipped_last = False
         else:
             for params, group in self.manual_reductions:
                 reduce_manual_grads(params, group, self.loss_factor)
@@ -240,7 +242,7 @@ class Trainer:
                     module.load_counts.zero_()
         if not self.deepspeed:  # DeepSpeed zeroes its own (partitioned) gradients in step()
             self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, updated
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -45,9 +45,10 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
     model = parallelize(model, mesh, p, device, dtype if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg.train)  # after sharding: it must hold the sharded parameters
     if p.engine == "deepspeed":
-        from braid.parallel.deepspeed_engine import build_engine
+        from braid.parallel.deepspeed_engine import build_engine, skip_non_finite_steps
 
         engine = build_engine(model, optimizer, cfg, dims.dp, grad_accum, bf16=dtype == torch.bfloat16)
+        skip_non_finite_steps(optimizer, device)
         # DeepSpeed averages gradients over data-parallel ranks.
         return TrainingModel(engine, optimizer, float(dims.dp), [], init_notes)
     fsdp = mesh.fsdp_mesh() if p.engine == "fsdp" and dims.dp_cp > 1 else None
