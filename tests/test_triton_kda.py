@@ -103,3 +103,10 @@ def test_state_kernels_fit_the_gpu(k, capability):
     (stats,) = compile_in_subprocess("kda_state", [dict(k=k, v=k, c=64, capability=capability)])
     for name, st in stats.items():
         assert st["fits"] and st["local"] == 0, (name, st)
+
+
+def test_intra_chunk_kernels_fit_the_gpu():
+    # sm_90 only: compiling these for sm_80 takes minutes (ptxas), longer than the test's budget.
+    (stats,) = compile_in_subprocess("kda_intra", [dict(k=128, v=128, c=64, capability=90)])
+    for name, st in stats.items():
+        assert st["fits"] and st["local"] == 0, (name, st)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from braid.kernels.ssm import selective_scan
-from helpers import interpreter_only, rel_rms
+from helpers import compile_in_subprocess, interpreter_only, rel_rms
 
 pytestmark = interpreter_only
 
@@ -86,3 +86,12 @@ def test_scan_backend_errors():
         selective_scan(**{k: v.float() for k, v in x.items()}, backend="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan(**{k: v.float() for k, v in x.items()}, chunk_size=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d_state,dtype", [(16, "bf16"), (64, "fp32")])
+def test_scan_kernels_compile_for_h100(d_state, dtype):
+    """Compiled for sm_90 (no GPU needed): what the interpreter cannot check, shared memory and spills."""
+    (stats,) = compile_in_subprocess("scan", [dict(d_state=d_state, dtype=dtype)])
+    for name, st in stats.items():
+        assert st["fits"] and st["local"] == 0, (name, st)

@@ -252,6 +252,21 @@ def _sizes(k: int, v: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(k)), max(16, triton.next_power_of_2(v))
 
 
+def compile_for_gpu(k: int = 128, v: int = 128, c: int = 64, capability: int = 90) -> dict[str, dict]:
+    """The four kernels compiled ahead of time with their launch sizes (see ``triton.aot``), documents
+    on; needs a process without ``TRITON_INTERPRET=1``."""
+    from braid.kernels.triton.aot import compile_stats
+
+    bk, bv = _sizes(k, v)
+    consts = dict(C=c, BS=SUB, BK=bk, BV=bv, HAS_DOC=True)
+
+    def arg_type(name: str) -> str:
+        return "*i32" if name in ("seg_ptr", "prev_ptr") else "*fp32" if name.endswith("_ptr") else "i32"
+
+    return {fn.__name__: compile_stats(fn, consts, arg_type, {}, capability)
+            for fn in (_kda_intra_scores, _kda_intra_solve, _kda_intra_bwd_local, _kda_intra_bwd_pairs)}
+
+
 class _KDAIntra(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gam, beta, seg, prev):

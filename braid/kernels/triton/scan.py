@@ -162,6 +162,26 @@ def _blocks(c: int, n: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(c), 2048 // bn, 64)), bn  # ≤ 2k fp32 state per program
 
 
+def compile_for_gpu(channels: int = 1536, d_state: int = 16, chunk: int = 64, dtype: str = "bf16",
+                    capability: int = 90) -> dict[str, dict]:
+    """Both kernels compiled ahead of time with their launch sizes and every option on (see
+    ``triton.aot``); needs a process without ``TRITON_INTERPRET=1``."""
+    from braid.kernels.triton.aot import compile_stats
+
+    bc, bn = _blocks(channels, d_state)
+    consts = dict(CHUNK=chunk, BC=bc, BN=bn, HAS_D=True, HAS_Z=True, HAS_H0=True, HAS_RESET=True, HAS_DFINAL=True)
+    activations = {"u_ptr", "dt_ptr", "b_ptr", "c_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
+
+    def arg_type(name: str) -> str:
+        if name == "reset_ptr":
+            return "*i8"
+        if name in activations:
+            return f"*{dtype}"
+        return "*fp32" if name.endswith("_ptr") else "i32"
+
+    return {fn.__name__: compile_stats(fn, consts, arg_type, {}, capability) for fn in (_scan_fwd, _scan_bwd)}
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     """Same contract as ``braid.kernels.ssm._SelectiveScan``: returns ``(y, final_state)``."""
 
