@@ -99,8 +99,10 @@ def skip_non_finite_steps(optimizer: torch.optim.Optimizer, device: torch.device
     step = optimizer.step
 
     def guarded_step(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = not all(bool(torch.isfinite(g).all()) for g in grads)
+        # One flag per gradient, read back once: a bool() per tensor would sync the GPU each time.
+        flags = [torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        bad = bool(flags) and not bool(torch.stack([f.to(device) for f in flags]).all())
         optimizer.skipped_last = any_rank(bad, device)
         return None if optimizer.skipped_last else step(*args, **kwargs)
 

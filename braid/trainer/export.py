@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-
 from braid.errors import BraidError
 from braid.parallel.distributed import DistInfo, any_rank
 from braid.trainer.checkpoint import latest_checkpoint
