@@ -12,8 +12,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-
 UNBOUNDED = sys.maxsize  # the length of a stream (braid.data.streaming): read in order, never permuted
 
 

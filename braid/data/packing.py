@@ -8,8 +8,8 @@ import numpy as np
 
 from braid.config import DataConfig
 from braid.data.sources import load_documents
-from braid.errors import DataSourceError
 from braid.data.tokenizer import Tokenizer
+from braid.errors import DataSourceError
 
 
 class PackedSequences:
@@ -68,6 +68,14 @@ def split_documents(n: int, valid_fraction: float) -> tuple[list[int], list[int]
     return [i for i in range(n) if i not in held], valid
 
 
+def split_tokens(tokens: np.ndarray, valid_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out split of a source that is one document (one text file), as nanoGPT splits its corpus:
+    the last ``valid_fraction`` of the tokens, at least one sequence of ``seq_len``, is for evaluation;
+    the tokens before it are for training. Both parts are packed as documents (EOS after each)."""
+    n_valid = min(len(tokens), max(seq_len, round(len(tokens) * valid_fraction)))
+    return tokens[: len(tokens) - n_valid], tokens[len(tokens) - n_valid :]
+
+
 def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False, batch_docs: int = 256, *,
                    seed: int = 1234, num_samples: Optional[int] = None, cache_dir: Optional[str] = None,
                    global_batch_size: Optional[int] = None):
@@ -89,7 +97,6 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False
     if blend is not None:
         return build_indexed_datasets(cfg, tokenizer, blend, seed, num_samples, cache_dir)
     docs = load_documents(cfg.source, cfg.text_field, cfg.hf_split)
-    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction)
     texts = [text for _, text in docs]
     from tqdm import tqdm
 
@@ -97,8 +104,16 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = False
     for start in tqdm(range(0, len(texts), batch_docs), desc="tokenizing", unit="batch",
                       disable=not progress, leave=False, delay=2.0):
         tokens.extend(tokenizer.encode_batch(texts[start : start + batch_docs]))
-    train = PackedSequences([tokens[i] for i in train_idx], tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
-    valid = PackedSequences([tokens[i] for i in valid_idx], tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
+    if len(tokens) == 1:  # one text file: no second document to hold out, so hold out its tail
+        train_docs, valid_docs = [[part] for part in split_tokens(tokens[0], cfg.valid_fraction, cfg.seq_len)]
+    else:
+        train_idx, valid_idx = split_documents(len(tokens), cfg.valid_fraction)
+        train_docs, valid_docs = [tokens[i] for i in train_idx], [tokens[i] for i in valid_idx]
+    train = PackedSequences(train_docs, tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
+    valid = PackedSequences(valid_docs, tokenizer.eos_id, cfg.seq_len, cfg.reset_position_ids)
+    if len(tokens) == 1 and len(train) == 0:
+        raise DataSourceError(f"data.source '{cfg.source}' is one document of {len(tokens[0])} tokens: too short to "
+                              f"hold out a sequence of data.seq_len={cfg.seq_len} tokens and train on another")
     for name, ds in (("training", train), ("held-out", valid)):
         if len(ds) == 0:
             raise DataSourceError(f"data.source '{cfg.source}': the {name} split is shorter than "
