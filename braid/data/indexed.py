@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from braid.config import DataConfig
+from braid.data.indexed_check import check_pair, document_count, half_pair_problem
 from braid.data.tokenizer import Tokenizer
 from braid.errors import DataSourceError
 
@@ -36,13 +37,21 @@ def parse_blend(source: str) -> Optional[tuple[list[str], Optional[list[float]]]
     """``(prefixes, weights)`` when ``source`` is an indexed prefix or a Megatron blend, else None.
 
     Accepted: ``"prefix"``, ``"prefixA prefixB"`` (weights from their sizes, weights = None) and
-    ``"w1 prefixA w2 prefixB"``. A blend naming a missing prefix raises ``DataSourceError``.
+    ``"w1 prefixA w2 prefixB"``. A blend naming a missing prefix, half a pair (``.bin`` without
+    ``.idx``, or the prefix given with its suffix) or a pair whose ``.idx`` does not describe its
+    ``.bin`` raises ``DataSourceError``.
     """
     parts = source.split()
     if not parts:
         return None
     if len(parts) == 1:
-        return ([parts[0]], None) if is_indexed_prefix(parts[0]) else None
+        problem = half_pair_problem(parts[0])
+        if problem:
+            raise DataSourceError(problem)
+        if not is_indexed_prefix(parts[0]):
+            return None
+        check_pair(parts[0])
+        return [parts[0]], None
 
     def is_number(s: str) -> bool:
         try:
@@ -65,10 +74,14 @@ def parse_blend(source: str) -> Optional[tuple[list[str], Optional[list[float]]]
         parsed: tuple[list[str], Optional[list[float]]] = (prefixes, w)
     else:
         parsed = (parts, None)
-    missing = [p for p in parsed[0] if not is_indexed_prefix(p)]
-    if missing:
-        raise DataSourceError(f"config key 'data.source': indexed dataset '{missing[0]}' not found "
-                              f"(need {missing[0]}.bin and {missing[0]}.idx)")
+    for p in parsed[0]:
+        problem = half_pair_problem(p)
+        if problem:
+            raise DataSourceError(problem)
+        if not is_indexed_prefix(p):
+            raise DataSourceError(f"config key 'data.source': indexed dataset '{p}' not found "
+                                  f"(need {p}.bin and {p}.idx)")
+        check_pair(p)
     return parsed
 
 
@@ -146,10 +159,31 @@ def _process_group_for_megatron():
         dist.destroy_process_group()
 
 
+def _valid_per_mille(valid_fraction: float) -> int:
+    return max(1, round(1000 * valid_fraction))
+
+
 def _split_string(valid_fraction: float) -> str:
     """Megatron's ``split`` ("train,valid,test" weights per 1000) for the held-out fraction."""
-    valid = max(1, round(1000 * valid_fraction))
+    valid = _valid_per_mille(valid_fraction)
     return f"{1000 - valid},{valid},0"
+
+
+def _explain_empty_split(prefixes: list[str], valid_fraction: float) -> None:
+    """Raise naming the prefix when an empty split comes from megatron-core's whole-document split."""
+    train_end = (1000 - _valid_per_mille(valid_fraction)) / 1000  # as megatron-core's split matrix
+    for p in prefixes:
+        n = document_count(p)
+        n_train = int(round(train_end * n))
+        if n < 2:
+            raise DataSourceError(f"config key 'data.source': indexed dataset '{p}' holds {n} document, and "
+                                  f"megatron-core holds out whole documents (preprocess more documents, or give "
+                                  f"data.source the text file itself: one file is split by token position)")
+        if n_train in (0, n):
+            raise DataSourceError(f"config key 'data.source': indexed dataset '{p}' holds {n} document(s) and "
+                                  f"megatron-core splits by whole documents: data.valid_fraction={valid_fraction} "
+                                  f"leaves {'no held-out' if n_train == n else 'no training'} document (change "
+                                  f"data.valid_fraction or add documents)")
 
 
 def build_indexed_datasets(cfg: DataConfig, tokenizer: Tokenizer, blend: tuple[list[str], Optional[list[float]]],
@@ -206,6 +240,7 @@ def build_indexed_datasets(cfg: DataConfig, tokenizer: Tokenizer, blend: tuple[l
                                   f"the datasets: {reason}") from None
     for name, ds in (("training", train), ("held-out", valid)):
         if ds is None or len(ds) == 0:
+            _explain_empty_split(prefixes, cfg.valid_fraction)
             raise DataSourceError(f"config key 'data.source' = '{cfg.source}': the {name} split holds no "
                                   f"sequence of data.seq_len={cfg.seq_len} tokens")
     return (IndexedSequences(train, tokenizer.eos_id, cfg.reset_position_ids),
