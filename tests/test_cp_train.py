@@ -40,16 +40,24 @@ def test_cp2_ring_matches_one_process(fast_runs, preset):
     _check(fast_runs, preset, "cp2")
 
 
+# cp_kind=s2 is for S2 models: S2 (4-token blocks, so each rank's 8-token zigzag chunks hold whole
+# blocks) on the presets whose softmax mixers S2 applies to (A, G, F; not M or H).
+S2_MODEL = {"model.s2.enabled": "true", "model.s2.block": 4, "model.s2.local_blocks": 2, "model.s2.vert_stride": 2}
+S2_PRESETS = ["tiny", "tiny-swa", "llama-tiny", "gated-attn-tiny", "gated-attn-moe-tiny", "moe-tiny", "fox-pro-tiny",
+              "hybrid-tiny"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ring", "s2", "tree", "ulysses"])
 def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
-    for preset in PRESETS:
-        run_one_process(tmp_path / f"ref_{preset}", preset)
-    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **CP2, **{"parallel.cp_kind": kind}) for p in PRESETS],
-           timeout=3600)
-    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **CP2_DP2, **{"parallel.cp_kind": kind})
-                         for p in PRESETS], timeout=3600)
-    for preset in PRESETS:
+    presets, model = (S2_PRESETS, S2_MODEL) if kind == "s2" else (PRESETS, {})
+    for preset in presets:
+        run_one_process(tmp_path / f"ref_{preset}", preset, **model)
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **{"parallel.cp_kind": kind})
+                         for p in presets])
+    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
+                         for p in presets])
+    for preset in presets:
         _check(tmp_path, preset, "cp2")
         _check(tmp_path, preset, "cp2dp2")
 
