@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: install train test clean gpu-wheels
+.PHONY: install train test test-slow lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m braid.train --config $(CONFIG) $(ARGS)
 
-test: install
+# The quick suite (<= 10 min on 2 cores), after the lint gate.
+test: install lint
 	$(PY) -m pytest -x -q
+
+# The tests marked slow (CI runs them after `make test`).
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

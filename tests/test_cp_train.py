@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_parallel_train import (PRESETS, assert_same_trajectory, eval_losses, launch, overrides, run_one_process,
-                                 train_records, LOSS_RTOL)
+                                 train_records, NORM_RTOL)
 
 CP2 = {"parallel.cp": 2}
 CP2_DP2 = {"parallel.cp": 2, "parallel.dp_shard": 2}
@@ -23,7 +23,12 @@ FAST = ["llama-tiny", "hybrid-tiny"]
 def _check(tmp: Path, preset: str, name: str) -> None:
     ref = train_records(tmp / f"ref_{preset}")
     assert_same_trajectory(train_records(tmp / f"{preset}_{name}"), ref, f"{preset} {name}")
-    assert eval_losses(tmp / f"{preset}_{name}") == pytest.approx(eval_losses(tmp / f"ref_{preset}"), rel=LOSS_RTOL)
+    # The evaluation follows one more AdamW update than any training loss checked above, and Adam's
+    # normalised steps amplify reduction-order noise in near-zero gradients (tiny-swa with S2 under
+    # cp_kind=s2: training losses within 2e-7, eval 1.2e-5; an 8-step run's evals within 3e-6): held to
+    # the gradient-norm tolerance.
+    assert eval_losses(tmp / f"{preset}_{name}") == pytest.approx(eval_losses(tmp / f"ref_{preset}"), rel=NORM_RTOL), \
+        f"{preset} {name} eval"
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +45,24 @@ def test_cp2_ring_matches_one_process(fast_runs, preset):
     _check(fast_runs, preset, "cp2")
 
 
+# cp_kind=s2 is for S2 models: S2 (4-token blocks, so each rank's 8-token zigzag chunks hold whole
+# blocks) on the presets whose softmax mixers S2 applies to (A, G, F; not M or H).
+S2_MODEL = {"model.s2.enabled": "true", "model.s2.block": 4, "model.s2.local_blocks": 3, "model.s2.vert_stride": 3}
+S2_PRESETS = ["tiny", "tiny-swa", "llama-tiny", "gated-attn-tiny", "gated-attn-moe-tiny", "moe-tiny", "fox-pro-tiny",
+              "hybrid-tiny"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ring", "s2", "tree", "ulysses"])
 def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
-    for preset in PRESETS:
-        run_one_process(tmp_path / f"ref_{preset}", preset)
-    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **CP2, **{"parallel.cp_kind": kind}) for p in PRESETS],
-           timeout=3600)
-    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **CP2_DP2, **{"parallel.cp_kind": kind})
-                         for p in PRESETS], timeout=3600)
-    for preset in PRESETS:
+    presets, model = (S2_PRESETS, S2_MODEL) if kind == "s2" else (PRESETS, {})
+    for preset in presets:
+        run_one_process(tmp_path / f"ref_{preset}", preset, **model)
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **{"parallel.cp_kind": kind})
+                         for p in presets])
+    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
+                         for p in presets])
+    for preset in presets:
         _check(tmp_path, preset, "cp2")
         _check(tmp_path, preset, "cp2dp2")
 
