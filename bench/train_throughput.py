@@ -32,7 +32,8 @@ def bench(preset: str, seq_len: int, micro_batch: int, steps: int, warmup: int, 
     model = HybridLM(model_cfg).to(device)
     opt = build_optimizer(model, cfg.train)
     tokens = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     def step() -> float:
         with autocast:

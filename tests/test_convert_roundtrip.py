@@ -17,8 +17,14 @@ SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_h
 
 
 def _stock(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, \
-        Qwen3MoeForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     rope = {"rope_type": "default", "rope_theta": 5000.0}
     if kind == "llama":

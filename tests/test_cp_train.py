@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from test_parallel_train import (PRESETS, assert_same_trajectory, eval_losses, launch, overrides, run_one_process,
-                                 train_records, NORM_RTOL)
+from test_parallel_train import (
+    NORM_RTOL,
+    PRESETS,
+    assert_same_trajectory,
+    eval_losses,
+    launch,
+    overrides,
+    run_one_process,
+    train_records,
+)
 
 CP2 = {"parallel.cp": 2}
 CP2_DP2 = {"parallel.cp": 2, "parallel.dp_shard": 2}
@@ -68,11 +76,12 @@ def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
 
 
 def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):
+    import torch
+
     from braid.config import load_config
     from braid.errors import ConfigError
     from braid.parallel.distributed import DistInfo
     from braid.trainer.trainer import Trainer
-    import torch
 
     cfg = load_config(None, overrides(tmp_path, "llama-tiny", **{"parallel.cp": 2, "data.seq_len": 30}))
     with pytest.raises(ConfigError, match=r"data.seq_len.*multiple of 4") as err:
@@ -81,11 +90,12 @@ def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):
 
 
 def test_ulysses_heads_not_divisible_is_a_one_line_error(tmp_path):
+    import torch
+
     from braid.config import load_config
     from braid.errors import ConfigError
     from braid.parallel.distributed import DistInfo
     from braid.trainer.trainer import Trainer
-    import torch
 
     cfg = load_config(None, overrides(tmp_path, "llama-tiny", **{"parallel.cp": 4, "parallel.cp_kind": "ulysses",
                                                                  "model.n_heads": 2, "model.n_kv_heads": 2}))

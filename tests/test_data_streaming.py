@@ -11,7 +11,7 @@ import pytest
 from braid.config import DataConfig
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import PackedSequences, build_datasets
-from braid.data.streaming import StreamPacker, StreamingSequences, parse_stream_sources
+from braid.data.streaming import StreamingSequences, StreamPacker, parse_stream_sources
 from braid.data.tokenizer import ByteTokenizer
 from braid.errors import DataSourceError
 

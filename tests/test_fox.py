@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from braid.config import FoxConfig
 from braid.models.attention import Attention
-from braid.models.visible_keys import mean_visible_keys
 from braid.models.fox import FoX, shift_mix
 from braid.models.hybrid import HybridLM
 from braid.models.layers import SeqInfo
+from braid.models.visible_keys import mean_visible_keys
 from helpers import rel_rms, tiny_model_config
 from test_attention_op import reference_attention
 

@@ -4,7 +4,6 @@ logits (values, gradients, ignore_index, reductions, chunk sizes not dividing th
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from braid.models.attention import Attention
-from braid.models.visible_keys import mean_visible_keys
 from braid.models.gated_attention import GatedAttention
 from braid.models.hybrid import HybridLM
 from braid.models.layers import RMSNorm, Rotary, SeqInfo
+from braid.models.visible_keys import mean_visible_keys
 from helpers import rel_rms, tiny_model_config
 
 TOL = 1e-5

@@ -16,8 +16,8 @@ from braid.kernels import attention_blocked
 from braid.models.hybrid import HybridLM
 from braid.models.hymba import Hymba
 from braid.models.layers import SeqInfo
-from braid.models.visible_keys import mean_visible_keys
 from braid.models.stats import model_stats
+from braid.models.visible_keys import mean_visible_keys
 from braid.trainer.optim import param_groups
 from helpers import rel_rms, tiny_model_config
 

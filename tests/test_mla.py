@@ -7,7 +7,6 @@ import importlib
 
 import pytest
 import torch
-
 from torch.func import functional_call
 
 from braid.kernels import attention_blocked

@@ -16,9 +16,9 @@ from braid.kernels import attention
 from braid.kernels.attention_blocked import partial_attention
 from braid.kernels.s2 import S2Pattern
 from helpers import compile_in_subprocess, interpreter_only, rel_rms
+from test_s2 import random_inputs, reference_attention
 
 pytestmark = interpreter_only
-from test_s2 import random_inputs, reference_attention
 
 # Relative RMS error vs fp64. fp32: ieee dots, fp32 softmax. fp16: inputs, P and dS rounded to fp16
 # before the tensor-core dots (as in FlashAttention), so errors of a few 1e-4 are expected.

@@ -6,7 +6,6 @@ factored naively), fp32 and fp16 inputs, outputs poisoned with NaN."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,6 @@ without an initial state, optional D/z, fp32 and fp16 inputs, outputs poisoned w
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

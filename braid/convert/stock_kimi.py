@@ -16,6 +16,7 @@ to ~1e-5 otherwise (tested).
 from __future__ import annotations
 
 import re
+
 import torch
 
 from braid.config import ModelConfig

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.kernels import attention, selective_scan
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
-from braid.models.visible_keys import mean_visible_keys
 from braid.models.registry import register_mixer
+from braid.models.visible_keys import mean_visible_keys
 
 # Mamba's dt initialisation range: dt ~ logUniform(DT_MIN, DT_MAX), floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4

@@ -20,7 +20,6 @@ Training computes the full per-head K/V (the latent is only a cache-size trick a
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -80,8 +79,9 @@ class MLA(nn.Module):
             k_rope = self.rotary(k_rope, seq.position_ids)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, t, self.n_heads, self.rope_dim)], dim=-1)
-        o = (attention if seq.cp is None else seq.cp.attention)(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window,
-                      sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+        op = attention if seq.cp is None else seq.cp.attention
+        o = op(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window, sink=seq.meta_tokens,
+               doc_ids=seq.doc_ids)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
 
     def flops_per_token(self, seq_len: int) -> float:

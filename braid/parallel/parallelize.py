@@ -11,8 +11,8 @@ The DeepSpeed engine (``parallel.engine=deepspeed``) takes over from FSDP2 in
 from __future__ import annotations
 
 import importlib
-import os
 import logging
+import os
 from typing import Optional
 
 import torch

@@ -35,13 +35,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from braid.errors import CheckpointError
-from braid.trainer.checkpoint_layout import MARKER, checkpoint_problem, complete_checkpoints
 from braid.parallel.distributed import DistInfo, any_rank, barrier
+from braid.trainer.checkpoint_layout import MARKER, checkpoint_problem, complete_checkpoints
 
 
 class DamagedCheckpoint(CheckpointError):

@@ -105,7 +105,8 @@ class MetricsLogger:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         return (
             f"[{stamp}] iteration {r['step']:>8}/{total_steps:<8} | consumed samples: {r['consumed_samples']:>10} | "
-            f"consumed tokens: {r['consumed_tokens']:>12} | elapsed time per iteration (ms): {r['step_time_s'] * 1e3:.1f} | "
+            f"consumed tokens: {r['consumed_tokens']:>12} | "
+            f"elapsed time per iteration (ms): {r['step_time_s'] * 1e3:.1f} | "
             f"learning rate: {r['lr']:.3E} | global batch size: {r['global_batch_size']:>5} | "
             f"lm loss: {r['loss']:.6E} | grad norm: {_fmt(r['grad_norm'], '.3f')} | "
             f"skipped iterations: {r['skipped_iterations']} | nan iterations: {r['nan_iterations']} | "

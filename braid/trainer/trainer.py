@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 
 from braid.config import Config, to_yaml
-from braid.errors import ConfigError
-from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
+from braid.errors import (
+    ConfigError,
+    NonFiniteLossError,  # noqa: F401  re-exported: callers import it from here
+)
 from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
 from braid.parallel.data_parallel import unwrap

@@ -11,7 +11,8 @@ from braid.parallel.context.comm import all_reduce_sum
 from braid.parallel.context.context import KINDS, ContextParallel, CPSeq
 from braid.parallel.context.layout import CPLayout, Segment
 
-__all__ = ["ContextParallel", "CPSeq", "CPLayout", "Segment", "KINDS", "apply_cp", "resolve_layout", "layout_pieces", "check_cp"]
+__all__ = ["ContextParallel", "CPSeq", "CPLayout", "Segment", "KINDS", "apply_cp", "resolve_layout", "layout_pieces",
+           "check_cp"]
 
 # Mixers with no causal softmax: their work per token does not grow along the sequence, so contiguous
 # shards are balanced and need one state hand-off per rank instead of two.

@@ -18,6 +18,7 @@ import torch
 
 from braid.kernels.attention_blocked import partial_attention
 
+
 @dataclasses.dataclass(frozen=True)
 class Seg:
     """A run of tokens: attention position ``pos`` (meta at 0, text at M + global position), its index

@@ -14,13 +14,21 @@ query can see (causal, window) are skipped, which is what the zigzag layout bala
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 
 from braid.kernels.attention import resolve_backend
 from braid.parallel.context.comm import RingP2P
 from braid.parallel.context.fox import global_forget_cumsum
-from braid.parallel.context.pairs import (PairAttention, Seg, merge_partial, packet_segments, pair_backward,
-                                          query_segments, text_rows)
+from braid.parallel.context.pairs import (
+    PairAttention,
+    Seg,
+    merge_partial,
+    packet_segments,
+    pair_backward,
+    query_segments,
+    text_rows,
+)
 
 
 class _RingAttention(torch.autograd.Function):

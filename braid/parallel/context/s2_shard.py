@@ -34,8 +34,7 @@ from braid.kernels.s2 import S2Pattern
 from braid.parallel.context.comm import AllToAllV
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.layout import CPLayout
-from braid.parallel.context.pairs import (PairAttention, Seg, merge_partial, pair_backward, query_segments,
-                                          text_rows)
+from braid.parallel.context.pairs import PairAttention, Seg, merge_partial, pair_backward, query_segments, text_rows
 from braid.parallel.context.ring import ring_attention
 
 
@@ -289,13 +288,15 @@ class _S2Attention(torch.autograd.Function):
             for ks in qsegs:
                 for qs in qsegs:
                     if cfg.visible(qs, ks):
-                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ks, q, c, doc, k, v, c, doc))
+                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length),
+                                      *cfg.pair(qs, ks, q, c, doc, k, v, c, doc))
             units = fetch.wait(k, v, c is not None, doc is not None)
             for ch in plan.chunks:
                 kt = _rebuild(ch, units, b, hkv, blk)
                 for qs in qsegs:
                     if cfg.visible(qs, ch.seg):
-                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length), *cfg.pair(qs, ch.seg, q, c, doc, *kt))
+                        merge_partial(o_acc, lse, slice(qs.at, qs.at + qs.length),
+                                      *cfg.pair(qs, ch.seg, q, c, doc, *kt))
         out = o_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, c, doc, out, lse, *units)
         ctx.cfg, ctx.plan = cfg, plan

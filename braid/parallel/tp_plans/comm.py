@@ -24,7 +24,6 @@ import torch.distributed as dist
 # tests and bench measure) and gather along a new leading dim, where these gather along time.
 from braid.parallel.context.comm import differentiable
 
-
 # torch 2.13 renames all_gather_into_tensor and reduce_scatter_tensor (deprecated there, with a
 # warning per process) to *_single; older torch (the GPU image's 2.11) has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
