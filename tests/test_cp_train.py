@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from braid.config import DENSE_SOFTMAX
+from braid.models.presets import load_preset
 from test_parallel_train import (PRESETS, assert_same_trajectory, eval_losses, launch, overrides, run_one_process,
                                  train_records, LOSS_RTOL)
 
@@ -40,18 +42,34 @@ def test_cp2_ring_matches_one_process(fast_runs, preset):
     _check(fast_runs, preset, "cp2")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ring", "s2", "tree", "ulysses"])
-def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
-    for preset in PRESETS:
-        run_one_process(tmp_path / f"ref_{preset}", preset)
-    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **CP2, **{"parallel.cp_kind": kind}) for p in PRESETS],
-           timeout=3600)
-    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **CP2_DP2, **{"parallel.cp_kind": kind})
-                         for p in PRESETS], timeout=3600)
-    for preset in PRESETS:
+def _every_preset(tmp_path: Path, presets: list[str], model: dict, kind: str) -> None:
+    for preset in presets:
+        run_one_process(tmp_path / f"ref_{preset}", preset, **model)
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **{"parallel.cp_kind": kind})
+                         for p in presets], timeout=3600)
+    launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
+                         for p in presets], timeout=3600)
+    for preset in presets:
         _check(tmp_path, preset, "cp2")
         _check(tmp_path, preset, "cp2dp2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ring", "tree", "ulysses"])
+def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
+    _every_preset(tmp_path, PRESETS, {}, kind)
+
+
+# cp_kind=s2 needs the S2 pattern (without it the config is refused; it used to run ring attention):
+# the presets whose softmax mixers all take the pattern run with it, at cp = 1 too. Blocks of 4 tokens
+# divide the zigzag chunks of 8.
+S2 = {"model.s2.enabled": "true", "model.s2.block": 4, "model.s2.local_blocks": 1, "model.s2.vert_stride": 2}
+S2_PRESETS = [p for p in PRESETS if not set(load_preset(p)["pattern"]) & set(DENSE_SOFTMAX)]
+
+
+@pytest.mark.slow
+def test_s2_presets_cp2_and_cp2_dp2_match_one_process(tmp_path):
+    _every_preset(tmp_path, S2_PRESETS, S2, "s2")
 
 
 def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):
