@@ -85,9 +85,10 @@ def test_cuda_device_without_cuda_is_refused_before_writing(run_dir):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the [eval] extra (lm-eval)")
-def test_eval_task_that_needs_a_download_offline(run_dir):
-    # Offline mode fails at once; without it the Hub client retries for ~30 s before the same error.
-    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def test_eval_task_that_needs_a_download_offline(run_dir, tmp_path):
+    # Offline mode fails at once (without it the Hub client retries for ~30 s before the same error);
+    # an empty cache, so a dataset downloaded on this machine before does not make it pass.
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     line = run_mistake(Mistake("eval hellaswag offline", ["-m", "braid.eval", "--model",
                                                           str(run_dir / "checkpoints" / "latest"),
                                                           "--tasks", "hellaswag", "--limit", "2"],
