@@ -15,6 +15,8 @@ from typing import Any, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from braid.config_rules import CHOICES, RANGES, Choice, Range
+from braid.config_yaml import BOOL_WORDS, load_yaml_file, parse_value
 from braid.errors import ConfigError
 from braid.models.presets import load_preset, preset_names
 
@@ -43,7 +45,7 @@ class KDAConfig:
     n_heads: Optional[int] = None  # default: model.n_heads
     head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
     conv_size: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 64  # 16 | 32 | 64: the sizes the Triton kernels take and fit in a GPU block
     gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
 
 
@@ -104,7 +106,8 @@ class HyperConnectionConfig:
 
 @dataclass
 class S2Config:
-    """S2 strided block-sparse attention pattern (Lin et al.) for the attention mixers (A, G, F)."""
+    """S2 strided block-sparse attention pattern (Lin et al.) for the attention mixers (A, G, F); refused
+    with M or H layers, whose attention does not apply it."""
 
     enabled: bool = False
     block: int = 64  # block size in tokens
@@ -179,7 +182,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     eval_interval: int = 50
-    eval_iters: int = 4  # micro-batches per rank for each evaluation
+    eval_iters: int = 4  # global batches of the held-out split per evaluation (the same data at any dp)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     threads: Optional[int] = None  # CPU intra-op threads
@@ -225,7 +228,7 @@ class ParallelConfig:
     dp_shard: Optional[int] = None  # FSDP2 shard size; default: world / (dp_replicate × cp × tp)
     tp: int = 1  # tensor parallel (DTensor plans per mixer)
     cp: int = 1  # context parallel
-    cp_kind: str = "ring"  # ring | s2 | tree | ulysses
+    cp_kind: str = "ring"  # ring | s2 (needs model.s2.enabled) | tree | ulysses
     cp_layout: str = "auto"  # auto (zigzag unless every mixer is KDA) | zigzag | contiguous
     ep: int = 1  # expert parallel (experts sharded over ep ranks of dp_shard × cp)
     engine: str = "fsdp"  # fsdp (torch FSDP2 / DDP) | deepspeed
@@ -259,6 +262,18 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def leaf_fields(schema: Any = None, where: str = "") -> dict[str, Any]:
+    """Every value key of the config (``section.key`` -> its type hint), sections walked recursively."""
+    out: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(schema or Config).items():
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            out.update(leaf_fields(hint, key))
+        else:
+            out[key] = hint
+    return out
+
+
 def _check_keys(tree: Any, schema: Any, where: str) -> None:
     """Reject unknown keys with the list of allowed ones (OmegaConf's message is multi-line)."""
     if not isinstance(tree, dict):
@@ -276,26 +291,25 @@ def _check_keys(tree: Any, schema: Any, where: str) -> None:
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
+    tree = OmegaConf.create({})
     for item in overrides:
-        key = item.split("=", 1)[0]
-        if "=" not in item:
+        key, eq, text = item.partition("=")
+        if not eq:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         if not _KEY_RE.match(key):
             raise ConfigError(f"override '{item}': '{key}' is not a dotted section.key name")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"overrides could not be parsed: {_first_line(exc)}") from None
+        try:
+            OmegaConf.update(tree, key, parse_value(item, text), merge=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}' could not be applied: {_first_line(exc)}") from None
+    return OmegaConf.to_container(tree)
 
 
 def _load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as exc:  # yaml errors are multi-line; keep the first
-        raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(exc)}") from None
+    loaded = load_yaml_file(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -330,6 +344,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config key '{key}': {_first_line(exc)}") from None
     cfg: Config = OmegaConf.to_object(merged)
     cfg.model.preset = preset
+    export = cfg.checkpoint.export_hf  # untyped (a bool or a path): the words a bool key takes mean bools
+    if isinstance(export, str) and export.lower() in BOOL_WORDS:
+        cfg.checkpoint.export_hf = BOOL_WORDS[export.lower()]
     validate(cfg)
     return cfg
 
@@ -339,11 +356,30 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: {allowed}")
 
 
+def _check_tables(section: Any, where: str) -> None:
+    """The RANGES and (closed) CHOICES of every key under ``where`` ("" = the whole config)."""
+    hints = leaf_fields(type(section), where)
+    prefix = f"{where}." if where else ""
+    for key, rule in [*RANGES.items(), *CHOICES.items()]:
+        if not key.startswith(prefix) or (isinstance(rule, Choice) and rule.other):
+            continue
+        value = section
+        for part in key[len(prefix):].split("."):
+            value = getattr(value, part)
+        if value is None:  # the type allowed it: an Optional key
+            continue
+        ok = rule.allows(value) if isinstance(rule, Range) else value in rule.values
+        allowed = ("null or " if type(None) in typing.get_args(hints[key]) else "") + str(rule)
+        _require(ok, key, f"must be {allowed}" if isinstance(rule, Range) else allowed, value)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names its key."""
     from braid.models.registry import ffn_letters, mixer_letters
 
-    m, d, t, c, lg, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.logging, cfg.parallel
+    # Single-key ranges first: the checks below divide by sizes.
+    _check_tables(cfg, "")
+    m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
     _require(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.run.name)), "run.name",
              "letters, digits, '.', '_' or '-' only", cfg.run.name)
     _require(len(m.pattern) > 0 and all(ch in mixer_letters() for ch in m.pattern), "model.pattern",
@@ -352,50 +388,20 @@ def validate(cfg: Config) -> None:
              "model.ffn_pattern",
              f"one FFN letter of {''.join(sorted(ffn_letters()))} or one per layer of model.pattern",
              m.ffn_pattern)
-    for key in ("d_model", "n_heads", "ffn_multiple", "vocab_multiple"):
-        _require(getattr(m, key) > 0, f"model.{key}", "must be > 0", getattr(m, key))
     _require(m.d_model % m.n_heads == 0 or m.head_dim is not None, "model.n_heads",
              f"must divide model.d_model={m.d_model} unless model.head_dim is set", m.n_heads)
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
-    _require(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads",
-             f"must be > 0 and divide model.n_heads={m.n_heads}", m.n_kv_heads)
+    _require(m.n_heads % kv == 0, "model.n_kv_heads", f"must divide model.n_heads={m.n_heads}", m.n_kv_heads)
     hd = m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
-    _require(hd > 0 and hd % 2 == 0, "model.head_dim", "must be a positive even number", hd)
-    _require(m.pos_emb in ("rope", "none"), "model.pos_emb", "rope | none", m.pos_emb)
-    _require(m.window is None or m.window > 0, "model.window", "null or > 0", m.window)
-    _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "null or > 0", m.vocab_size)
-    _require(m.ffn_hidden is None or m.ffn_hidden > 0, "model.ffn_hidden", "null or > 0", m.ffn_hidden)
-    _require(m.init_std > 0, "model.init_std", "must be > 0", m.init_std)
+    _require(hd > 0 and hd % 2 == 0, "model.head_dim",
+             f"model.d_model // model.n_heads = {hd} must be a positive even number (or set model.head_dim)", hd)
 
-    _require(bool(d.source), "data.source", "embedded, a local file/dir or a dataset name", d.source)
-    _require(d.tokenizer == "bytes" or Path(d.tokenizer).exists(), "data.tokenizer",
-             "'bytes' or an existing local tokenizer path", d.tokenizer)
-    _require(d.seq_len > 0, "data.seq_len", "must be > 0", d.seq_len)
-    _require(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)", d.valid_fraction)
-    _require(d.stream_lanes > 0, "data.stream_lanes", "must be > 0", d.stream_lanes)
+    _require(bool(d.source), "data.source", str(CHOICES["data.source"]), d.source)
+    _require(d.tokenizer in CHOICES["data.tokenizer"].values or Path(d.tokenizer).exists(), "data.tokenizer",
+             str(CHOICES["data.tokenizer"]), d.tokenizer)
 
-    for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_iters"):
-        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
-    _require(t.lr > 0, "train.lr", "must be > 0", t.lr)
-    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
-    _require(t.schedule in ("cosine", "wsd", "constant"), "train.schedule", "cosine | wsd | constant",
-             t.schedule)
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
-    _require(0.0 <= t.decay_fraction <= 1.0, "train.decay_fraction", "must be in [0, 1]", t.decay_fraction)
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)", t.grad_clip)
-    _require(t.device in ("auto", "cpu", "cuda"), "train.device", "auto | cpu | cuda", t.device)
-    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto | bf16 | fp32", t.precision)
-    _require(t.threads is None or t.threads > 0, "train.threads", "null or > 0", t.threads)
-    _require(t.max_nan_iterations >= 0, "train.max_nan_iterations", "must be >= 0 (0 = never stop)",
-             t.max_nan_iterations)
-    _require(t.loss_spike_window == 0 or t.loss_spike_window >= 2, "train.loss_spike_window",
-             "0 (off) or >= 2", t.loss_spike_window)
-    _require(t.loss_spike_zscore > 0, "train.loss_spike_zscore", "must be > 0", t.loss_spike_zscore)
     _require(t.profile_steps == [] or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
              "train.profile_steps", "[] or [first, last] iterations with 1 <= first <= last", t.profile_steps)
-    _require(t.memory_snapshot_step >= 0, "train.memory_snapshot_step", "must be >= 0 (0 = none)",
-             t.memory_snapshot_step)
     _require(all(s >= 1 for s in t.debug_nan_steps), "train.debug_nan_steps", "iterations >= 1",
              t.debug_nan_steps)
     dp = p.dp or 1
@@ -403,67 +409,45 @@ def validate(cfg: Config) -> None:
              f"must be a multiple of train.micro_batch_size × parallel.dp = {t.micro_batch_size * dp}",
              t.global_batch_size)
 
-    _require(c.interval > 0, "checkpoint.interval", "must be > 0", c.interval)
-    _require(c.keep > 0, "checkpoint.keep", "must be > 0", c.keep)
-    _require(c.resume in ("auto", "none") or Path(c.resume).is_dir(), "checkpoint.resume",
-             "auto | none | an existing checkpoint directory", c.resume)
+    _require(c.resume in CHOICES["checkpoint.resume"].values or Path(c.resume).is_dir(), "checkpoint.resume",
+             str(CHOICES["checkpoint.resume"]), c.resume)
     _require(isinstance(c.export_hf, bool) or (isinstance(c.export_hf, str) and c.export_hf.strip() != ""),
-             "checkpoint.export_hf", "false | true (<run.dir>/hf) | an output directory", c.export_hf)
+             "checkpoint.export_hf", str(CHOICES["checkpoint.export_hf"]), c.export_hf)
     _require(not (c.export_hf is not False and p.engine == "deepspeed"), "checkpoint.export_hf",
              "not with parallel.engine=deepspeed (ZeRO partitions are not DCP checkpoints)", c.export_hf)
     _require(c.init_from is None or Path(c.init_from).exists(), "checkpoint.init_from",
              "null or an existing braid checkpoint / Hugging Face directory", c.init_from)
-    _require(lg.interval > 0, "logging.interval", "must be > 0", lg.interval)
-    _require(lg.wandb in ("off", "offline", "online"), "logging.wandb", "off | offline | online", lg.wandb)
-    _require(p.dp is None or p.dp > 0, "parallel.dp", "null (= world size) or > 0", p.dp)
-    for key in ("dp_replicate", "tp", "cp", "ep"):
-        _require(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1", getattr(p, key))
-    _require(p.dp_shard is None or p.dp_shard >= 1, "parallel.dp_shard", "null (derived) or >= 1", p.dp_shard)
-    _require(p.cp_kind in ("ring", "s2", "tree", "ulysses"), "parallel.cp_kind", "ring | s2 | tree | ulysses",
-             p.cp_kind)
-    _require(p.cp_layout in ("auto", "zigzag", "contiguous"), "parallel.cp_layout", "auto | zigzag | contiguous",
-             p.cp_layout)
-    _require(p.engine in ("fsdp", "deepspeed"), "parallel.engine", "fsdp | deepspeed", p.engine)
-    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "1 | 2 | 3", p.zero_stage)
-    _require(bool(re.fullmatch(r"none|full|every_[1-9][0-9]*", p.activation_checkpoint)),
-             "parallel.activation_checkpoint", "none | full | every_<N>", p.activation_checkpoint)
+    _require(p.activation_checkpoint in CHOICES["parallel.activation_checkpoint"].values
+             or bool(re.fullmatch(r"every_[1-9][0-9]*", p.activation_checkpoint)),
+             "parallel.activation_checkpoint", str(CHOICES["parallel.activation_checkpoint"]),
+             p.activation_checkpoint)
+    _require(p.cp_kind != "s2" or m.s2.enabled, "parallel.cp_kind",
+             "s2 needs model.s2.enabled=true (without the S2 pattern it would run ring attention)", p.cp_kind)
     _validate_mixers(m)
 
 
+S2_MIXERS = "AGF"  # apply model.s2 (braid/models/attention.py and its subclasses)
+DENSE_SOFTMAX = "MH"  # softmax attention that does not: model.s2 would be silently ignored there
+
+
 def _validate_mixers(m: ModelConfig) -> None:
-    """Checks of the per-mixer sections; only the sections a pattern uses can fail."""
+    """Checks of the per-mixer sections that involve other keys; only the sections a pattern uses can fail."""
     n_layers = len(m.pattern)
     ffn = m.ffn_pattern * n_layers if len(m.ffn_pattern) == 1 else m.ffn_pattern
     for i in m.global_layers:
         _require(0 <= i < n_layers, "model.global_layers", f"layer indices in [0, {n_layers})", m.global_layers)
-    _require(m.attn_gate in ("headwise", "elementwise"), "model.attn_gate", "headwise | elementwise", m.attn_gate)
-    _require(m.meta_tokens >= 0, "model.meta_tokens", "must be >= 0", m.meta_tokens)
-    _require(m.connection in ("residual", "hc"), "model.connection", "residual | hc", m.connection)
-    for key in ("block", "local_blocks", "vert_stride"):
-        _require(getattr(m.s2, key) >= 1, f"model.s2.{key}", "must be >= 1", getattr(m.s2, key))
-    _require(m.hc.rate >= 1, "model.hc.rate", "must be >= 1", m.hc.rate)
-    _require(m.hc.sinkhorn_iters >= 0, "model.hc.sinkhorn_iters", "must be >= 0", m.hc.sinkhorn_iters)
-    if "K" in m.pattern:
-        k = m.kda
-        _require(k.n_heads is None or k.n_heads > 0, "model.kda.n_heads", "null or > 0", k.n_heads)
-        _require(k.head_dim is None or k.head_dim > 0, "model.kda.head_dim", "null or > 0", k.head_dim)
-        _require(k.conv_size >= 1, "model.kda.conv_size", "must be >= 1", k.conv_size)
-        _require(k.chunk_size >= 1, "model.kda.chunk_size", "must be >= 1", k.chunk_size)
-    if "M" in m.pattern:
-        a = m.mla
-        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            _require(getattr(a, key) > 0, f"model.mla.{key}", "must be > 0", getattr(a, key))
-        _require(a.qk_rope_head_dim >= 0 and a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
-                 "an even number >= 0", a.qk_rope_head_dim)
-        _require(a.q_lora_rank is None or a.q_lora_rank > 0, "model.mla.q_lora_rank", "null or > 0", a.q_lora_rank)
+    if m.s2.enabled:
+        dense = sorted(set(m.pattern) & set(DENSE_SOFTMAX))
+        _require(not dense and any(ch in S2_MIXERS for ch in m.pattern), "model.s2.enabled",
+                 f"S2 applies to the attention mixers {', '.join(S2_MIXERS)} only, and model.pattern "
+                 f"{m.pattern!r} " + (f"has {'/'.join(dense)} layers, whose attention would stay dense"
+                                      if dense else "has none"), m.s2.enabled)
     if "H" in m.pattern:
         h = m.hymba
-        _require(h.d_state > 0, "model.hymba.d_state", "must be > 0", h.d_state)
         inner = h.ssm_inner or 2 * m.d_model
         v_dim = h.v_head_dim or inner // m.n_heads
         _require(m.n_heads * v_dim == inner, "model.hymba.v_head_dim",
                  f"model.n_heads × v_head_dim must equal model.hymba.ssm_inner = {inner}", h.v_head_dim)
-        _require(h.d_conv >= 1, "model.hymba.d_conv", "must be >= 1", h.d_conv)
         seen: set[int] = set()
         for group in h.kv_share_groups:
             ok = len(group) >= 1 and all(0 <= i < n_layers and m.pattern[i] == "H" for i in group) \
@@ -478,22 +462,14 @@ def _validate_mixers(m: ModelConfig) -> None:
 def validate_moe(e: MoEConfig) -> None:
     """The ``model.moe`` checks: run by :func:`validate` and by the MoE layer itself, which tests and
     tools also build from a bare ``ModelConfig``."""
-    _require(e.n_experts >= 1, "model.moe.n_experts", "must be >= 1", e.n_experts)
-    _require(1 <= e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]",
-             e.top_k)
-    _require(e.router in ("softmax", "sigmoid"), "model.moe.router", "softmax | sigmoid", e.router)
-    _require(e.n_groups >= 1 and e.n_experts % e.n_groups == 0, "model.moe.n_groups",
-             f"must divide model.moe.n_experts={e.n_experts}", e.n_groups)
-    _require(1 <= e.topk_groups <= e.n_groups, "model.moe.topk_groups",
-             f"in [1, model.moe.n_groups={e.n_groups}]", e.topk_groups)
+    _check_tables(e, "model.moe")
+    _require(e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]", e.top_k)
+    _require(e.n_experts % e.n_groups == 0, "model.moe.n_groups", f"must divide model.moe.n_experts={e.n_experts}",
+             e.n_groups)
+    _require(e.topk_groups <= e.n_groups, "model.moe.topk_groups", f"in [1, model.moe.n_groups={e.n_groups}]",
+             e.topk_groups)
     _require(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups), "model.moe.top_k",
              "at most topk_groups × experts per group", e.top_k)
-    _require(e.n_shared_experts >= 0, "model.moe.n_shared_experts", "must be >= 0", e.n_shared_experts)
-    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
-        _require(getattr(e, key) >= 0, f"model.moe.{key}", "must be >= 0", getattr(e, key))
-    _require(e.capacity_factor is None or e.capacity_factor > 0, "model.moe.capacity_factor",
-             "null (dropless) or > 0", e.capacity_factor)
-
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -115,9 +115,15 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: Optional[st
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise BraidError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (add --include-path for local ones)")
-    res = lm_eval.simple_evaluate(model=make_lm(model, tokenizer, max_length), tasks=tasks, task_manager=manager,
-                                  limit=limit, num_fewshot=num_fewshot, log_samples=False,
-                                  bootstrap_iters=0)
+    try:
+        res = lm_eval.simple_evaluate(model=make_lm(model, tokenizer, max_length), tasks=tasks, task_manager=manager,
+                                      limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                                      bootstrap_iters=0)
+    except ConnectionError as exc:  # the model is local: only a task's dataset download reaches the network
+        raise BraidError(f"--tasks {','.join(tasks)}: a task's dataset must be downloaded from the Hugging Face Hub "
+                         f"and could not be ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         "run once with network access (it is cached), or give a local task with --include-path"
+                         ) from None
     out = {}
     for task, metrics in res["results"].items():
         out[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

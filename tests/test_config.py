@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from braid.config import load_config
+from braid.config import leaf_fields, load_config, to_yaml
+from braid.config_rules import CHOICES, RANGES, Range
+from braid.config_yaml import BOOL_WORDS
 from braid.errors import ConfigError
 from braid.models.presets import load_preset, preset_names
 
@@ -89,7 +94,8 @@ ERRORS = [
     (["model.ffn_pattern=E", "model.moe.router=relu"], "model.moe.router"),
     (["model.ffn_pattern=E", "model.moe.n_groups=3"], "model.moe.n_groups"),
     (["model.ffn_pattern=E", "model.moe.capacity_factor=0"], "model.moe.capacity_factor"),
-    (["model.pattern=HHA", "model.ffn_pattern=S", "model.hymba.kv_share_groups=[[1,2]]"], "model.hymba.kv_share_groups"),
+    (["model.pattern=HHA", "model.ffn_pattern=S", "model.hymba.kv_share_groups=[[1,2]]"],
+     "model.hymba.kv_share_groups"),
     (["model.pattern=MA", "model.ffn_pattern=S", "model.mla.qk_rope_head_dim=3"], "model.mla.qk_rope_head_dim"),
     (["model.pattern=KA", "model.ffn_pattern=S", "model.kda.conv_size=0"], "model.kda.conv_size"),
     (["model.moe.bogus=1"], "model.moe.bogus"),
@@ -147,3 +153,127 @@ def test_cli_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, key):
     assert lines[0].startswith("braid: error:") and key in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert list(tmp_path.iterdir()) == [], "a failed start must not write files"
+
+
+# ---------------------------------------------------------------- value tables (braid/config_rules.py)
+
+def _numeric(hint) -> bool:
+    """int or float, or Optional of one (lists are checked per element in validate)."""
+    if typing.get_origin(hint) not in (None, typing.Union):
+        return False
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return len(base) == 1 and base[0] in (int, float)
+
+
+def test_every_numeric_key_has_a_range_or_choices():
+    fields = leaf_fields()
+    numeric = {k for k, hint in fields.items() if _numeric(hint)}
+    missing = sorted(numeric - set(RANGES) - set(CHOICES))
+    assert not missing, f"numeric keys without a range in braid/config_rules.py: {missing}"
+    assert set(RANGES) | set(CHOICES) <= set(fields), "a table names a key the config does not have"
+
+
+def _out_of_range(key: str, rule: Range) -> list:
+    """Values just outside ``rule``, of the key's type, plus NaN and infinities for float keys."""
+    hint = leaf_fields()[key]
+    is_float = hint is float or float in typing.get_args(hint)
+    step = 0.5 if is_float else 1
+    bad = list(rule.excluded)
+    if rule.lo is not None:
+        bad.append(rule.lo if rule.lo_open else rule.lo - step)
+    if rule.hi is not None:
+        bad.append(rule.hi if rule.hi_open else rule.hi + step)
+    if rule.even:
+        bad.append(max(rule.lo or 0, 0) + 3)
+    if is_float:
+        bad += [".nan", ".inf", "-.inf"]
+    return [int(v) if not is_float and not isinstance(v, str) else v for v in bad]
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_numeric_key_refuses_values_out_of_its_range(key):
+    rule = RANGES[key]
+    values = _out_of_range(key, rule)
+    assert values, f"{key}: no value outside {rule}"
+    for value in values:
+        with pytest.raises(ConfigError) as info:
+            load_config(TINY, [f"{key}={value}"])
+        message = str(info.value)
+        assert f"'{key}'" in message and str(rule) in message and "\n" not in message, (value, message)
+
+
+@pytest.mark.parametrize("key", sorted(k for k, c in CHOICES.items() if not c.other))
+def test_every_enum_key_refuses_an_undocumented_value(key):
+    choice = CHOICES[key]
+    bogus = 999 if isinstance(choice.values[0], int) else "bogus"
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' = {bogus!r} is invalid: {choice}")):
+        load_config(TINY, [f"{key}={bogus}"])
+
+
+# Round r types every enum key's value r (cycling) and every bool key as SPELLINGS[r]. The rounds where
+# parallel.cp_kind is s2 (1 and 5) spell booleans truthy, so model.s2.enabled is on as s2 needs.
+SPELLINGS = ["false", "on", "no", "true", "off", "yes"]
+SHIFT = {"checkpoint.export_hf": 1}  # true in even rounds: odd ones use parallel.engine=deepspeed, which refuses it
+
+
+def _round(r: int) -> tuple[dict[str, str], dict]:
+    """(key -> text typed unquoted, key -> value expected) of round ``r``."""
+    typed, want = {}, {}
+    for key, choice in CHOICES.items():
+        value = choice.values[(r + SHIFT.get(key, 0)) % len(choice.values)]
+        if isinstance(value, bool):
+            text = [w for w, b in BOOL_WORDS.items() if b is value][r % 3]
+        else:
+            text = str(value)
+        typed[key], want[key] = text, value
+    for key, hint in leaf_fields().items():
+        if hint is bool:
+            typed[key], want[key] = SPELLINGS[r], BOOL_WORDS[SPELLINGS[r]]
+    return typed, want
+
+
+def _get(tree, key: str):
+    for part in key.split("."):
+        tree = tree[part] if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+
+def _emit(tree: dict, indent: str = "") -> str:
+    """Block YAML of a nested dict whose leaves are the texts to write unquoted."""
+    return "".join(f"{indent}{k}:\n{_emit(v, indent + '  ')}" if isinstance(v, dict) else f"{indent}{k}: {v}\n"
+                   for k, v in tree.items())
+
+
+def test_documented_enum_values_and_boolean_spellings_load_unquoted_from_yaml(tmp_path):
+    for r in range(len(SPELLINGS)):
+        typed, want = _round(r)
+        nested: dict = {"model": {"preset": "hybrid-tiny"}}
+        for key, text in typed.items():
+            *sections, leaf = key.split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = text
+        path = tmp_path / f"round{r}.yaml"
+        path.write_text(_emit(nested))
+        cfg = load_config(path)
+        for key, value in want.items():
+            assert _get(cfg, key) == value, (r, key, _get(cfg, key))
+        # The saved form of the resolved config loads back to the same values.
+        again = tmp_path / f"saved{r}.yaml"
+        again.write_text(to_yaml(cfg))
+        assert load_config(again) == cfg
+
+
+def test_documented_enum_values_and_boolean_spellings_are_accepted_as_typed_on_the_cli(tmp_path):
+    """What a user types, in a fresh process: ``--print-config`` resolves and writes nothing."""
+    for r in range(len(SPELLINGS)):
+        typed, want = _round(r)
+        proc = subprocess.run([sys.executable, "-m", "braid.train", "--config", str(TINY), "--print-config",
+                               *(f"{k}={v}" for k, v in typed.items())],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (r, proc.stderr)
+        printed = yaml.safe_load(proc.stdout)
+        for key, value in want.items():
+            assert _get(printed, key) == value, (r, key, _get(printed, key))
+    assert list(tmp_path.iterdir()) == [], "--print-config must not write files"

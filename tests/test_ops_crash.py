@@ -65,7 +65,8 @@ def _kill_at(run_dir: Path, steps: int, step: int, mid_save: bool, delay: float)
     """Start the run; SIGKILL it once step ``step`` is logged (then after ``delay`` s), or, with
     ``mid_save``, while the checkpoint of a step >= ``step`` is being written. Returns whether it was
     killed before finishing, and whether the kill left a half-written checkpoint."""
-    argv = [sys.executable, "-m", "braid.train", *tiny_overrides(run_dir, **{**SETTINGS, "train.steps": steps})]
+    argv = [sys.executable, "-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *tiny_overrides(run_dir, **{**SETTINGS, "train.steps": steps})]
     ckpts, deadline = run_dir / "checkpoints", time.monotonic() + 120
     stale = _tmp_dirs(ckpts)  # left by an earlier kill: not this run's save
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -79,7 +79,7 @@ def test_consecutive_non_finite_steps_stop_the_run_with_its_last_good_checkpoint
 
 
 def test_cli_exits_3_with_one_line_on_a_non_finite_streak(tmp_path):
-    argv = [sys.executable, "-m", "braid.train",
+    argv = [sys.executable, "-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
             *tiny_overrides(tmp_path / "r", **{"train.steps": 4, "train.debug_nan_steps": "[2,3]",
                                                "train.max_nan_iterations": 2})]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from braid.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,8 +32,9 @@ class DistInfo:
 
 def pick_device(spec: str, local_rank: int) -> torch.device:
     if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        if not torch.cuda.is_available():  # bad input for this machine: one line before anything is written
+            raise ConfigError("config key 'train.device' = 'cuda' is invalid here: no CUDA device is available "
+                              "(train.device=auto uses one when present, else the CPU)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
