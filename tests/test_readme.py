@@ -169,9 +169,7 @@ def _torchrun_nodes(argv, run):
     """Two launchers here for the README's two nodes: node0 is this host, on a free port."""
     nodes, nproc = int(_opt(argv, "--nnodes")), int(_opt(argv, "--nproc"))
     port = run.state.setdefault("port", _free_port())
-    host, _ = _opt(argv, "--rdzv-endpoint").rsplit(":", 1)
     out = _set(_set(argv, "--nproc", "1"), "--rdzv-endpoint", f"127.0.0.1:{port}")
-    run.state.setdefault("node0", host)
     return _tiny_steps(_scale_batch(out, nodes * nproc, nodes))
 
 
