@@ -151,6 +151,14 @@ def _make_train(argv, run):
     return ["make", "-o", ".venv/.installed", "train", f"ARGS=train.steps={STEPS}"]
 
 
+def _make_train_after(run, argv, res):
+    assert (run.cwd / "runs" / "tiny" / "checkpoints" / "latest").exists(), "make train left no runs/tiny/"
+
+
+def _make_test_after(run, argv, res):
+    assert "pytest" in res.stdout, res.stdout
+
+
 def _make_test(argv, run):
     assert argv == ["make", "test"], argv
     return ["make", "-n", "-o", ".venv/.installed", "test"]  # the suite cannot run inside itself: dry run
@@ -287,8 +295,8 @@ def _eval(argv, run):
 
 
 RULES = [
-    Rule("make train", r"^make train\b", _make_train),
-    Rule("make test", r"^make test\b", _make_test),
+    Rule("make train", r"^make train\b", _make_train, after=_make_train_after),
+    Rule("make test", r"^make test\b", _make_test, after=_make_test_after),
     Rule("braid.train", r"^python -m braid\.train ", _braid_train),
     Rule("torchrun.sh, several nodes", r"^launch/torchrun\.sh .*--nnodes ", _torchrun_nodes, together=True,
          activated=False),
