@@ -8,14 +8,32 @@
 # N comes from, in order: --nproc, $NPROC_PER_NODE, $CUDA_VISIBLE_DEVICES (its entry
 # count), the GPUs `nvidia-smi -L` lists, else 1 (a CPU run).
 #
+# Before spawning anything it checks the config and its parallel layout once for the whole world
+# (nnodes x nproc ranks; `braid.train --check-world-size`, no torch): a bad layout is one
+# `braid: error:` line and exit 2, not one line per rank and torchrun's ChildFailedError dump.
+# The ranks run under `braid.torchrun`, torch's torchrun with one change: a rank that still stops
+# on bad input (data, checkpoints: what only a started rank can see) makes the launcher print that
+# rank's line once and exit with its code (2; 3 for the non-finite stop) instead of torchrun's 1.
+#
 # Environment:
-#   PYTHON          interpreter to run (default: python). We call
-#                   `python -m torch.distributed.run` instead of a `torchrun` binary so the
-#                   interpreter you pick (e.g. the venv's) is the one that runs the workers.
-#   BRAID_DRY_RUN=1 print the command, shell-quoted on one line, and run nothing.
+#   PYTHON          interpreter to run (default: the repository's .venv/bin/python when there
+#                   is one, else python). We call `python -m braid.torchrun` instead of a
+#                   `torchrun` binary so the interpreter you pick is the one that runs the workers.
+#   BRAID_DRY_RUN=1 print the commands (the check, then the launch), shell-quoted one per line,
+#                   and run nothing.
 #
 # Every argument other than --nproc is handed to `braid.train` unchanged and in order.
 set -euo pipefail
+
+# No dirname: the script must also run with a bare PATH (no coreutils).
+script=${BASH_SOURCE[0]}
+[[ $script == */* ]] && script_dir=${script%/*} || script_dir=.
+repo=$(cd "$script_dir/.." && pwd)
+# `make train` leaves the installed environment in .venv; a fresh shell has not activated it.
+if [[ -z ${PYTHON:-} && -x $repo/.venv/bin/python ]]; then
+    PYTHON=$repo/.venv/bin/python
+fi
+python=${PYTHON:-python}
 
 die() {
     # One line on stderr and exit 2, so wrappers can tell usage errors from training failures.
@@ -131,16 +149,24 @@ else
     fi
 fi
 
+# Every launcher of a multi-node job checks the same world, so each stops before the rendezvous.
+check=("$python" -m braid.train --check-world-size "$((nnodes * nproc))" "${train_args[@]}")
 cmd=(
-    "${PYTHON:-python}" -m torch.distributed.run
+    "$python" -m braid.torchrun
     "${topology[@]}" --nproc_per_node="$nproc"
     -m braid.train "${train_args[@]}"
 )
 
 if [[ ${BRAID_DRY_RUN:-0} == 1 ]]; then
+    shell_quote "${check[@]}"
     shell_quote "${cmd[@]}"
     exit 0
 fi
+
+# The check prints its own one line; pass its status on (2: bad input) without adding another.
+rc=0
+"${check[@]}" || rc=$?
+((rc == 0)) || exit "$rc"
 
 # exec so Ctrl-C and SIGTERM reach torchrun directly; it forwards them to the workers,
 # which braid turns into "checkpoint at the next step boundary, then exit".

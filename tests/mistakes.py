@@ -56,6 +56,8 @@ def run_mistake(m: Mistake, *, cwd: Path = ROOT, guard: Path | None = None, time
     out = r.stdout + r.stderr
     assert r.returncode == m.code, f"{m.name}: exit {r.returncode} (want {m.code})\n{out[-3000:]}"
     assert "Traceback" not in out, f"{m.name}: printed a traceback\n{out[-3000:]}"
+    # torchrun's failure dump is a traceback by another name (launch/torchrun.sh must print braid's line instead).
+    assert "ChildFailedError" not in out, f"{m.name}: printed torchrun's ChildFailedError\n{out[-3000:]}"
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("braid")]
     errors = [ln for ln in lines if "error" in ln]
     assert len(errors) == 1, f"{m.name}: want one error line, got {errors}\n{out[-3000:]}"

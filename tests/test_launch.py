@@ -1,6 +1,7 @@
 """Launch scripts: dry-run their command lines under a fake Slurm environment (no Slurm needed),
-and drive the USR1 -> checkpoint -> requeue path once with a real torchrun and stand-ins for
-srun, scontrol and braid.train."""
+drive the USR1 -> checkpoint -> requeue path once with a real torchrun and stand-ins for
+srun, scontrol and braid.train, and check that braid.torchrun turns a rank's braid error into one
+line and braid's exit code (stand-in workers: no training)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 TORCHRUN = ROOT / "launch" / "torchrun.sh"
 BASH = shutil.which("bash") or "/bin/bash"
+# What the scripts run when PYTHON is unset: the repository's venv when `make` made one.
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+DEFAULT_PYTHON = str(VENV_PYTHON) if os.access(VENV_PYTHON, os.X_OK) else "python"
 
 USER_ARGS = ["--config", "configs/x.yaml", "train.lr=3e-4", "data.path=/d/a b"]
 SLURM_ENV = {
@@ -39,12 +43,12 @@ def bin_dir(tmp_path: Path) -> Path:
     return d
 
 
-def run_script(script: Path, args: list[str], env: dict[str, str], path: Path, dry: bool = True):
+def run_script(script: Path, args: list[str], env: dict[str, str], path: Path, dry: bool = True, cwd=None):
     full_env = {"PATH": str(path), **env}
     if dry:
         full_env["BRAID_DRY_RUN"] = "1"
     return subprocess.run([BASH, str(script), *args], env=full_env, capture_output=True,
-                          text=True, timeout=10)
+                          text=True, timeout=10, cwd=cwd)
 
 
 def srun_argv(out: str) -> list[str]:
@@ -61,7 +65,7 @@ def opt(argv: list[str], name: str) -> str:
 
 
 def train_args(argv: list[str]) -> list[str]:
-    i = argv.index("-m", argv.index("torch.distributed.run"))
+    i = argv.index("-m", argv.index("braid.torchrun"))
     assert argv[i + 1] == "braid.train"
     return argv[i + 2:]
 
@@ -97,8 +101,8 @@ def test_sbatch_dry_run_command(bin_dir: Path):
     assert res.returncode == 0, res.stderr
     argv = srun_argv(res.stdout)
     assert argv[:2] == ["srun", "--kill-on-bad-exit=1"]
-    py = argv.index("python")
-    assert argv[py + 1:py + 3] == ["-m", "torch.distributed.run"]
+    py = argv.index(DEFAULT_PYTHON)
+    assert argv[py + 1:py + 3] == ["-m", "braid.torchrun"]
     assert opt(argv, "--nnodes") == "2"
     assert opt(argv, "--nproc_per_node") == "4"
     assert opt(argv, "--rdzv_backend") == "c10d"
@@ -106,6 +110,9 @@ def test_sbatch_dry_run_command(bin_dir: Path):
     assert opt(argv, "--rdzv_id") == "1234"
     # The user's arguments pass through unchanged and in order; the defaults follow them.
     assert train_args(argv) == USER_ARGS + ["checkpoint.resume=auto", "run.name=slurm-1234"]
+    # The layout is checked once, on the batch host, for all nodes × workers, before srun.
+    check = shlex.split(res.stdout.splitlines()[0])
+    assert check == [DEFAULT_PYTHON, "-m", "braid.train", "--check-world-size", "8", *train_args(argv)]
     # The requeue step is announced, not run.
     on_usr1 = [ln for ln in res.stdout.splitlines() if ln.startswith("# on USR1:")]
     assert any("scontrol requeue 1234" in ln for ln in on_usr1), res.stdout
@@ -193,28 +200,74 @@ def test_sbatch_needs_config(bin_dir: Path):
 # ------------------------------------------------------------------------------ torchrun.sh
 
 
-def torchrun_dry(bin_dir: Path, args: list[str], **env) -> list[str]:
-    res = run_script(TORCHRUN, args, env, bin_dir)
+def torchrun_dry_both(bin_dir: Path, args: list[str], script: Path = TORCHRUN, **env):
+    """The two commands a dry run prints: the layout check, then the launch."""
+    res = run_script(script, args, env, bin_dir)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert len(lines) == 1, res.stdout
-    return shlex.split(lines[0])
+    assert len(lines) == 2, res.stdout
+    return shlex.split(lines[0]), shlex.split(lines[1])
+
+
+def torchrun_dry(bin_dir: Path, args: list[str], **env) -> list[str]:
+    return torchrun_dry_both(bin_dir, args, **env)[1]
 
 
 def test_torchrun_dry_run(bin_dir: Path):
-    argv = torchrun_dry(bin_dir, ["--nproc", "3", *USER_ARGS])
-    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+    check, argv = torchrun_dry_both(bin_dir, ["--nproc", "3", *USER_ARGS])
+    assert argv[:3] == [DEFAULT_PYTHON, "-m", "braid.torchrun"]
     assert "--standalone" in argv
     assert opt(argv, "--nnodes") == "1"
     assert opt(argv, "--nproc_per_node") == "3"
     assert train_args(argv) == USER_ARGS
+    assert check == [DEFAULT_PYTHON, "-m", "braid.train", "--check-world-size", "3", *USER_ARGS]
+
+
+def test_torchrun_checks_the_whole_world(bin_dir: Path):
+    check, _ = torchrun_dry_both(bin_dir, ["--nnodes", "2", "--rdzv-endpoint", "h:1", "--nproc", "4", *USER_ARGS])
+    assert check[3:5] == ["--check-world-size", "8"]
 
 
 def test_torchrun_nproc_defaults(bin_dir: Path):
     assert opt(torchrun_dry(bin_dir, USER_ARGS), "--nproc_per_node") == "1"
     assert opt(torchrun_dry(bin_dir, USER_ARGS, NPROC_PER_NODE="5"), "--nproc_per_node") == "5"
-    argv = torchrun_dry(bin_dir, USER_ARGS, PYTHON="/opt/venv/bin/python")
-    assert argv[0] == "/opt/venv/bin/python"
+    check, argv = torchrun_dry_both(bin_dir, USER_ARGS, PYTHON="/opt/venv/bin/python")
+    assert argv[0] == check[0] == "/opt/venv/bin/python"
+
+
+def _fake_repo(root: Path, with_venv: bool) -> Path:
+    """A copy of launch/ in a directory with (or without) an executable .venv/bin/python."""
+    shutil.copytree(ROOT / "launch", root / "launch", ignore=shutil.ignore_patterns("slurm_cluster"))
+    if with_venv:
+        (root / ".venv" / "bin").mkdir(parents=True)
+        (root / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+        (root / ".venv" / "bin" / "python").chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("with_venv", [True, False], ids=["venv", "no-venv"])
+def test_scripts_default_to_the_repos_venv(tmp_path: Path, bin_dir: Path, with_venv: bool):
+    """A fresh shell after `make train` has no activated venv: the scripts find .venv themselves."""
+    repo = _fake_repo(tmp_path / "repo", with_venv)
+    want = str(repo / ".venv" / "bin" / "python") if with_venv else "python"
+    check, argv = torchrun_dry_both(bin_dir, USER_ARGS, script=repo / "launch" / "torchrun.sh")
+    assert argv[0] == check[0] == want
+    res = run_script(repo / "launch" / "slurm.sbatch", USER_ARGS, SLURM_ENV, bin_dir, cwd=repo)
+    assert res.returncode == 0, res.stderr
+    argv = srun_argv(res.stdout)
+    assert argv[argv.index("-m") - 1] == want
+
+
+def test_sbatch_copy_finds_the_venv_of_the_job_dir(tmp_path: Path, bin_dir: Path):
+    """sbatch runs a copy of the script from its spool directory, in the submit (working) directory."""
+    repo = _fake_repo(tmp_path / "repo", with_venv=True)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(SBATCH, spool / "slurm_script")
+    res = run_script(spool / "slurm_script", USER_ARGS, SLURM_ENV, bin_dir, cwd=repo)
+    assert res.returncode == 0, res.stderr
+    argv = srun_argv(res.stdout)
+    assert argv[argv.index("-m") - 1] == str(repo / ".venv" / "bin" / "python")
 
 
 @pytest.mark.parametrize("args", [["train.lr=1"], ["--nproc", "0", "--config", "c.yaml"]])
@@ -229,13 +282,16 @@ def test_torchrun_usage_errors(bin_dir: Path, args: list[str]):
 
 FAKE_TRAIN = """\
 import os, signal, sys, time
+out = os.environ["FAKE_OUT"]
+if "--check-world-size" in sys.argv:  # the launcher's layout check, on the batch host
+    open(os.path.join(out, "checked"), "w").write(" ".join(sys.argv[1:]))
+    sys.exit(0)
 stop = False
 def on_signal(sig, frame):
     global stop
     stop = True
 signal.signal(signal.SIGUSR1, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-out = os.environ["FAKE_OUT"]
 rank = os.environ["RANK"]
 open(os.path.join(out, "started." + rank), "w").write(" ".join(sys.argv[1:]))
 deadline = time.time() + 20
@@ -260,6 +316,7 @@ def test_sbatch_usr1_checkpoints_then_requeues(tmp_path: Path, bin_dir: Path):
     (work / "braid").mkdir(parents=True)
     (work / "braid" / "__init__.py").write_text("")
     (work / "braid" / "train.py").write_text(FAKE_TRAIN)
+    shutil.copy(ROOT / "braid" / "torchrun.py", work / "braid" / "torchrun.py")  # the real launcher
 
     env = {
         "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -293,4 +350,60 @@ def test_sbatch_usr1_checkpoints_then_requeues(tmp_path: Path, bin_dir: Path):
         assert (out / f"checkpointed.{r}").read_text() == "signal", log
     started = (out / "started.0").read_text().split()
     assert started == ["--config", "c.yaml", "x.y=1", "checkpoint.resume=auto", "run.name=slurm-4242"]
+    assert (out / "checked").read_text().split() == ["--check-world-size", "2", *started]
     assert (out / "scontrol").read_text().splitlines() == ["requeue 4242"]
+
+
+# ------------------------------------------------- braid.torchrun: a rank's braid error, once
+
+FAKE_RANK = """\
+import os, sys, time
+from braid.train import _fail
+rank, mode = int(os.environ["RANK"]), os.environ["FAKE_MODE"]
+if mode == "every rank":
+    _fail("data.source '/d/x' does not exist")
+if mode == "rank 1 only":
+    if rank == 1:
+        _fail("train.max_nan_iterations = 3 non-finite steps in a row", 3)
+    time.sleep(60)  # torchrun must stop this rank once rank 1 has failed
+if mode == "crash":
+    raise RuntimeError("a bug, not bad input")
+"""
+
+
+@pytest.mark.parametrize("mode, code, line", [
+    ("every rank", 2, "braid: error: data.source '/d/x' does not exist"),
+    ("rank 1 only", 3, "braid: error: train.max_nan_iterations = 3 non-finite steps in a row"),
+    ("crash", 1, None),
+])
+def test_braid_torchrun_reports_a_ranks_error_once(tmp_path: Path, mode: str, code: int, line):
+    pytest.importorskip("torch.distributed.run")
+    worker = tmp_path / "rank.py"
+    worker.write_text(FAKE_RANK)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_MODE": mode, "TMPDIR": str(scratch)}
+    res = subprocess.run([sys.executable, "-m", "braid.torchrun", "--standalone", "--nnodes=1",
+                          "--nproc_per_node=2", str(worker)], env=env, capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == code, out
+    if line is None:  # not braid's: torchrun's own report, untouched
+        assert "ChildFailedError" in out and "RuntimeError: a bug, not bad input" in out
+        assert not [ln for ln in res.stderr.splitlines() if ln.startswith("braid")], out
+    else:
+        assert [ln for ln in res.stderr.splitlines() if ln.startswith("braid")] == [line], out
+        assert "Traceback" not in out and "ChildFailedError" not in out and "exitcode" not in out, out
+    assert not list(scratch.glob("braid-errors-*")), "the launcher left its error folder behind"
+
+
+def test_the_layout_check_is_fast_and_writes_nothing(tmp_path: Path):
+    """`braid.train --check-world-size` runs before every launch: config arithmetic only, no torch."""
+    code = ("import sys; from braid.train import main; "
+            f"main(['--config', {str(ROOT / 'configs' / 'tiny.yaml')!r}, '--check-world-size', '2', "
+            "'train.global_batch_size=16', 'run.dir=run']); "
+            "assert 'torch' not in sys.modules, 'the check imported torch'")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == res.stderr == ""
+    assert not list(tmp_path.iterdir())

@@ -12,17 +12,21 @@ With ``ep > 1`` the ``dp_shard`` dim is split into ``dp_shard_mod_ep`` × ``dp_s
 ``dp_shard_in_ep × cp`` (experts sharded over data/context ranks, torchtitan-style) and
 ``dp_mod_ep`` = ``dp_replicate × dp_shard_mod_ep`` holds the replicas of the same experts.
 The mesh is passed around; nothing here is global state.
+
+Everything but :func:`build_mesh` is config arithmetic without torch, so a launcher can check a layout
+for its world size (``python -m braid.train --check-world-size N``) before it spawns a single rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch.distributed as dist
-
-from braid.config import ParallelConfig
+from braid.config import Config, ParallelConfig
 from braid.errors import ConfigError
+
+if TYPE_CHECKING:  # torch only in annotations: the layout checks must stay cheap to import
+    import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,63 @@ def resolve_dims(p: ParallelConfig, world: int) -> ParallelDims:
             raise ConfigError(f"config key 'parallel.ep' = {p.ep} must be a multiple of parallel.cp = {p.cp} "
                               f"and ep / cp must divide parallel.dp_shard = {dp_shard}")
     return ParallelDims(p.dp_replicate, dp_shard, p.cp, p.tp, p.ep, world)
+
+
+def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
+    """Combinations this build cannot run, each a one-line ConfigError naming the key."""
+    if p.engine == "deepspeed" and (d.tp > 1 or d.cp > 1 or d.ep > 1):
+        raise ConfigError("config key 'parallel.engine' = 'deepspeed' runs data parallelism only "
+                          "(parallel.tp, parallel.cp and parallel.ep must be 1)")
+    if p.engine == "deepspeed" and d.dp_replicate > 1:
+        raise ConfigError("config key 'parallel.dp_replicate' must be 1 with parallel.engine=deepspeed "
+                          "(ZeRO partitions over all data-parallel ranks; use parallel.dp_shard)")
+    if p.cpu_offload and p.engine != "deepspeed":
+        raise ConfigError("config key 'parallel.cpu_offload' needs parallel.engine=deepspeed")
+
+
+# Mixers with no causal softmax: their work per token does not grow along the sequence, so contiguous
+# shards are balanced and need one state hand-off per rank instead of two.
+_STATE_ONLY = set("K")
+
+
+def resolve_layout(spec: str, pattern: str) -> str:
+    """``parallel.cp_layout``: ``auto`` is zigzag (balances causal softmax) unless every mixer is KDA."""
+    if spec != "auto":
+        return spec
+    return "contiguous" if set(pattern) <= _STATE_ONLY else "zigzag"
+
+
+def layout_pieces(layout: str, cp: int) -> int:
+    """How many equal pieces the sequence is cut into (data.seq_len must be a multiple)."""
+    return 2 * cp if layout == "zigzag" else cp
+
+
+def check_cp(cfg: Config, cp: int) -> None:
+    """What context parallelism needs of the config, each a one-line ConfigError naming the key."""
+    p = cfg.parallel
+    pieces = layout_pieces(resolve_layout(p.cp_layout, cfg.model.pattern), cp)
+    if cfg.data.seq_len % pieces:
+        raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len} must be a multiple of {pieces} "
+                          f"with parallel.cp = {cp} ({p.cp_layout} layout)")
+    if p.cp_kind == "ulysses" and cfg.model.n_heads % cp:
+        raise ConfigError(f"config key 'model.n_heads' = {cfg.model.n_heads} must be divisible by "
+                          f"parallel.cp = {cp} with parallel.cp_kind=ulysses")
+
+
+def check_world(cfg: Config, world: int) -> ParallelDims:
+    """Every check of the layout and batch that needs only the config and the world size; the trainer runs
+    it on every rank and launch/torchrun.sh once before spawning them, so both fail with the same line."""
+    dims = resolve_dims(cfg.parallel, world)
+    check_layout(cfg.parallel, dims)
+    if dims.cp > 1:
+        check_cp(cfg, dims.cp)
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dims.dp):
+        raise ConfigError(
+            f"config key 'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size × data-parallel size = {t.micro_batch_size * dims.dp}"
+        )
+    return dims
 
 
 @dataclass
@@ -147,4 +208,5 @@ def mesh_summary(dims: ParallelDims) -> str:
             + (f" (ep {dims.ep})" if dims.ep > 1 else ""))
 
 
-__all__ = ["ParallelDims", "Mesh", "resolve_dims", "build_mesh", "mesh_summary"]
+__all__ = ["ParallelDims", "Mesh", "resolve_dims", "check_layout", "resolve_layout", "layout_pieces", "check_cp",
+           "check_world", "build_mesh", "mesh_summary"]

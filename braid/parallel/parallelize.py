@@ -22,7 +22,7 @@ from braid.config import ParallelConfig
 from braid.errors import ConfigError
 from braid.parallel.activation_checkpoint import apply_activation_checkpoint, apply_compile
 from braid.parallel.fsdp import apply_fsdp, expert_sharded_params, scalar_params
-from braid.parallel.mesh import Mesh, ParallelDims
+from braid.parallel.mesh import Mesh, ParallelDims, check_layout  # noqa: F401  check_layout: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,6 @@ def _lazy(module: str, fn: str, key: str):
         if exc.name != module:
             raise
         raise ConfigError(f"config key '{key}' > 1 is not available yet") from None
-
-
-def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
-    """Combinations this build cannot run, each a one-line ConfigError naming the key."""
-    if p.engine == "deepspeed" and (d.tp > 1 or d.cp > 1 or d.ep > 1):
-        raise ConfigError("config key 'parallel.engine' = 'deepspeed' runs data parallelism only "
-                          "(parallel.tp, parallel.cp and parallel.ep must be 1)")
-    if p.engine == "deepspeed" and d.dp_replicate > 1:
-        raise ConfigError("config key 'parallel.dp_replicate' must be 1 with parallel.engine=deepspeed "
-                          "(ZeRO partitions over all data-parallel ranks; use parallel.dp_shard)")
-    if p.cpu_offload and p.engine != "deepspeed":
-        raise ConfigError("config key 'parallel.cpu_offload' needs parallel.engine=deepspeed")
 
 
 def _cp_ranks_per_node(d: ParallelDims) -> Optional[int]:

@@ -15,17 +15,13 @@ from braid.config import Config, to_yaml
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
-from braid.errors import (
-    ConfigError,
-    NonFiniteLossError,  # noqa: F401  re-exported: callers import it from here
-)
+from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
 from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
 from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from braid.parallel.fsdp import clip_grad_norm, reduce_manual_grads
-from braid.parallel.mesh import build_mesh, resolve_dims
-from braid.parallel.parallelize import check_layout
+from braid.parallel.mesh import build_mesh, check_world
 from braid.trainer.checkpoint import CheckpointManager
 from braid.trainer.export import export_hf
 from braid.trainer.health import LossHealth
@@ -44,18 +40,8 @@ class Trainer:
         t, p = cfg.train, cfg.parallel
         self.deepspeed = p.engine == "deepspeed"
         self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
-        self.dims = resolve_dims(p, self.info.world_size)
-        check_layout(p, self.dims)
-        if self.dims.cp > 1:
-            from braid.parallel.context import check_cp
-
-            check_cp(cfg, self.dims.cp)
+        self.dims = check_world(cfg, self.info.world_size)  # the checks launch/torchrun.sh runs before spawning
         self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
-        if t.global_batch_size % (t.micro_batch_size * self.dp):
-            raise ConfigError(
-                f"config key 'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size × data-parallel size = {t.micro_batch_size * self.dp}"
-            )
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp)
         if t.threads:
             torch.set_num_threads(t.threads)

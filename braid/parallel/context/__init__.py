@@ -11,24 +11,11 @@ from braid.parallel.context.comm import all_reduce_sum
 from braid.parallel.context.context import KINDS, ContextParallel, CPSeq
 from braid.parallel.context.layout import CPLayout, Segment
 
+# The config-only checks live with the other layout checks (torch-free, run before ranks spawn).
+from braid.parallel.mesh import check_cp, layout_pieces, resolve_layout
+
 __all__ = ["ContextParallel", "CPSeq", "CPLayout", "Segment", "KINDS", "apply_cp", "resolve_layout", "layout_pieces",
            "check_cp"]
-
-# Mixers with no causal softmax: their work per token does not grow along the sequence, so contiguous
-# shards are balanced and need one state hand-off per rank instead of two.
-_STATE_ONLY = set("K")
-
-
-def resolve_layout(spec: str, pattern: str) -> str:
-    """``parallel.cp_layout``: ``auto`` is zigzag (balances causal softmax) unless every mixer is KDA."""
-    if spec != "auto":
-        return spec
-    return "contiguous" if set(pattern) <= _STATE_ONLY else "zigzag"
-
-
-def layout_pieces(layout: str, cp: int) -> int:
-    """How many equal pieces the sequence is cut into (data.seq_len must be a multiple)."""
-    return 2 * cp if layout == "zigzag" else cp
 
 
 def apply_cp(model, group, kind: str = "ring", layout: str = "zigzag", node_size=None) -> ContextParallel:
@@ -40,17 +27,3 @@ def apply_cp(model, group, kind: str = "ring", layout: str = "zigzag", node_size
         if hasattr(module, "sequence_parallel"):
             module.sequence_parallel = (partial(all_reduce_sum, group=group, label="moe.balance"), meta, cp.size)
     return cp
-
-
-def check_cp(cfg, cp: int) -> None:
-    """What context parallelism needs of the config, each a one-line ConfigError naming the key."""
-    from braid.errors import ConfigError
-
-    p = cfg.parallel
-    pieces = layout_pieces(resolve_layout(p.cp_layout, cfg.model.pattern), cp)
-    if cfg.data.seq_len % pieces:
-        raise ConfigError(f"config key 'data.seq_len' = {cfg.data.seq_len} must be a multiple of {pieces} "
-                          f"with parallel.cp = {cp} ({p.cp_layout} layout)")
-    if p.cp_kind == "ulysses" and cfg.model.n_heads % cp:
-        raise ConfigError(f"config key 'model.n_heads' = {cfg.model.n_heads} must be divisible by "
-                          f"parallel.cp = {cp} with parallel.cp_kind=ulysses")
