@@ -169,7 +169,7 @@ def test_sbatch_head_node_addr_from_scontrol(bin_dir: Path, tmp_path: Path):
         echo "$*" >> {shlex.quote(str(log))}
         case "$1 $2" in
           "show hostnames") printf 'gpu01\\ngpu02\\n' ;;
-          "show node") printf 'NodeName=%s Arch=x86_64 CoresPerSocket=32\\n   NodeAddr=10.1.2.3 NodeHostName=%s\\n' "$3" "$3" ;;
+          "show node") printf 'NodeName=%s Arch=x86_64\\n   NodeAddr=10.1.2.3 NodeHostName=%s\\n' "$3" "$3" ;;
           *) exit 1 ;;
         esac
         """))
