@@ -65,8 +65,8 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def _train(root: Path, source: str, **extra) -> list[str]:
-    return ["-m", "braid.train", *tiny_overrides(root / "run", **{"train.steps": 1, "data.source": str(root / source),
-                                                                   **extra})]
+    return ["-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *tiny_overrides(root / "run", **{"train.steps": 1, "data.source": str(root / source), **extra})]
 
 
 @pytest.mark.parametrize("name, source, names", TRAIN)
@@ -102,7 +102,7 @@ def test_text_dir_with_a_binary_file_trains_with_one_warning(tmp_path, capsys, m
     data.mkdir()
     (data / "notes.txt").write_text("a plain text document, long enough to train on. " * 40, encoding="utf-8")
     (data / "dump.txt").write_bytes(np.random.default_rng(0).bytes(3000))
-    losses = Trainer(load_config(None, _train(tmp_path, "texts", **{"train.steps": 2})[2:])).train()
+    losses = Trainer(load_config(None, _train(tmp_path, "texts", **{"train.steps": 2})[4:])).train()
     assert len(losses) == 2
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("braid: warning")]
     assert warnings == [f"braid: warning: data.source '{data}': skipped 1 of 2 files (1 not UTF-8 text; "
