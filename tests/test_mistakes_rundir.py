@@ -80,3 +80,11 @@ def test_overwrite_replaces_the_out_dir(made, tmp_path):
     latest = str(made / "run" / "checkpoints" / "latest")
     assert convert_main(["to-hf", "--checkpoint", latest, "--out", str(hf), "--overwrite"]) == 0
     assert (hf / "config.json").is_file() and not (hf / "stale.txt").exists()
+
+
+def test_from_hf_overwrite_replaces_the_run(made, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(made / "run", run)
+    assert convert_main(["from-hf", "--hf", str(made / "hf"), "--out", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0"]
+    assert {"config.yaml", "braid.json"} <= {p.name for p in (run / "checkpoints" / "step_0").iterdir()}
