@@ -47,6 +47,8 @@ def from_hf(args) -> None:
 
     src, out = Path(args.hf), Path(args.out)
     model, m, hf = load_hf_dir(src)  # read and checked before --out is touched
+    if out.resolve() in (src.resolve(), *src.resolve().parents):
+        raise BraidError(f"--out '{out}' contains the --hf directory '{src}'; import elsewhere")
     _claim_out(out, args.overwrite)
     cfg = Config()
     cfg.model = m
