@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from braid.trainer.checkpoint_config import checkpoint_info, config_path
 from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs, checkpoint_problem
 
 EXIT_BAD_INPUT = 2
@@ -46,16 +47,21 @@ def summarize(run_dir: Path) -> dict:
         if complete and entry["problem"] is None:
             meta = json.loads((path / MARKER).read_text())
             entry.update({k: v for k, v in meta.items() if k not in ("files", "step")})
+            entry.update({k: v for k, v in checkpoint_info(path).items() if k != "step"})
         checkpoints.append(entry)
     ckpt_root = run_dir / "checkpoints"
     set_aside = sorted((int(m.group(1)), str(p)) for p in (ckpt_root.iterdir() if ckpt_root.is_dir() else [])
                        if p.is_dir() and (m := SET_ASIDE_RE.match(p.name)))
     spikes = [r for r in records if "spike_loss" in r]
     latest_file = run_dir / "checkpoints" / "latest"
-    config = run_dir / "config.yaml"
+    # What resume=auto would continue: the newest sound checkpoint's own config (older ones: the run dir's).
+    sound = [Path(c["path"]) for c in checkpoints if c["complete"] and c["problem"] is None]
+    config = config_path(sound[-1]) if sound else None
+    config = config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
     summary = {
         "run_dir": str(run_dir),
-        "config": config.read_text() if config.is_file() else None,
+        "config": config.read_text() if config is not None else None,
+        "config_file": str(config) if config is not None else None,
         "last_step": train[-1]["step"] if train else None,
         "consumed_tokens": train[-1].get("consumed_tokens") if train else None,
         "first_loss": train[0]["loss"] if train else None,
@@ -99,7 +105,7 @@ def render(s: dict) -> str:
     if s["unreadable_metric_lines"]:
         lines.append(f"metrics.jsonl  {s['unreadable_metric_lines']} unreadable line(s) (cut by a crash?)")
     if s["config"]:
-        lines += ["config", *("  " + ln for ln in s["config"].splitlines())]
+        lines += [f"config         {s['config_file']}", *("  " + ln for ln in s["config"].splitlines())]
     return "\n".join(lines)
 
 

@@ -28,6 +28,9 @@ def test_inspect_reports_progress_checkpoints_and_losses(tmp_path):
     assert [(c["step"], c["complete"]) for c in s["checkpoints"]] == [(3, True), (6, True), (9, False)]
     assert s["unreadable_metric_lines"] == 1
     assert s["best_eval_loss"] is not None and "model:" in s["config"]
+    # The config shown is the newest sound checkpoint's own, with what the checkpoint says of itself.
+    assert s["config_file"] == str(ckpts / "step_6" / "config.yaml")
+    assert s["checkpoints"][1]["consumed_tokens"] == 6 * 4 * 32 and s["checkpoints"][1]["braid_version"]
 
     out = subprocess.run([sys.executable, "-m", "braid.inspect", str(run_dir)], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from braid.config import load_config
+from braid.errors import ConfigError
 from braid.inspect import summarize
-from braid.trainer.checkpoint import DamagedCheckpoint
 from braid.trainer.checkpoint_layout import complete_checkpoints
 from braid.trainer.trainer import Trainer
 from conftest import ROOT, tiny_overrides
@@ -57,7 +57,8 @@ def test_resume_auto_falls_back_past_damaged_checkpoints(tmp_path, capsys):
 def test_checkpoints_that_no_longer_fit_are_an_error_not_damage(tmp_path):
     run_dir = tmp_path / "r"
     run(run_dir, **{"train.steps": 4})
-    with pytest.raises(DamagedCheckpoint, match="no older complete checkpoint loads either"):
+    # The checkpoint's own config says so before anything loads (it used to surface as a load failure).
+    with pytest.raises(ConfigError, match=r"'model.d_model' = 96 differs from checkpoint .*trained with 64"):
         run(run_dir, **{"train.steps": 6, "model.d_model": 96})
     # Nothing was set aside: the checkpoints are fine, the model changed.
     ckpts = run_dir / "checkpoints"

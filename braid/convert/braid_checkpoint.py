@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from braid.config import Config, ModelConfig, load_config
 from braid.errors import CheckpointError
 from braid.trainer.checkpoint import MARKER
+from braid.trainer.checkpoint_config import config_path, describe
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -37,10 +38,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 
 def run_config(ckpt_dir: Path) -> Config:
-    """The run's resolved config: ``<run.dir>/config.yaml`` two levels above ``step_N``."""
-    cfg_path = ckpt_dir.parent.parent / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"no run config at '{cfg_path}' (expected <run.dir>/config.yaml next to checkpoints/)")
+    """The config the checkpoint was trained with: ``step_N/config.yaml``, or for checkpoints written
+    before checkpoints carried one, ``<run.dir>/config.yaml`` two levels above ``step_N``."""
+    cfg_path = config_path(ckpt_dir)
+    if cfg_path is None:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' has no config.yaml, nor has its run dir "
+                              f"'{ckpt_dir.parent.parent}'")
     return load_config(cfg_path)
 
 
@@ -104,6 +107,8 @@ def save_braid_checkpoint(model: torch.nn.Module, cfg: Config, run_dir: str | Pa
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save({"model": sd}, checkpoint_id=str(ckpt))
+    for name, text in describe(cfg, step, 0, 0, {"engine": "fsdp", "world_size": 1}).items():
+        (ckpt / name).write_text(text)
     (ckpt / MARKER).write_text(json.dumps({"step": step, "world_size": 1, "time": time.time()}) + "\n")
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     return ckpt

@@ -139,10 +139,12 @@ class CheckpointManager:
     def deepspeed(self) -> bool:
         return self.layout.get("engine") == "deepspeed"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             about: Optional[dict[str, str]] = None) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint directory.
 
-        ``model`` is the trained module (plain, FSDP2-sharded, or a DeepSpeed engine).
+        ``model`` is the trained module (plain, FSDP2-sharded, or a DeepSpeed engine); ``about``: files
+        (name -> text) describing the checkpoint (checkpoint_config.describe), listed in the marker too.
         """
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.tmp"
@@ -164,6 +166,8 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
         barrier()
         if self.info.is_main:
+            for name, text in (about or {}).items():
+                (tmp / name).write_text(text)
             meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "layout": self.layout,
                     "files": _file_sizes(tmp)}
             _fsync_write(tmp / MARKER, json.dumps(meta) + "\n")

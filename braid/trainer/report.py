@@ -60,7 +60,7 @@ class IntervalLog:
         return step % self.cfg.logging.interval == 0 or step == self.cfg.train.steps
 
     def flush(self, logger: MetricsLogger, step: int, lr: float, grad_norm: Optional[float], consumed_samples: int,
-              skipped_iterations: int, nan_iterations: int, extra: dict) -> None:
+              consumed_tokens: int, skipped_iterations: int, nan_iterations: int, extra: dict) -> None:
         """Log the averages at iteration ``step`` (``extra`` appended to the record), then start over."""
         t, device = self.cfg.train, self.info.device
         step_time = self.time / self.steps
@@ -74,7 +74,7 @@ class IntervalLog:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "consumed_samples": consumed_samples,
-            "consumed_tokens": consumed_samples * self.cfg.data.seq_len,
+            "consumed_tokens": consumed_tokens,
             "global_batch_size": t.global_batch_size,
             "step_time_s": step_time,
             "tflops": tflops if device.type == "cuda" else None,

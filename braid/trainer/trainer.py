@@ -23,6 +23,7 @@ from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_d
 from braid.parallel.fsdp import clip_grad_norm, reduce_manual_grads
 from braid.parallel.mesh import build_mesh, check_world
 from braid.trainer.checkpoint import CheckpointManager
+from braid.trainer.checkpoint_config import check_resume, checkpoint_info, describe
 from braid.trainer.export import export_hf
 from braid.trainer.health import LossHealth
 from braid.trainer.metrics import MetricsLogger, StepProfiler, StepTimer, init_wandb
@@ -41,6 +42,8 @@ class Trainer:
         self.deepspeed = p.engine == "deepspeed"
         self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
         self.dims = check_world(cfg, self.info.world_size)  # the checks launch/torchrun.sh runs before spawning
+        # Before any data is read or file written: a resume that cannot continue this run costs one line.
+        _, self.resume_change_note = check_resume(cfg)
         self.dp = self.dims.dp  # sample streams: dp_replicate × dp_shard (not tp/cp ranks)
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp)
         if t.threads:
@@ -76,6 +79,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout)
         self.step = 0
         self.consumed_samples = 0
+        # A counter, not samples × seq_len: the batch size may change on resume and tokens only accumulate.
+        self.consumed_tokens = 0
         self.skipped_iterations = 0
         self.nan_iterations = 0
         self.timer = StepTimer(self.device, t.timing_sync)
@@ -112,6 +117,9 @@ class Trainer:
             path, state = Path(spec), self.ckpt.load(Path(spec), self.model, self.optimizer, self.trainer_state())
         if state is not None:
             self._apply_state(state)
+            saved = checkpoint_info(path).get("consumed_tokens")
+            # Checkpoints before the counter was kept: data.seq_len cannot have changed since (check_resume).
+            self.consumed_tokens = int(saved) if saved is not None else self.consumed_samples * self.cfg.data.seq_len
         return path
 
     def _apply_state(self, state: dict) -> None:
@@ -192,6 +200,7 @@ class Trainer:
         timer.steps += 1
         self.step += 1
         self.consumed_samples += t.global_batch_size
+        self.consumed_tokens += t.global_batch_size * self.cfg.data.seq_len
         self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         return loss
 
@@ -254,12 +263,14 @@ class Trainer:
         if self.interval_log.add(self.step, loss, seconds):
             moe = {"aux_loss": self._aux, **self._moe_metrics} if self.has_moe else {}
             self.interval_log.flush(self.logger, self.step, self._last["lr"], self._last["grad_norm"],
-                                    self.consumed_samples, self.skipped_iterations, self.nan_iterations, moe)
+                                    self.consumed_samples, self.consumed_tokens, self.skipped_iterations,
+                                    self.nan_iterations, moe)
 
     def _banner(self, resumed: Optional[Path]) -> None:
         self.logger.console(banner(self.cfg, self.info, self.model_cfg, self.stats, self.train_data, self.valid_data,
                                    self.grad_accum, self.dims))
-        for note in self.init_notes + self.resume_notes:
+        notes = self.init_notes + self.resume_notes + ([self.resume_change_note] if self.resume_change_note else [])
+        for note in notes:
             self.logger.console(note)
         if resumed is not None:
             self.logger.console(f"braid: resumed from {resumed} at iteration {self.step} "
@@ -269,7 +280,8 @@ class Trainer:
         if self.health.nan_streak:  # the state may be poisoned (DeepSpeed applies such updates): keep the last good one
             self.logger.console(f" not saving a checkpoint at iteration {self.step}: its step was non-finite")
             return
-        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+        about = describe(self.cfg, self.step, self.consumed_samples, self.consumed_tokens, self.ckpt.layout)
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state(), about)
         self.logger.console(f" saved checkpoint {path}")
 
     def _should_stop(self, signals: StopSignals) -> bool:
@@ -278,8 +290,9 @@ class Trainer:
     def train(self) -> list[float]:
         """Train to ``train.steps``, or until SIGTERM/SIGUSR1 (then checkpoint and return early)."""
         cfg, t = self.cfg, self.cfg.train
-        self._prepare_run_dir()
+        # The run dir's config.yaml is written only once the checkpoint has loaded into this model.
         resumed = self._resume()
+        self._prepare_run_dir()
         wandb_run = None
         if self.info.is_main and cfg.logging.wandb != "off":
             wandb_run = init_wandb(self.run_dir, cfg.logging.wandb, cfg.logging.wandb_project,
