@@ -81,3 +81,14 @@ def test_old_checkpoint_falls_back_to_the_run_config(made, tmp_path):
         Trainer(load_config(None, tiny_overrides(run_dir, **{**BASE, "data.seq_len": 64})))
     trainer = run(run_dir, **{"train.steps": 5})
     assert trainer.consumed_tokens == 20 * 32 and records(run_dir)[5]["consumed_tokens"] == 640
+
+
+def test_resuming_an_older_checkpoint_keeps_what_it_saves(made, tmp_path):
+    # A rollback: newer checkpoints exist; pruning must not count them and delete the one just saved.
+    run_dir = tmp_path / "run"
+    shutil.copytree(made, run_dir)
+    run(run_dir, **{"train.steps": 3, "checkpoint.interval": 1, "checkpoint.keep": 1,
+                    "checkpoint.resume": str(run_dir / "checkpoints" / "step_2")})
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_3" and (ckpts / "step_3" / MARKER).is_file()
+    assert not (ckpts / "step_2").exists()

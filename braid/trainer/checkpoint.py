@@ -176,12 +176,16 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.root)
             _fsync_write(self.root / "latest", final.name + "\n")
-            self._prune()
+            self._prune(step)
         barrier()
         return final
 
-    def _prune(self) -> None:
-        for _, path in complete_checkpoints(self.root)[: -self.keep]:
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep`` up to ``step``. Newer ones exist after a resume from an older checkpoint;
+        counting them would delete what was just saved (leaving ``latest`` naming nothing); they are
+        replaced one by one as the run passes them."""
+        upto = [path for s, path in complete_checkpoints(self.root) if s <= step]
+        for path in upto[: -self.keep]:
             _remove(path)
 
     def set_aside(self, path: Path) -> Path:
