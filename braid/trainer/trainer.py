@@ -85,7 +85,8 @@ class Trainer:
                   "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep}
         if self.deepspeed:
             layout["zero_stage"] = p.zero_stage
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout,
+                                      verify=cfg.checkpoint.verify)
         self.step = 0
         self.consumed_samples = 0
         self.skipped_iterations = 0
