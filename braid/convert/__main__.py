@@ -25,7 +25,7 @@ def from_hf(args) -> None:
     from braid.convert.hf_export import load_hf_dir
 
     src, out = Path(args.hf), Path(args.out)
-    model, m, hf = load_hf_dir(src)
+    model, m, hf = load_hf_dir(src, allow_pickle=args.allow_pickle)
     cfg = Config()
     cfg.model = m
     cfg.run.name, cfg.run.dir = out.name, str(out)
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("from-hf", help="Hugging Face directory (Llama, Qwen3, Qwen3-MoE, Kimi Linear) → braid run dir")
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--out", required=True, help="the new run dir (config.yaml + checkpoints/step_0)")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin weights (pickles), "
+                   "with torch.load(weights_only=True); safetensors are read either way")
     p.set_defaults(fn=from_hf)
     args = parser.parse_args(argv)
     try:
