@@ -30,7 +30,7 @@ _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 def read_dcp_metadata(ckpt_dir: str | Path) -> Metadata:
     """The ``.metadata`` of a DCP checkpoint, read through the restricted unpickler (one-line
-    ``CheckpointError`` naming the file when it is unsafe or unreadable)."""
+    ``UnsafeCheckpointFile`` naming the file when it is unsafe or unreadable)."""
     path = Path(ckpt_dir) / METADATA
     try:
         data = path.read_bytes()
