@@ -209,6 +209,10 @@ class CheckpointConfig:
     # (step_N, latest, checkpoints/ or a run dir) or a HF dir braid.convert.load supports. Ignored when
     # the run resumes its own checkpoint (resume=auto finding one, or resume=<path>).
     init_from: Optional[str] = None
+    # Before loading, compare every file of the checkpoint with the checksum its COMPLETE manifest
+    # recorded (reads every byte; a mismatch is damage: resume=auto sets it aside). false skips this
+    # for who must (a trusted, very large checkpoint on slow storage); sizes are still checked.
+    verify: bool = True
 
 
 @dataclass

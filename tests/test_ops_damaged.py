@@ -1,8 +1,9 @@
-"""resume=auto falls back past damaged checkpoints and says so; braid.inspect shows the damage."""
+"""resume=auto falls back past damaged checkpoints and says so, one line each; braid.inspect shows the damage."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from braid.config import load_config
 from braid.errors import ConfigError
 from braid.inspect import summarize
 from braid.trainer.checkpoint_layout import complete_checkpoints
+from braid.trainer.safe_load import read_dcp_metadata
 from braid.trainer.trainer import Trainer
+from checkpoint_plants import plant_metadata, refresh_manifest
 from conftest import ROOT, tiny_overrides
 
 
@@ -31,7 +34,7 @@ def test_resume_auto_falls_back_past_damaged_checkpoints(tmp_path, capsys):
     _, full = run(run_dir, **{"train.steps": 6})
     ckpts = run_dir / "checkpoints"
     # step_6: a shard cut short (caught by the sizes in the marker); step_4: same size, garbage
-    # metadata (caught only by loading).
+    # metadata (caught by its checksum and by reading it, which braid.inspect does too).
     data = shard(ckpts / "step_6").read_bytes()
     shard(ckpts / "step_6").write_bytes(data[: len(data) // 2])
     meta = ckpts / "step_4" / ".metadata"
@@ -40,7 +43,7 @@ def test_resume_auto_falls_back_past_damaged_checkpoints(tmp_path, capsys):
 
     report = summarize(run_dir)
     problems = {c["step"]: c["problem"] for c in report["checkpoints"]}
-    assert problems[2] is None and problems[4] is None and "bytes" in problems[6]
+    assert problems[2] is None and ".metadata is unreadable" in problems[4] and "bytes" in problems[6]
     out = subprocess.run([sys.executable, "-m", "braid.inspect", str(run_dir)], capture_output=True, text=True,
                          cwd=ROOT, timeout=60).stdout
     assert "DAMAGED" in out and shard(ckpts / "step_6").name in out
@@ -73,3 +76,37 @@ def test_marker_records_every_file_size(tmp_path):
     on_disk = {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
     on_disk.pop("COMPLETE")
     assert files == on_disk and "rng_rank0.pt" in files and ".metadata" in files
+
+
+def test_train_cli_resumes_past_every_kind_of_damage_with_one_line_each(tmp_path):
+    """Through ``python -m braid.train ... checkpoint.resume=auto``: step_10 lacks its marker, step_8 has
+    4 KB overwritten at the same size, step_6 garbled metadata, step_4 a planted payload (manifests
+    updated to match for those two); the run says so, one line each, and resumes from step_2."""
+    run_dir = tmp_path / "r"
+    run(run_dir, **{"train.steps": 8})
+    ckpts = run_dir / "checkpoints"
+    shutil.copytree(ckpts / "step_8", ckpts / "step_10")
+    (ckpts / "step_10" / "COMPLETE").unlink()
+    info = max(read_dcp_metadata(ckpts / "step_8").storage_data.values(), key=lambda i: i.length)
+    with open(ckpts / "step_8" / info.relative_path, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        f.write(b"\x00\x00\xc0\x7f" * 1024)  # NaNs, same size
+    (ckpts / "step_6" / ".metadata").write_bytes(b"\0" * (ckpts / "step_6" / ".metadata").stat().st_size)
+    refresh_manifest(ckpts / "step_6")
+    marker = tmp_path / "MARKER"
+    plant_metadata(ckpts / "step_4", marker)
+
+    argv = [sys.executable, "-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *tiny_overrides(run_dir, **{"checkpoint.interval": 2, "train.steps": 8})]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
+    warned = [ln for ln in out.splitlines() if ln.startswith("braid: warning")]
+    assert len(warned) == 4, warned
+    expect = {"step_10": "no COMPLETE marker", "step_8": f"{info.relative_path} does not match its checksum",
+              "step_6": ".metadata is unreadable", "step_4": ".metadata would call posix.system"}
+    for step, why in expect.items():
+        line = next(ln for ln in warned if f"{step}'" in ln)
+        assert why in line and ("resuming from step_2" in line or "falling back to step_2" in line), line
+    assert "resumed from" in out and "step_2 at iteration 2" in out
+    assert not marker.exists()

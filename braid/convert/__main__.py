@@ -46,7 +46,7 @@ def from_hf(args) -> None:
     from braid.convert.hf_export import load_hf_dir
 
     src, out = Path(args.hf), Path(args.out)
-    model, m, hf = load_hf_dir(src)  # read and checked before --out is touched
+    model, m, hf = load_hf_dir(src, allow_pickle=args.allow_pickle)  # read and checked before --out is touched
     if out.resolve() in (src.resolve(), *src.resolve().parents):
         raise BraidError(f"--out '{out}' contains the --hf directory '{src}'; import elsewhere")
     _claim_out(out, args.overwrite)
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--out", required=True, help="the new run dir (config.yaml + checkpoints/step_0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it already holds a run or files")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin weights (pickles), "
+                   "with torch.load(weights_only=True); safetensors are read either way")
     p.set_defaults(fn=from_hf)
     args = parser.parse_args(argv)
     try:

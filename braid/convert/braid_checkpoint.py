@@ -2,6 +2,9 @@
 
 DCP stores tensors under their fully qualified names whatever the parallel layout (DDP, FSDP2 shards,
 ...), so a freshly built unsharded ``HybridLM`` can load any checkpoint without a process group.
+Reading trusts none of its files (README, Security): the files read are checked against the sizes
+and checksums of the ``COMPLETE`` manifest first, and DCP's pickles go through
+:mod:`braid.trainer.safe_load`; anything wrong is a one-line ``CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import torch.distributed.checkpoint as dcp
 
 from braid.config import Config, ModelConfig, load_config
 from braid.errors import CheckpointError
-from braid.trainer.checkpoint import MARKER
+from braid.trainer import checksums
+from braid.trainer.checkpoint import MARKER, read_marker
 from braid.trainer.checkpoint_config import config_path, describe
+from braid.trainer.checkpoint_layout import checkpoint_problem
+from braid.trainer.safe_load import METADATA, dcp_load, read_dcp_metadata
+from braid.trainer.safe_pickle import UnsafeCheckpointFile
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -47,8 +54,26 @@ def run_config(ckpt_dir: Path) -> Config:
     return load_config(cfg_path)
 
 
+def _verified(ckpt_dir: Path, names: Optional[list[str]] = None) -> None:
+    """Sizes and DCP metadata (cheap), then the checksums of ``names`` (default: every file)."""
+    problem = checkpoint_problem(ckpt_dir)
+    if problem is None:
+        problem = checksums.mismatch(ckpt_dir, read_marker(ckpt_dir).get("checksums") or {}, names)
+    if problem:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' is damaged: {problem}")
+
+
+def read_checkpoint_metadata(ckpt_dir: Path):
+    """The DCP ``Metadata`` of a checkpoint, verified and read without running code from it."""
+    _verified(ckpt_dir, [METADATA])
+    try:
+        return read_dcp_metadata(ckpt_dir)
+    except UnsafeCheckpointFile as exc:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' is damaged: {exc}") from None
+
+
 def _saved_vocab(ckpt_dir: Path) -> Optional[int]:
-    meta = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
+    meta = read_checkpoint_metadata(ckpt_dir)
     entry = meta.state_dict_metadata.get("model.embed.weight")
     return None if entry is None else int(entry.size[0])
 
@@ -65,12 +90,17 @@ def model_config_for(ckpt_dir: Path, cfg: Config) -> ModelConfig:
 
 def load_state_dict_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Fill ``model`` (unsharded, CPU) from the ``model`` entry of a DCP checkpoint, in place."""
+    meta = read_checkpoint_metadata(ckpt_dir)
+    # Only the shards holding weights are read (and so verified), not the RNG or trainer-only files.
+    shards = {info.relative_path for index, info in (meta.storage_data or {}).items() if index.fqn.startswith("model.")}
+    _verified(ckpt_dir, sorted(shards))
     state = {"model": model.state_dict()}
     # no_dist: this process reads alone, also inside a process group (rank 0 exporting at the end of
     # training, every rank reading checkpoint.init_from) — a collective load would wait for the others.
-    with warnings.catch_warnings():  # DCP warns that a lone process loads without a process group
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    try:
+        dcp_load(state, ckpt_dir, no_dist=True)
+    except UnsafeCheckpointFile as exc:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' is damaged: {exc}") from None
     model.load_state_dict(state["model"])
 
 
@@ -109,6 +139,10 @@ def save_braid_checkpoint(model: torch.nn.Module, cfg: Config, run_dir: str | Pa
         dcp.save({"model": sd}, checkpoint_id=str(ckpt))
     for name, text in describe(cfg, step, 0, 0, {"engine": "fsdp", "world_size": 1}).items():
         (ckpt / name).write_text(text)
-    (ckpt / MARKER).write_text(json.dumps({"step": step, "world_size": 1, "time": time.time()}) + "\n")
+    files = checksums.files_of(ckpt)
+    meta = {"step": step, "world_size": 1, "time": time.time(),
+            "files": {n: (ckpt / n).stat().st_size for n in files},
+            "checksums": {n: checksums.file_checksum(ckpt / n) for n in files}}
+    (ckpt / MARKER).write_text(json.dumps(meta) + "\n")
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     return ckpt

@@ -17,6 +17,7 @@ import torch
 from braid.config import Config, ModelConfig
 from braid.convert import stock, stock_kimi
 from braid.convert.remote_code import modeling_source
+from braid.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 BRAID_ARCH = "BraidForCausalLM"
@@ -58,15 +59,25 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
     return names
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory (single file or sharded with an index)."""
+def read_safetensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory (single file or sharded with an index). ``pytorch_model.bin``
+    weights are pickles, which can run code when loaded: refused, or with ``allow_pickle`` read with
+    ``weights_only=True`` (README, Security)."""
     from safetensors.torch import load_file
+
+    from braid.trainer.safe_load import PICKLED_HF_WEIGHTS, read_pickled_hf_weights
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
+    elif any((path / name).is_file() for name in PICKLED_HF_WEIGHTS):
+        if allow_pickle:
+            return read_pickled_hf_weights(path)
+        raise CheckpointError(f"'{path}' holds its weights as pytorch_model.bin, a pickle that can run code when "
+                              "loaded; braid reads safetensors only (braid.convert from-hf --allow-pickle reads "
+                              "it with weights_only=True)")
     else:
         raise FileNotFoundError(f"'{path}' has no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
@@ -143,13 +154,14 @@ def hf_model_config(path: Path) -> tuple[dict, ModelConfig]:
     return hf, stock.model_config_from_hf(hf)
 
 
-def load_hf_dir(path: str | Path):
-    """A braid-exported or supported stock HF directory → (HybridLM eval fp32 CPU, ModelConfig, config dict)."""
+def load_hf_dir(path: str | Path, allow_pickle: bool = False):
+    """A braid-exported or supported stock HF directory → (HybridLM eval fp32 CPU, ModelConfig, config dict);
+    ``allow_pickle``: see :func:`read_safetensors`."""
     from braid.models.hybrid import HybridLM
 
     path = Path(path)
     hf, m = hf_model_config(path)
-    tensors = read_safetensors(path)
+    tensors = read_safetensors(path, allow_pickle)
     if "braid_model" in hf:
         state = {k[len("braid."):]: v for k, v in tensors.items() if k.startswith("braid.")}
     elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:

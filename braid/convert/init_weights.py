@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from braid.errors import BraidError, ConfigError
 
@@ -48,18 +47,21 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
         _check_same(p, model, {k: tuple(v.shape) for k, v in state.items()})
         model.load_state_dict(state)
         return f"{p} ({(hf.get('architectures') or ['?'])[0]})"
-    from braid.convert.braid_checkpoint import load_state_dict_into, resolve_checkpoint_dir
+    from braid.convert.braid_checkpoint import load_state_dict_into, read_checkpoint_metadata, resolve_checkpoint_dir
 
     try:
         ckpt = resolve_checkpoint_dir(p)
+        meta = read_checkpoint_metadata(ckpt).state_dict_metadata  # verified, read without running its code
     except BraidError as exc:
         raise ConfigError(f"config key '{KEY}' = '{path}': {exc}") from None
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     # DCP flattens {"model": {...}} to "model.<fqn>"; optimizer and trainer entries are not weights.
     saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
     _check_same(p, model, saved)
-    with torch.no_grad():
-        load_state_dict_into(model, ckpt)
+    try:
+        with torch.no_grad():
+            load_state_dict_into(model, ckpt)
+    except BraidError as exc:
+        raise ConfigError(f"config key '{KEY}' = '{path}': {exc}") from None
     return str(ckpt)
 
 

@@ -78,10 +78,32 @@ def save(engine, directory: str, trainer_state: dict) -> None:
     engine.save_checkpoint(directory, tag=TAG, client_state={"braid_trainer": trainer_state}, save_latest=False)
 
 
+def checkpoint_globals() -> list:
+    """What DeepSpeed's ZeRO-1/2/3 files name besides tensors and containers (its loss scaler, stage
+    enum and fragment map: plain data), the allow-list its files are loaded with."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def load(engine, directory: str) -> dict:
-    """Collective: restore model, ZeRO optimizer partitions; returns the trainer state."""
-    path, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    """Collective: restore model, ZeRO optimizer partitions; returns the trainer state.
+
+    DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs whatever a file
+    names; every file it reads here goes through ``weights_only=True`` with :func:`checkpoint_globals`
+    instead (a refused file raises ``UnsafeCheckpointFile`` naming it)."""
+    from braid.trainer.safe_load import load_weights_only
+
+    allowed = checkpoint_globals()
+    reader = engine.checkpoint_engine
+    reader.load = lambda path, map_location=None: load_weights_only(path, allowed, map_location)
+    try:
+        path, client = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        del reader.load  # the instance attribute shadowed the class's method
     if path is None or "braid_trainer" not in (client or {}):
         raise CheckpointError(f"checkpoint '{directory}' holds no DeepSpeed state this run can load")
     return client["braid_trainer"]
@@ -116,5 +138,5 @@ def global_grad_norm(engine) -> Optional[float]:
     return None if norm is None else float(norm)
 
 
-__all__ = ["ds_config", "build_engine", "save", "load", "global_grad_norm", "import_deepspeed",
+__all__ = ["ds_config", "build_engine", "save", "load", "checkpoint_globals", "global_grad_norm", "import_deepspeed",
            "skip_non_finite_steps"]

@@ -3,7 +3,8 @@
 Layout under ``<run.dir>/checkpoints/``:
     step_<N>/            DCP shards of model + optimizer + trainer state, ``rng_rank<r>.pt``, and
                          the completion marker ``COMPLETE`` (JSON: step, world size, time, layout,
-                         and ``files``: the size of every file, so damage is found before loading);
+                         ``files``: the size of every file, and ``checksums``: the xxh3-64 of every
+                         file, so damage is found before loading);
                          with parallel.engine=deepspeed, DeepSpeed's own ZeRO files under
                          ``deepspeed/`` instead of the DCP shards (trainer state inside them)
     latest               text file naming the newest complete ``step_<N>``
@@ -14,6 +15,10 @@ Layout under ``<run.dir>/checkpoints/``:
 A save writes into the temporary directory, adds the marker, then renames it into place; a run
 killed at any moment therefore leaves either the whole checkpoint or nothing ``resume`` would pick.
 Deletion renames first for the same reason: a half-deleted checkpoint is never visible.
+
+Loading trusts no file of the checkpoint (README, Security): sizes and checksums are verified first
+(``checkpoint.verify``), DCP metadata and values go through :mod:`braid.trainer.safe_load`, and the RNG
+files hold only tensors and numbers, read with ``weights_only=True``.
 
 DCP checkpoints hold every tensor by its fully qualified name with its global shape (FSDP2 and TP
 parameters are DTensors), so they load under any other FSDP/HSDP/TP layout (resharding). DeepSpeed
@@ -41,7 +46,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from braid.errors import CheckpointError
 from braid.parallel.distributed import DistInfo, any_rank, barrier
-from braid.trainer.checkpoint_layout import MARKER, checkpoint_problem, complete_checkpoints
+from braid.trainer import checksums
+from braid.trainer.checkpoint_layout import MARKER, checkpoint_dirs, checkpoint_problem, complete_checkpoints
+from braid.trainer.safe_load import dcp_load, legacy_rng_globals, load_weights_only
+from braid.trainer.safe_pickle import UnsafeCheckpointFile
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -91,7 +99,14 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors, ints, floats and lists only, so it loads with ``weights_only=True``
+    (numpy's and Python's states convert losslessly: 32-bit words, a position, a cached float)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -99,10 +114,24 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    else:  # written before RNG files held only tensors and numbers
+        np.random.set_state(n)
+        random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict[str, Any]:
+    """An ``rng_rank<r>.pt``, with ``weights_only=True``; older files also name numpy's array rebuild."""
+    try:
+        return load_weights_only(path)
+    except UnsafeCheckpointFile:
+        return load_weights_only(path, legacy_rng_globals())
 
 
 def read_marker(path: Path) -> dict:
@@ -131,9 +160,10 @@ def check_layout(path: Path, saved: Optional[dict], current: dict) -> None:
 class CheckpointManager:
     """Saves and loads ``step_<N>`` checkpoints; ``layout`` (engine, sizes) is recorded in the marker."""
 
-    def __init__(self, root: Path, keep: int, info: DistInfo, layout: Optional[dict] = None):
+    def __init__(self, root: Path, keep: int, info: DistInfo, layout: Optional[dict] = None, verify: bool = True):
         self.root, self.keep, self.info = Path(root), keep, info
         self.layout = dict(layout or {"engine": "fsdp", "world_size": info.world_size})
+        self.verify = verify  # checkpoint.verify: compare every file with its checksum before loading
 
     @property
     def deepspeed(self) -> bool:
@@ -165,11 +195,12 @@ class CheckpointManager:
                 dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
         barrier()
+        sums = checksums.gather_checksums(tmp, self.info.rank, self.info.world_size)
         if self.info.is_main:
             for name, text in (about or {}).items():
                 (tmp / name).write_text(text)
             meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "layout": self.layout,
-                    "files": _file_sizes(tmp)}
+                    "files": _file_sizes(tmp), "checksums": checksums.complete_checksums(tmp, sums)}
             _fsync_write(tmp / MARKER, json.dumps(meta) + "\n")
             _fsync_dir(tmp)
             _remove(final)  # the same step saved again after a resume: replace it
@@ -207,7 +238,10 @@ class CheckpointManager:
         newest one's error is raised: a changed model fails every checkpoint alike, which is not damage.
         """
         failures: list[tuple[Path, str]] = []
-        for _, path in reversed(complete_checkpoints(self.root)):
+        complete = complete_checkpoints(self.root)
+        newest = complete[-1][0] if complete else -1
+        incomplete = [p for s, p in checkpoint_dirs(self.root) if s > newest and not is_complete(p)]
+        for _, path in reversed(complete):
             state, error = None, None
             try:
                 state = self.load(path, model, optimizer, trainer_state)
@@ -217,12 +251,13 @@ class CheckpointManager:
             if any_rank(error is not None, self.info.device):
                 failures.append((path, error or f"checkpoint '{path}' is unreadable on another rank"))
                 continue
-            notes = [f"braid: warning: {why}; set aside as {self.set_aside(bad).name}, falling back to {path.name}"
-                     for bad, why in failures]
+            notes = _incomplete_notes(incomplete, path.name)
+            notes += [f"braid: warning: {why}; set aside as {self.set_aside(bad).name}, falling back to {path.name}"
+                      for bad, why in failures]
             return path, state, notes
         if failures:
             raise DamagedCheckpoint(f"{failures[0][1]} (no older complete checkpoint loads either)")
-        return None, None, []
+        return None, None, _incomplete_notes(incomplete, None)
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
         """Restore model, optimizer and RNG in place; returns the saved trainer state.
@@ -235,22 +270,31 @@ class CheckpointManager:
         if not is_complete(path):
             raise CheckpointError(f"checkpoint '{path}' is incomplete (no {MARKER} marker); refusing to load it")
         problem = checkpoint_problem(path)
+        if problem is None and self.verify:
+            expected = read_marker(path).get("checksums") or {}  # markers before checksums: sizes only
+            problem = checksums.verify_checksums(path, expected, self.info.rank, self.info.world_size)
         if problem:
             raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {problem}")
         check_layout(path, read_marker(path).get("layout"), self.layout)
-        if self.deepspeed:
-            from braid.parallel import deepspeed_engine
-
-            loaded = deepspeed_engine.load(model, str(path))
-        else:
-            loaded = self._load_dcp(path, model, optimizer, trainer_state)
         rng_file = path / f"rng_rank{self.info.rank}.pt"
-        if rng_file.is_file():  # absent when resuming on more ranks than were saved
-            try:
-                rng = torch.load(rng_file, weights_only=False)
-            except Exception as exc:
-                raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {rng_file.name} is unreadable "
-                                        f"({type(exc).__name__})") from None
+        rng, refused = None, None
+        try:  # before the weights, so that a refused file leaves the model as it was
+            rng = load_rng_file(rng_file) if rng_file.is_file() else None  # absent on more ranks than saved
+        except UnsafeCheckpointFile as exc:
+            refused = str(exc)
+        refused = checksums.first_problem(refused)  # every rank enters the collective load below, or none does
+        if refused:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {refused}")
+        try:
+            if self.deepspeed:
+                from braid.parallel import deepspeed_engine
+
+                loaded = deepspeed_engine.load(model, str(path))
+            else:
+                loaded = self._load_dcp(path, model, optimizer, trainer_state)
+        except UnsafeCheckpointFile as exc:
+            raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {exc}") from None
+        if rng is not None:
             set_rng_state(rng)
         return loaded
 
@@ -258,9 +302,9 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-                dcp.load(state, checkpoint_id=str(path))
+            dcp_load(state, path)
+        except UnsafeCheckpointFile:
+            raise
         # DCP's errors are long per-rank reports (its CheckpointException is a BaseException): keep one line.
         except (Exception, CheckpointException) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
@@ -271,3 +315,11 @@ class CheckpointManager:
                                     f"{first[:300]}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return state["trainer"]
+
+
+def _incomplete_notes(paths: list[Path], resumed: Optional[str]) -> list[str]:
+    """One line per checkpoint newer than the resumed one that lacks its marker (a save cut short, or
+    a copy that did not finish): resuming past it silently would rewind without a word."""
+    then = f"resuming from {resumed}" if resumed else "no complete checkpoint: starting from iteration 0"
+    return [f"braid: warning: checkpoint '{p}' has no {MARKER} marker (its save or copy did not finish); "
+            f"ignoring it, {then}" for p in paths]

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from braid.trainer.safe_pickle import metadata_problem
+
 MARKER = "COMPLETE"  # written last into a checkpoint directory; without it the directory is ignored
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -25,8 +27,10 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why a checkpoint marked complete cannot be trusted, or None: an unreadable marker, or a file the
-    marker lists that is missing or has another size (markers written before sizes were kept: None)."""
+    """Why a checkpoint marked complete cannot be trusted, or None: an unreadable marker, a file the
+    marker lists that is missing or has another size (markers written before sizes were kept: not
+    checked), or DCP metadata that is garbled or names code (vetted without running it). Checksums
+    are left to loading (``checkpoint.verify``): they read every byte."""
     try:
         meta = json.loads((Path(path) / MARKER).read_text())
     except (OSError, ValueError):
@@ -37,4 +41,4 @@ def checkpoint_problem(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
-    return None
+    return metadata_problem(Path(path))

@@ -76,7 +76,8 @@ class Trainer:
                   "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep}
         if self.deepspeed:
             layout["zero_stage"] = p.zero_stage
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout,
+                                      verify=cfg.checkpoint.verify)
         self.step = 0
         self.consumed_samples = 0
         # A counter, not samples × seq_len: the batch size may change on resume and tokens only accumulate.
