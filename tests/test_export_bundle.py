@@ -105,16 +105,19 @@ def triton_modules() -> set[str]:
     return {pkg.__name__} | {m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")}
 
 
-def export_all(root, presets, device: str) -> dict:
-    """{case: HF dir} for each preset's export and the stock presets' forced remote code, each with
-    (X, braid's logits on ``device``) in ref-<device>.pt."""
+def export_all(root, presets, device: str, remote_only: bool = False) -> dict:
+    """{case: HF dir} for each preset's export (``remote_only``: those written as remote code) and the
+    stock presets' forced remote code, each with (X, braid's logits on ``device``) in ref-<device>.pt."""
     x = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1)).to(device)
     cases = {}
     for preset in presets:
         model, cfg = random_model(preset)
         with torch.no_grad():
             ref = model.to(device)(x)
-        for name, force in [(preset, False)] + ([(preset + ":remote", True)] if preset in STOCK else []):
+        exports = [(preset + ":remote", True)] if preset in STOCK else []
+        if not (remote_only and preset in STOCK):
+            exports.insert(0, (preset, False))
+        for name, force in exports:
             export_hf(model, cfg, root / name, force_remote_code=force)
             torch.save((x, ref), root / name / f"ref-{device}.pt")
             cases[name] = str(root / name)
@@ -150,8 +153,9 @@ def test_every_export_loads_without_braid(exports):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the exported models' Triton paths)")
 def test_every_export_runs_on_cuda(tmp_path):
-    """On CUDA, backend="auto" runs the bundle's Triton kernels: the exports give braid's CUDA logits."""
-    bundle = check_loads(tmp_path, export_all(tmp_path, TINY, "cuda"), "cuda")
+    """On CUDA, backend="auto" runs the bundle's Triton kernels: the remote-code exports give braid's
+    CUDA logits (the same kernels; stock classes run transformers' own code, not this bundle)."""
+    bundle = check_loads(tmp_path, export_all(tmp_path, TINY, "cuda", remote_only=True), "cuda")
     assert {n.rsplit(".", 1)[1] for n in bundle["ran"]} >= {"attention_kernels", "kda_intra", "kda_state", "scan"}
 
 
