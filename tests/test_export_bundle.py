@@ -17,7 +17,7 @@ import torch
 
 import braid.kernels.triton
 from braid.convert.hf_export import export_hf
-from braid.convert.remote_code import model_sources
+from braid.convert.remote_code import model_sources, requirements
 from test_convert import STOCK, TINY, VOCAB, random_model
 
 # Runs first in every child: imports of braid fail (the editable install would serve it otherwise).
@@ -42,8 +42,23 @@ NO_BRAID = textwrap.dedent("""
 LOAD_ALL = NO_BRAID + textwrap.dedent("""
     from transformers import AutoModelForCausalLM
 
-    cases, device = json.loads(sys.argv[1]), sys.argv[2]
+    cases, device, needs = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     result, bundles = {}, {}
+
+    class Without:  # the bundle's third-party requirements uninstalled: transformers names them
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in needs:
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+
+    remote = next(path for path in cases.values() if json.load(open(path + "/config.json"))["model_type"] == "braid")
+    assert not set(needs) & set(sys.modules), "imported before the check"
+    sys.meta_path.insert(0, Without())
+    try:
+        AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True)
+    except ImportError as e:
+        result["without requirements"] = str(e)
+    sys.meta_path.pop(0)
+
     for name, path in cases.items():
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
         x, ref = torch.load(f"{path}/ref-{device}.pt", map_location=device)
@@ -127,7 +142,12 @@ def export_all(root, presets, device: str, remote_only: bool = False) -> dict:
 def check_loads(root, cases, device: str) -> dict:
     """Every case loaded by transformers in a child without braid, on ``device``: class and logits;
     returns the bundle's report (its modules, and the Triton modules the forwards ran)."""
-    result = child(LOAD_ALL, json.dumps(cases), device, cwd=root)
+    result = child(LOAD_ALL, json.dumps(cases), device, json.dumps(sorted(requirements())), cwd=root)
+    missing = result.get("without requirements")  # transformers' own check, before the bundle runs
+    if requirements():
+        assert missing and "pip install" in missing and all(name in missing for name in requirements()), missing
+    else:
+        assert missing is None, missing
     for name in cases:
         preset, remote = name.split(":")[0], name.endswith(":remote")
         want = "BraidForCausalLM" if remote else STOCK.get(preset, "BraidForCausalLM")

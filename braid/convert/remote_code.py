@@ -145,6 +145,11 @@ def _bundle() -> tuple[dict[str, tuple[str, bool]], set[str]]:
     return done, external - set(sys.stdlib_module_names) - _WRAPPER_IMPORTS
 
 
+def requirements() -> set[str]:
+    """Third-party packages (besides torch and transformers) the bundle imports at load time."""
+    return _bundle()[1]
+
+
 def model_sources() -> dict[str, tuple[str, bool]]:
     """``{module name: (source, is_package)}`` of every braid module a HybridLM can import."""
     return _bundle()[0]
@@ -197,8 +202,9 @@ class _BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         # A path where the module would lie (none does): code that locates files next to itself
         # finds none, and tracebacks and inspect get the source through get_source.
-        parts = module.__name__.split(".") + (["__init__.py"] if _SOURCES[module.__name__][1] else [])
-        module.__file__ = os.path.join(_HERE, *parts[:-1], parts[-1] if parts[-1].endswith(".py") else parts[-1] + ".py")
+        parts = module.__name__.split(".")
+        rel = parts + ["__init__.py"] if _SOURCES[module.__name__][1] else parts[:-1] + [parts[-1] + ".py"]
+        module.__file__ = os.path.join(_HERE, *rel)
         exec(compile(_SOURCES[module.__name__][0], module.__file__, "exec"), module.__dict__)
 
 
@@ -278,9 +284,12 @@ def modeling_source() -> str:
     sources, external = _bundle()
     digest = hashlib.sha256(repr(sorted(sources.items())).encode()).hexdigest()[:12]
     package = f"_braid_{digest}"
-    renamed = {package + name[len("braid"):]: (_rename(src, package), is_pkg) for name, (src, is_pkg) in sources.items()}
-    body = "{\n" + "".join(f"    {name!r}: ({src!r}, {is_pkg!r}),\n" for name, (src, is_pkg) in sorted(renamed.items())) + "}"
+    renamed = {package + name[len("braid"):]: (_rename(src, package), is_pkg)
+               for name, (src, is_pkg) in sources.items()}
+    body = "{\n" + "".join(f"    {name!r}: ({src!r}, {is_pkg!r}),\n"
+                           for name, (src, is_pkg) in sorted(renamed.items())) + "}"
     # Plain top-level imports: transformers checks them before loading and names a missing one.
-    requirements = "".join(f"import {name}  # noqa: F401 (the embedded braid modules import it)\n"
-                           for name in sorted(external))
+    requirements = "".join(f"import {name}  # noqa: F401\n" for name in sorted(external))
+    if requirements:
+        requirements = "\n# Imported by the embedded braid modules as they load.\n" + requirements
     return _TEMPLATE.format(package=package, sources=body, requirements=requirements)
