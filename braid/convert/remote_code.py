@@ -73,11 +73,8 @@ def _dynamic_target(call: ast.Call, package: str) -> set[str]:
         if name.startswith("."):  # relative to the caller's package (import_module(".x", __package__))
             name = package + name
         return {name} if _is_braid(name) else set()
-    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.FormattedValue) \
-            and isinstance(arg.values[0].value, ast.Name) and arg.values[0].value.id in ("__name__", "__package__"):
-        return _package_modules(package)  # f"{__name__}.{x}" in a package: one of its own modules
-    # A name held in a variable (the registry's entries): braid names its own package's modules so;
-    # names given elsewhere are caught as strings (below).
+    # A computed name (f"{__name__}.{x}" in the Triton loader, the registry's entries): braid builds
+    # such names in the caller's own package; a full name written elsewhere is caught as a string.
     return _package_modules(package)
 
 
