@@ -159,7 +159,10 @@ class HybridLM(nn.Module):
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )
-        return loss.view(b, t)
+        # cross_entropy wants rows [B·T, V]; its [B·T] result reshaped by .view would be a view, which
+        # FSDP2 warns about for a module output (an in-place op on a view bypasses its pre-backward
+        # hook). _unsafe_view is the reshape autograd does not track as a view (torch's matmul uses it).
+        return torch.ops.aten._unsafe_view(loss, (b, t))
 
     def _prepend_meta(self, h: torch.Tensor, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
         """Meta tokens take positions 0..M-1 and text shifts by M; they belong to no document."""

@@ -15,7 +15,9 @@ grouped GEMMs over the stacked expert weights, and the weighted results are scat
 Capacity (``capacity_factor`` set): each expert keeps at most ``ceil(cf · tokens · k / E)`` pairs of
 the micro-batch; the overflow is dropped by LATEST POSITION (ties across rows: higher row index).
 Dropping the lowest routing weight instead would let a future token evict an earlier one, leaking
-the future into the past; dropping by position keeps every sequence causal.
+the future into the past; dropping by position keeps every sequence causal. Under context
+parallelism ``tokens`` and the order are those of the whole sequences (the ranks exchange per-segment
+expert counts), so the same pairs are dropped as at cp = 1.
 
 Auxiliary losses (recorded in ``self.aux_loss``, coefficients applied; None when both are 0):
   - sequence-level balance loss (DeepSeek-V3 eq. 17-20): per sequence of T tokens,
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -82,9 +84,10 @@ class MoE(nn.Module):
         self.register_buffer("drop_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
         # Context parallelism: each rank holds part of every sequence, so the sequence-level balance
-        # statistics are summed over the ranks (set by braid.parallel.context.apply_cp):
-        # ``(sum over ranks, differentiable; rows replicated on every rank; number of ranks)``.
-        self.sequence_parallel: Optional[tuple[Callable, int, int]] = None
+        # statistics and the capacity are those of the whole sequence, through the ranks' view of it
+        # that braid.parallel.context.apply_cp sets (a MoESequence: ``meta`` rows replicated on every
+        # rank, ``parts`` ranks, ``sum``, ``segments``, ``earlier``).
+        self.sequence_parallel: Optional[Any] = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -165,11 +168,10 @@ class MoE(nn.Module):
             0, flat_expert, torch.ones_like(flat_expert))
         group_sizes = counts
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * n * k / e)
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(n * k, device=x.device) - starts[flat_expert[order]]
+            rank, tokens = self._rank_in_expert(order, flat_expert, counts, b, t)
+            capacity = math.ceil(self.capacity_factor * tokens * k / e)
             order = order[rank < capacity]  # boolean indexing: one host sync, capacity mode only
-            group_sizes = counts.clamp(max=capacity)
+            group_sizes = torch.zeros_like(counts).scatter_add_(0, flat_expert[order], torch.ones_like(order))
         if self.training:
             with torch.no_grad():
                 self.load_counts += counts
@@ -185,6 +187,27 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x).to(x.dtype)
         return out
+
+    def _rank_in_expert(self, order, flat_expert, counts, b: int, t: int) -> tuple[torch.Tensor, int]:
+        """Rank of each sorted pair among its expert's pairs in (position, row) order over the whole
+        sequences, and their token count. Under context parallelism a pair's rank adds the pairs of
+        its expert in the segments before its own on other ranks (meta rows: on every rank, first)."""
+        sorted_expert = flat_expert[order]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=order.device) - starts[sorted_expert]
+        sp = self.sequence_parallel
+        if sp is None:
+            return rank, b * t
+        lengths = [sp.meta] + sp.segments(t - sp.meta)  # local piece 0: the meta rows, then text segments
+        piece_of = torch.repeat_interleave(torch.arange(len(lengths), device=order.device),
+                                           torch.tensor(lengths, device=order.device))
+        piece = piece_of[(order // self.top_k) % t]
+        per_piece = torch.zeros(len(lengths), self.n_experts, dtype=counts.dtype, device=counts.device)
+        per_piece.index_put_((piece, sorted_expert), torch.ones_like(piece), accumulate=True)
+        local_before = per_piece.cumsum(0) - per_piece
+        global_before = per_piece[:1] + sp.earlier(per_piece[1:], t - sp.meta)
+        shift = torch.cat([torch.zeros_like(per_piece[:1]), global_before - local_before[1:]])
+        return rank + shift[piece, sorted_expert], b * (sp.meta + (t - sp.meta) * sp.parts)
 
     def experts(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         """The routed experts on token copies sorted by expert.
@@ -207,11 +230,11 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(scores).scatter_(1, experts, 1.0).view(b, t, e)
             s_norm = (scores / scores.sum(-1, keepdim=True)).view(b, t, e)
             count, p = chosen.sum(1), s_norm.sum(1)  # [B, E]
-            if self.sequence_parallel is not None:  # the whole sequence's sums: this rank's rows are a part
-                reduce, shared, parts = self.sequence_parallel
-                count = reduce(chosen[:, shared:].sum(1)) + chosen[:, :shared].sum(1)
-                p = reduce(s_norm[:, shared:].sum(1)) + s_norm[:, :shared].sum(1)
-                t = shared + (t - shared) * parts
+            sp = self.sequence_parallel
+            if sp is not None:  # the whole sequence's sums: this rank's rows are a part
+                count = sp.sum(chosen[:, sp.meta:].sum(1)) + chosen[:, :sp.meta].sum(1)
+                p = sp.sum(s_norm[:, sp.meta:].sum(1)) + s_norm[:, :sp.meta].sum(1)
+                t = sp.meta + (t - sp.meta) * sp.parts
             per_seq = (count * p).sum(-1) * (e / (k * t * t))
             total = self.aux_loss_coef * per_seq.mean()
         if self.z_loss_coef > 0:

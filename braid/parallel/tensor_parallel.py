@@ -190,19 +190,19 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     """Per-token cross-entropy from vocab-sharded logits, without gathering them.
 
     Args:
-        logits: ``[N, V/p]`` this rank's vocab slice ``[vocab_start, vocab_start + V/p)`` (any float).
-        labels: ``[N]`` int64 global token ids (``ignore_index`` = ignored).
+        logits: ``[..., V/p]`` this rank's vocab slice ``[vocab_start, vocab_start + V/p)`` (any float).
+        labels: ``[...]`` int64 global token ids (``ignore_index`` = ignored).
     Returns:
-        ``[N]`` fp32 losses (0 where ignored), identical on every tp rank.
+        ``[...]`` fp32 losses (0 where ignored), identical on every tp rank; a new tensor, not a view.
     """
     z = logits.float()
     vl = z.shape[-1]
     m = z.detach().amax(-1)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a shift only: no gradient needed
-    sum_exp = comm.reduce_from_tp((z - m[:, None]).exp().sum(-1), group)
+    sum_exp = comm.reduce_from_tp((z - m[..., None]).exp().sum(-1), group)
     local = labels - vocab_start
     mine = (local >= 0) & (local < vl)
-    target = z.gather(-1, local.clamp(0, vl - 1)[:, None]).squeeze(-1)
+    target = z.gather(-1, local.clamp(0, vl - 1)[..., None]).squeeze(-1)
     target = comm.reduce_from_tp(torch.where(mine, target, torch.zeros_like(target)), group)
     loss = sum_exp.log() + m - target
     return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
@@ -232,15 +232,14 @@ def _vocab_parallel_output(model: nn.Module, mesh: DeviceMesh) -> None:
     ignore = -100
 
     def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        b, t = h.shape[:2]
         w = self._head_weight().to_local()  # [V/p, d], Shard(0) of the head (or tied embedding)
         logits = F.linear(comm.copy_to_tp(h, group), w)  # [B, T, V/p]
         if labels is None:  # full logits for generation (not differentiable)
             parts = [torch.empty_like(logits) for _ in range(p)]
             dist.all_gather(parts, logits.contiguous(), group=group)
             return torch.cat(parts, dim=-1)
-        loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), labels.flatten(), r * vl, group, ignore)
-        return loss.view(b, t)
+        # [B, T] as computed: a reshaped [B·T] loss would be a view, which FSDP2 warns about as an output.
+        return vocab_parallel_cross_entropy(logits, labels, r * vl, group, ignore)
 
     model.output = types.MethodType(output, model)
 

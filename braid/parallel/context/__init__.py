@@ -5,11 +5,9 @@ shards each micro-batch with ``shard_batch`` and the mixers call ``seq.cp`` for 
 ops. See ``context.py`` for the contract and ``layout.py`` for who holds which positions.
 """
 
-from functools import partial
-
-from braid.parallel.context.comm import all_reduce_sum
 from braid.parallel.context.context import KINDS, ContextParallel, CPSeq
 from braid.parallel.context.layout import CPLayout, Segment
+from braid.parallel.context.moe_sequence import MoESequence
 
 # The config-only checks live with the other layout checks (torch-free, run before ranks spawn).
 from braid.parallel.mesh import check_cp, layout_pieces, resolve_layout
@@ -23,7 +21,7 @@ def apply_cp(model, group, kind: str = "ring", layout: str = "zigzag", node_size
     cp = ContextParallel(group, kind, layout, node_size)
     model.context_parallel = cp
     meta = model.cfg.meta_tokens
-    for module in model.modules():  # MoE sequence-level balance loss: statistics of the whole sequence
+    for module in model.modules():  # MoE balance loss and capacity: statistics of the whole sequence
         if hasattr(module, "sequence_parallel"):
-            module.sequence_parallel = (partial(all_reduce_sum, group=group, label="moe.balance"), meta, cp.size)
+            module.sequence_parallel = MoESequence(cp, meta)
     return cp
