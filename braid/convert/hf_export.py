@@ -38,7 +38,8 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(state: dict[str, torch.Tensor], out: Path,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index; returns the file names."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -125,7 +126,8 @@ def export_hf(model: torch.nn.Module, cfg: Config, out: str | Path, *, max_shard
                   braid_seq_len=cfg.data.seq_len)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     gen = {"do_sample": False, "bos_token_id": bos, "eos_token_id": eos, "max_length": cfg.data.seq_len}
-    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
+    gen = {k: v for k, v in gen.items() if v is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     files = write_safetensors(weights, out, max_shard_bytes)
     if cfg.data.tokenizer != "bytes":
         from braid.data.tokenizer import load_tokenizer

@@ -101,4 +101,5 @@ def grad_divide_factor(mesh) -> float:
     return 1.0 if mesh is None else float(mesh.size())
 
 
-__all__ = ["apply_fsdp", "expert_sharded_params", "scalar_params", "reduce_manual_grads", "clip_grad_norm", "grad_divide_factor"]
+__all__ = ["apply_fsdp", "expert_sharded_params", "scalar_params", "reduce_manual_grads", "clip_grad_norm",
+           "grad_divide_factor"]
