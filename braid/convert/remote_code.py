@@ -28,7 +28,9 @@ import braid
 
 BRAID_ROOT = Path(braid.__file__).resolve().parent
 ROOTS = ("braid.config", "braid.models.hybrid")  # what the generated wrapper imports (see _TEMPLATE)
-_WRAPPER_IMPORTS = {"torch", "transformers"}  # imported by the wrapper itself
+# Imported by the wrapper itself, or installed with transformers (PyYAML is one of its requirements and
+# transformers imports it before any remote code runs), so never missing where the export loads.
+_WRAPPER_IMPORTS = {"torch", "transformers", "yaml"}
 _MODULE_STRING = re.compile(r"(braid(?:\.\w+)+)(?::[\w.]+)?")
 
 
