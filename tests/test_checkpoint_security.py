@@ -247,8 +247,8 @@ def test_deepspeed_resume_loads_its_files_weights_only(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     env.pop("TRITON_INTERPRET", None)
     run_dir = tmp_path / "ds"
-    argv = [sys.executable, "-m", "braid.train", *tiny_overrides(run_dir, **{**SETTINGS, "parallel.engine": "deepspeed",
-                                                                            "parallel.zero_stage": 1})]
+    argv = [sys.executable, "-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *tiny_overrides(run_dir, **{**SETTINGS, "parallel.engine": "deepspeed", "parallel.zero_stage": 1})]
     first = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
     assert first.returncode == 0, first.stderr[-3000:]
     losses = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
