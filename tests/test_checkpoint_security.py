@@ -265,3 +265,17 @@ def test_deepspeed_resume_loads_its_files_weights_only(tmp_path):
     resumed = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in ln]
     assert resumed == losses  # steps 1-2 kept, 3-4 trained again from the genuine step_2, identically
+
+
+def test_checksums_without_xxhash_fall_back_to_crc32(tmp_path, monkeypatch):
+    """Where xxhash is not installed (the GPU image), manifests record crc32 and damage is still caught."""
+    from braid.trainer import checksums
+
+    f = tmp_path / "shard.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    monkeypatch.setattr(checksums, "xxhash", None)
+    monkeypatch.setattr(checksums, "ALGORITHM", "crc32")
+    want = {"shard.bin": checksums.file_checksum(f)}
+    assert want["shard.bin"].startswith("crc32:") and checksums.mismatch(tmp_path, want) is None
+    f.write_bytes(b"\xff" + f.read_bytes()[1:])
+    assert "does not match" in checksums.mismatch(tmp_path, want)
