@@ -60,5 +60,6 @@ def test_layout_mistakes_stop_before_any_rank(run_dir: Path, name: str, args: li
 @pytest.mark.slow  # two real ranks start (torch, the trainer) before the data source fails: ~15 s on 2 cores
 def test_a_rank_error_is_reported_once(run_dir: Path, tmp_path: Path):
     missing = tmp_path / "no-such-corpus.jsonl"
-    args = [*TWO, "train.global_batch_size=16", f"data.source={missing}", f"run.dir={run_dir}"]
-    run_mistake(Mistake("missing data source", launch(*args), str(missing), shell=True), guard=run_dir)
+    fresh = tmp_path / "fresh"  # a new run: the existing one's checkpoints would refuse the model first
+    args = [*TWO, "train.global_batch_size=16", f"data.source={missing}", f"run.dir={fresh}"]
+    run_mistake(Mistake("missing data source", launch(*args), str(missing), shell=True), guard=fresh)
