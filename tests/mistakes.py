@@ -65,3 +65,18 @@ def run_mistake(m: Mistake, *, cwd: Path = ROOT, guard: Path | None = None, time
     if guard is not None:
         assert tree_digest(guard) == before, f"{m.name}: {guard} changed"
     return errors[0]
+
+
+def finished_run(parent: Path) -> Path:
+    """A finished 2-step run of configs/tiny.yaml's tiny settings (config, metrics, a checkpoint) in
+    ``parent/run``: what a mistaken command must not touch."""
+    from braid.config import load_config
+    from braid.trainer.trainer import Trainer
+    from conftest import tiny_overrides
+
+    path = parent / "run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(path, **{
+        "train.steps": 2, "checkpoint.interval": 2, "train.eval_interval": 2}))
+    Trainer(cfg).train()
+    assert (path / "checkpoints" / "latest").exists()
+    return path

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from braid.config import load_config
-from braid.trainer.trainer import Trainer
-from conftest import ROOT, tiny_overrides
-from mistakes import Mistake, run_mistake
+from conftest import ROOT
+from mistakes import Mistake, finished_run, run_mistake
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BAD_YAML = "train:\n  steps: 3\n   lr: 1e-3\n"  # lr indented deeper than steps
@@ -22,12 +20,7 @@ DUPLICATE_YAML = "train:\n  steps: 3\n  steps: 4\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished 2-step run (config, metrics, a checkpoint): what a mistaken command must not touch."""
-    path = tmp_path_factory.mktemp("mistakes") / "run"
-    cfg = load_config(TINY, tiny_overrides(path, **{"train.steps": 2, "checkpoint.interval": 2,
-                                                    "train.eval_interval": 2}))
-    Trainer(cfg).train()
-    assert (path / "checkpoints" / "latest").exists()
-    return path
+    return finished_run(tmp_path_factory.mktemp("mistakes"))
 
 
 def train(*overrides: str) -> list[str]:

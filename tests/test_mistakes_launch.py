@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from braid.config import load_config
-from braid.trainer.trainer import Trainer
-from conftest import ROOT, tiny_overrides
-from mistakes import Mistake, run_mistake
+from conftest import ROOT
+from mistakes import Mistake, finished_run, run_mistake
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -22,12 +20,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished 2-step run (config, metrics, a checkpoint): what a mistaken launch must not touch."""
-    path = tmp_path_factory.mktemp("mistakes_launch") / "run"
-    cfg = load_config(TINY, tiny_overrides(path, **{"train.steps": 2, "checkpoint.interval": 2,
-                                                    "train.eval_interval": 2}))
-    Trainer(cfg).train()
-    assert (path / "checkpoints" / "latest").exists()
-    return path
+    return finished_run(tmp_path_factory.mktemp("mistakes_launch"))
 
 
 def launch(*args: str) -> list[str]:
