@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -93,21 +92,11 @@ class HybridLM(nn.Module):
         Then every other module's own ``reset_parameters()`` runs, so a mixer's special inits (decay
         rates, gate biases, ...) override the generic one, including on its child Linears.
         """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "_braid_residual_out", False) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
+        from braid.models.init import generic_init, stds
+
+        generic_init(self, *stds(self))
         if self.meta is not None:
             nn.init.normal_(self.meta, 0.0, 1.0)
-        for module in self.modules():
-            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) \
-                    and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
 
     def _head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

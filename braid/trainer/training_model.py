@@ -4,14 +4,16 @@ are scaled and reduced."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from braid.config import Config, ModelConfig
+from braid.config import Config, ModelConfig, ParallelConfig
 from braid.models.hybrid import HybridLM
 from braid.parallel.fsdp import expert_sharded_params, grad_divide_factor, scalar_params
+from braid.parallel.materialize import materialize
 from braid.parallel.mesh import Mesh
 from braid.parallel.parallelize import parallelize
 from braid.trainer.optim import build_optimizer
@@ -33,16 +35,26 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
+def build_parallel_model(model_cfg: ModelConfig, mesh: Mesh, p: ParallelConfig, device: torch.device,
+                         param_dtype: Optional[torch.dtype], seed: int) -> torch.nn.Module:
+    """The meta-device lifecycle: build on the meta device (no memory), parallelize (TP → CP → EP → AC →
+    compile → FSDP2), allocate this rank's shards on ``device`` and draw their initial values, which
+    depend on ``seed`` and each parameter's name only (not on the layout)."""
+    with torch.device("meta"):
+        model = HybridLM(model_cfg)
+    template = copy.deepcopy(model)  # the unparallelised structure the init rules run on (stays on meta)
+    model = parallelize(model, mesh, p, device, param_dtype)
+    return materialize(model, template, device, seed)
+
+
 def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device: torch.device,
                          dtype: Optional[torch.dtype], grad_accum: int) -> TrainingModel:
-    """Draws the initial weights: seed the RNG first."""
+    """Initial weights from ``cfg.train.seed`` (see :func:`build_parallel_model`)."""
     p, dims = cfg.parallel, mesh.dims
-    model = HybridLM(model_cfg)
+    model = build_parallel_model(model_cfg, mesh, p, device, dtype if device.type == "cuda" else None, cfg.train.seed)
     from braid.convert.init_weights import init_from_config
 
-    init_notes = init_from_config(model, cfg)  # before sharding: every layout shards the loaded weights
-    model = model.to(device)
-    model = parallelize(model, mesh, p, device, dtype if device.type == "cuda" else None)
+    init_notes = init_from_config(model, cfg)  # into the local shards: every layout loads only its own part
     optimizer = build_optimizer(model, cfg.train)  # after sharding: it must hold the sharded parameters
     if p.engine == "deepspeed":
         from braid.parallel.deepspeed_engine import build_engine, skip_non_finite_steps
