@@ -89,19 +89,22 @@ def model_config_for(ckpt_dir: Path, cfg: Config) -> ModelConfig:
 
 
 def load_state_dict_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    """Fill ``model`` (unsharded, CPU) from the ``model`` entry of a DCP checkpoint, in place."""
+    """Fill ``model`` from the ``model`` entry of a DCP checkpoint, in place. A parallelised model
+    (FSDP2/TP/EP DTensors) reads only its own shards: no rank holds the whole model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
     meta = read_checkpoint_metadata(ckpt_dir)
     # Only the shards holding weights are read (and so verified), not the RNG or trainer-only files.
     shards = {info.relative_path for index, info in (meta.storage_data or {}).items() if index.fqn.startswith("model.")}
     _verified(ckpt_dir, sorted(shards))
-    state = {"model": model.state_dict()}
+    state = {"model": get_model_state_dict(model)}
     # no_dist: this process reads alone, also inside a process group (rank 0 exporting at the end of
     # training, every rank reading checkpoint.init_from) — a collective load would wait for the others.
     try:
         dcp_load(state, ckpt_dir, no_dist=True)
     except UnsafeCheckpointFile as exc:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' is damaged: {exc}") from None
-    model.load_state_dict(state["model"])
+    set_model_state_dict(model, state["model"])
 
 
 def load_braid_checkpoint(path: str | Path):

@@ -1,7 +1,8 @@
 """``checkpoint.init_from``: fill a freshly built model with another run's or a HF directory's weights.
 
-Used by the trainer before parallelism is applied, so the same code serves every layout: each rank
-reads the full weights into its plain ``HybridLM`` and FSDP2/TP/DeepSpeed then shard them as usual.
+Used by the trainer after the model is parallelised and its shards allocated: a braid checkpoint is
+read shard by shard (DCP reads only the chunks this rank holds); a HF directory is converted on
+each rank and each rank keeps its shard of every tensor.
 """
 
 from __future__ import annotations
@@ -28,8 +29,20 @@ def _check_same(path: Path, model: torch.nn.Module, saved: dict[str, tuple]) -> 
                               f"this model's is {list(shape)}")
 
 
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a full (unsharded) state dict into ``model``, which may be parallelised: each rank keeps
+    its own shard of every parameter."""
+    from braid.parallel.materialize import fill_local, plain_name
+
+    fill_local(model, lambda name, p: state[name])
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if plain_name(name) in state:
+                b.copy_(state[plain_name(name)])
+
+
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
-    """Copy the weights at ``path`` into ``model`` (a plain, unsharded HybridLM) in place.
+    """Copy the weights at ``path`` into ``model`` (a HybridLM, plain or parallelised) in place.
 
     ``path``: a braid DCP checkpoint (``step_N``, ``latest``, ``checkpoints/`` or the run dir; any
     parallel layout) or a HF directory that :func:`braid.convert.load` reads. Returns what was
@@ -45,7 +58,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
             raise ConfigError(f"config key '{KEY}' = '{path}': {str(exc).splitlines()[0]}") from None
         state = source.state_dict()
         _check_same(p, model, {k: tuple(v.shape) for k, v in state.items()})
-        model.load_state_dict(state)
+        load_full_state(model, state)
         return f"{p} ({(hf.get('architectures') or ['?'])[0]})"
     from braid.convert.braid_checkpoint import load_state_dict_into, read_checkpoint_metadata, resolve_checkpoint_dir
 

@@ -72,27 +72,47 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), attr
 
 
+def _run_rules(template: nn.Module, name: str) -> None:
+    unit = unit_of(name)
+    if unit == "":
+        nn.init.normal_(template.get_parameter(name), 0.0, 1.0)  # HybridLM.meta: the meta tokens
+    else:
+        generic_init(template.get_submodule(unit), *stds(template))
+
+
 @torch.no_grad()
 def draw_parameter(template: nn.Module, name: str, device: torch.device, seed: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The full initial value of parameter ``name`` of ``template`` (a HybridLM on the meta device, left
-    as it was), drawn on ``device``. Only this one parameter is allocated."""
-    owner, attr = _owner(template, name)
-    meta = owner._parameters[attr]
-    real = nn.Parameter(torch.empty(meta.shape, dtype=dtype, device=device), requires_grad=meta.requires_grad)
-    for tag, value in vars(meta).items():
-        setattr(real, tag, value)
-    owner._parameters[attr] = real
+    as it was), drawn on ``device``. Only this one parameter is allocated, unless a rule of its unit
+    computes it from another parameter of the unit (reads its device or values): then the whole unit
+    is allocated for the draw (still the same values under every layout)."""
+    unit = unit_of(name)
+    try:
+        return _draw(template, name, [name], device, seed, dtype)
+    except (NotImplementedError, RuntimeError):  # a rule mixed a meta tensor with a real one
+        names = [name] if unit == "" else [f"{unit}.{n}" for n, _ in template.get_submodule(unit).named_parameters()]
+        return _draw(template, name, names, device, seed, dtype)
+
+
+def _draw(template: nn.Module, name: str, real_names: list[str], device: torch.device, seed: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    saved = []
+    for n in real_names:
+        owner, attr = _owner(template, n)
+        meta = owner._parameters[attr]
+        real = nn.Parameter(torch.empty(meta.shape, dtype=dtype, device=device), requires_grad=meta.requires_grad)
+        for tag, value in vars(meta).items():
+            setattr(real, tag, value)
+        owner._parameters[attr] = real
+        saved.append((owner, attr, meta))
     try:
         with _seeded(key_seed(seed, name), device):
-            unit = unit_of(name)
-            if unit == "":
-                nn.init.normal_(real, 0.0, 1.0)  # HybridLM.meta: the meta tokens
-            else:
-                generic_init(template.get_submodule(unit), *stds(template))
-        return real.data
+            _run_rules(template, name)
+        return template.get_parameter(name).data
     finally:
-        owner._parameters[attr] = meta
+        for owner, attr, meta in saved:
+            owner._parameters[attr] = meta
 
 
 @torch.no_grad()

@@ -18,12 +18,11 @@ from braid.data.tokenizer import load_tokenizer
 from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
 from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
-from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from braid.parallel.fsdp import clip_grad_norm, reduce_manual_grads
 from braid.parallel.mesh import build_mesh, check_world
 from braid.trainer.checkpoint import CheckpointManager
 from braid.trainer.checkpoint_config import check_resume, checkpoint_info, describe
+from braid.trainer.engine import engine_class
 from braid.trainer.export import export_hf
 from braid.trainer.health import LossHealth
 from braid.trainer.metrics import MetricsLogger, StepProfiler, StepTimer, init_wandb
@@ -39,8 +38,8 @@ class Trainer:
     def __init__(self, cfg: Config, info: Optional[DistInfo] = None):
         self.cfg = cfg
         t, p = cfg.train, cfg.parallel
-        self.deepspeed = p.engine == "deepspeed"
-        self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
+        self.info = info or init_distributed(cfg.train.device,
+                                             single_process_group=engine_class(p.engine).single_process_group)
         self.dims = check_world(cfg, self.info.world_size)  # the checks launch/torchrun.sh runs before spawning
         # Before any data is read or file written: a resume that cannot continue this run costs one line.
         _, self.resume_change_note = check_resume(cfg)
@@ -64,18 +63,17 @@ class Trainer:
         self.mesh = build_mesh(self.dims, self.device.type)
         # Losses and token counts are summed over data × context ranks; tensor ranks hold copies.
         self.loss_group = self.mesh.group("dp_cp")
-        built = build_training_model(cfg, self.model_cfg, self.mesh, self.device, self.autocast_dtype, self.grad_accum)
-        self.model, self.optimizer, self.loss_factor = built.model, built.optimizer, built.loss_factor
-        self.manual_reductions, self.init_notes = built.manual_reductions, built.init_notes
+        self.engine, self.init_notes = build_training_model(cfg, self.model_cfg, self.mesh, self.device,
+                                                            self.autocast_dtype, self.grad_accum)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.has_moe = "E" in self.model_cfg.ffn_pattern
         self._aux: Optional[float] = None
         self._moe_metrics: dict = {}
 
         self.run_dir = cfg.run_dir
         layout = {"engine": p.engine, "world_size": self.info.world_size, "dp_replicate": self.dims.dp_replicate,
-                  "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep}
-        if self.deepspeed:
-            layout["zero_stage"] = p.zero_stage
+                  "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep,
+                  **self.engine.layout(p)}
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout,
                                       verify=cfg.checkpoint.verify)
         self.step = 0
@@ -145,7 +143,7 @@ class Trainer:
         t = self.cfg.train
         batches = micro_batches(data, order, start, t.global_batch_size, t.micro_batch_size, self.mesh.dp_rank,
                                 self.dp, self.device, with_doc_ids=self.cfg.data.document_mask)
-        cp = unwrap(self.model).context_parallel
+        cp = self.engine.module.context_parallel
         # Context ranks of one data stream read the same samples and keep their own positions.
         return batches if cp is None else [cp.shard_batch(b) for b in batches]
 
@@ -178,19 +176,16 @@ class Trainer:
                 if poisoned:  # train.debug_nan_steps: a diverged step as everything downstream sees it
                     micro_sum = micro_sum * float("nan")
                 objective = micro_sum / global_tokens
-                aux = aux_loss(unwrap(self.model))
+                aux = aux_loss(self.engine.module)
                 if aux is not None:  # a per-micro-batch mean: weight it by the micro-batch's token share
                     weighted_aux = aux * (micro_tokens / global_tokens)
                     objective = objective + weighted_aux
                     aux_sum += weighted_aux.detach().to(torch.float64)
             with timer("backward"):
-                if self.deepspeed:  # the objective is already normalised globally: no 1/accumulation
-                    self.model.backward(objective * self.loss_factor, scale_wrt_gas=False)
-                else:
-                    (objective * self.loss_factor).backward()
-            if self.deepspeed:
+                self.engine.backward(objective)
+            if self.engine.steps_in_micro_batch:
                 with timer("optimizer"):
-                    self.model.step()  # DeepSpeed steps (clip, AdamW, zero grads) at the last micro-batch
+                    self.engine.after_micro_batch()
             loss_sum += micro_sum.detach().to(torch.float64)
         with timer("comm"):
             loss = self._all_reduce(loss_sum).item() / global_tokens
@@ -208,38 +203,19 @@ class Trainer:
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm
         and whether the weights were updated."""
-        t = self.cfg.train
-        if self.deepspeed:
-            # DeepSpeed has stepped already, or skipped a non-finite step (skip_non_finite_steps).
-            from braid.parallel.deepspeed_engine import global_grad_norm
-
-            grad_norm = global_grad_norm(self.model)
-            grad_norm = float("nan") if grad_norm is None else grad_norm
-            # DeepSpeed skips by itself where it checks for overflow (fp16; fp32 with clipping), not
-            # in bf16: then our guard on its client optimizer does (skip_non_finite_steps).
-            updated = math.isfinite(loss) and self.model.was_step_applied() and not self.optimizer.skipped_last
-            self.optimizer.skipped_last = False
-        else:
-            for params, group in self.manual_reductions:
-                reduce_manual_grads(params, group, self.loss_factor)
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
-            updated = math.isfinite(loss) and math.isfinite(grad_norm)
-            if updated:
-                self.optimizer.step()
+        grad_norm, updated = self.engine.step(loss)
         if updated:
             if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
                 from braid.models.moe import moe_step
 
-                self._moe_metrics = moe_step(unwrap(self.model), all_reduce=self._all_reduce)
+                self._moe_metrics = moe_step(self.engine.module, all_reduce=self._all_reduce)
         else:  # Megatron semantics: the iteration counts, the update is skipped.
             self.skipped_iterations += 1
             self.nan_iterations += int(not math.isfinite(loss))
             for module in self.model.modules():  # a skipped batch must not steer expert balancing
                 if hasattr(module, "load_counts"):
                     module.load_counts.zero_()
-        if not self.deepspeed:  # DeepSpeed zeroes its own (partitioned) gradients in step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         return grad_norm, updated
 
     @torch.no_grad()

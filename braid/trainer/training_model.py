@@ -1,11 +1,10 @@
-"""The model as the training steps run it: initialised, placed, parallelised and, under
-``parallel.engine=deepspeed``, inside a DeepSpeed engine; with its optimizer and how its gradients
-are scaled and reduced."""
+"""The model as the training steps run it: built on the meta device, parallelised, given this rank's
+shards of the initial weights and, under ``parallel.engine=deepspeed``, inside a DeepSpeed engine;
+with its optimizer and how its gradients are scaled and reduced (:mod:`braid.trainer.engine`)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,17 +15,8 @@ from braid.parallel.fsdp import expert_sharded_params, grad_divide_factor, scala
 from braid.parallel.materialize import materialize
 from braid.parallel.mesh import Mesh
 from braid.parallel.parallelize import parallelize
+from braid.trainer.engine import DeepSpeedEngine, FSDPEngine
 from braid.trainer.optim import build_optimizer
-
-
-@dataclass
-class TrainingModel:
-    model: torch.nn.Module  # what forward and backward go through: the parallelised HybridLM or a DeepSpeed engine
-    optimizer: torch.optim.Optimizer
-    loss_factor: float  # multiplies the objective: undoes the engine's averaging of gradients over ranks
-    # (parameters, group) whose gradients FSDP2 does not reduce: see fsdp.reduce_manual_grads.
-    manual_reductions: list
-    init_notes: list[str]  # what checkpoint.init_from did, for the log
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -48,8 +38,10 @@ def build_parallel_model(model_cfg: ModelConfig, mesh: Mesh, p: ParallelConfig, 
 
 
 def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device: torch.device,
-                         dtype: Optional[torch.dtype], grad_accum: int) -> TrainingModel:
-    """Initial weights from ``cfg.train.seed`` (see :func:`build_parallel_model`)."""
+                         dtype: Optional[torch.dtype], grad_accum: int) -> tuple[object, list[str]]:
+    """The engine (:mod:`braid.trainer.engine`) holding the model and its optimizer, and what
+    ``checkpoint.init_from`` did (lines for the log). Initial weights from ``cfg.train.seed`` (see
+    :func:`build_parallel_model`)."""
     p, dims = cfg.parallel, mesh.dims
     model = build_parallel_model(model_cfg, mesh, p, device, dtype if device.type == "cuda" else None, cfg.train.seed)
     from braid.convert.init_weights import init_from_config
@@ -62,7 +54,7 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
         engine = build_engine(model, optimizer, cfg, dims.dp, grad_accum, bf16=dtype == torch.bfloat16)
         skip_non_finite_steps(optimizer, device)
         # DeepSpeed averages gradients over data-parallel ranks.
-        return TrainingModel(engine, optimizer, float(dims.dp), [], init_notes)
+        return DeepSpeedEngine(engine, optimizer, float(dims.dp)), init_notes
     fsdp = mesh.fsdp_mesh() if p.engine == "fsdp" and dims.dp_cp > 1 else None
     manual_reductions: list = []
     if fsdp is not None:
@@ -73,4 +65,4 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
         if scalars:  # summed like the losses, over data × context ranks
             manual_reductions.append((scalars, mesh.group("dp_cp")))
     # FSDP2 averages over its mesh: undo it.
-    return TrainingModel(model, optimizer, grad_divide_factor(fsdp), manual_reductions, init_notes)
+    return FSDPEngine(model, optimizer, grad_divide_factor(fsdp), manual_reductions, cfg.train.grad_clip), init_notes
