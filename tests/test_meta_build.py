@@ -51,15 +51,15 @@ def _full_digests(model) -> dict[str, str]:
     return out
 
 
-def digests_on_ranks(preset: str, layout: dict) -> dict:
-    """Spawned rank: build under ``layout`` and return the full weights' digests (rank 0 reports)."""
+def digests_on_ranks(preset: str, layouts: dict) -> dict:
+    """Spawned rank: build under each layout and return the full weights' digests (rank 0 reports)."""
     import torch.distributed as dist
 
-    return _full_digests(_build(preset, layout, dist.get_world_size()))
+    return {name: _full_digests(_build(preset, layout, dist.get_world_size())) for name, layout in layouts.items()}
 
 
 LAYOUTS = {"dp_shard2_tp2": {"parallel.dp_shard": 2, "parallel.tp": 2},
-           "dp_shard2_ep2": {"parallel.dp_shard": 2, "parallel.ep": 2},
+           "dp_shard4_ep2": {"parallel.dp_shard": 4, "parallel.ep": 2},
            "dp_shard2_tp2_ep2": {"parallel.dp_shard": 2, "parallel.tp": 2, "parallel.ep": 2}}
 
 
@@ -69,8 +69,7 @@ def test_step0_weights_are_the_same_bits_under_every_layout(preset):
     from tests.spawn_group import run_group
 
     ref = _full_digests(_build(preset, {}, 1))
-    for name, layout in LAYOUTS.items():
-        got = run_group(4, "tests.test_meta_build.digests_on_ranks", preset, layout)
+    for name, got in run_group(4, "tests.test_meta_build.digests_on_ranks", preset, LAYOUTS).items():
         assert got.keys() == ref.keys(), name
         assert [k for k in ref if got[k] != ref[k]] == [], f"{preset} {name}: weights differ from one process"
 
