@@ -15,8 +15,8 @@ Per micro batch on one GPU (tokens ``mb · seq / cp``):
   * context parallel: the bytes of ``braid.parallel.context`` formulas (the ones the CP tests check);
     ring K/V hops hide behind the layer's attention compute, Ulysses/tree collectives and the KDA/SSM
     state hand-off and conv halos are exposed;
-  * expert parallel: dispatch and combine all-to-alls forward and backward (top_k copies of ``d``); they
-    hide only behind the shared expert's compute;
+  * expert parallel: dispatch and combine all-to-alls forward and backward, and again in a recomputed
+    forward (top_k copies of ``d`` per token); they hide only behind the shared expert's compute;
   * FSDP2: parameter all-gathers (bf16, forward and again in backward) and gradient reduce-scatters (fp32)
     over dp_shard × cp every micro batch, prefetched behind compute: exposed only where they exceed
     the micro batch's compute, plus the first block's gather;
@@ -132,9 +132,10 @@ def ep_layer_bytes(cfg: Config, cost: ModelCost, layer, lay: Layout) -> float:
 
 
 def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
-            eager_factor: float = 2.0, cp_cache: dict | None = None) -> Projection:
+            eager_factor: float = 2.0, cp_cache: dict | None = None, overlap_grad_reduce: bool = True) -> Projection:
     """Step time, throughput, MFU and memory of ``lay`` (which must pass ``check_world``). ``cp_cache``:
-    CP bytes per layer shape, shared between the layouts of one config."""
+    CP bytes per layer shape, shared between the layouts of one config. ``overlap_grad_reduce=False``: the
+    replicas' gradient all-reduce runs after the backward (as in stacks without bucketed overlap)."""
     cp_cache = {} if cp_cache is None else cp_cache
     gpu = links.gpu
     seq, n_layers = cfg.data.seq_len, len(cost.layers)
@@ -184,10 +185,11 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
             comm["cp"] = comm.get("cp", 0.0) + (t_ring + t_rest) * grad_accum
         a2a = ep_layer_bytes(cfg, cost, layer, lay)
         if a2a:
-            t = 4 * collective_time("all_to_all", a2a, lay.ep, links, ep_span)
+            n_a2a = 6 if i in ckpt else 4  # a recomputed forward dispatches and combines again
+            t = n_a2a * collective_time("all_to_all", a2a, lay.ep, links, ep_span)
             shared = t_cls.get("gemm", 0.0) * 0.5  # the dense FLOPs of an MoE block are mostly the shared expert
             exposed += max(0.0, t - shared)
-            note("ep", "all_to_all", "ep", 4 * a2a * (lay.ep - 1) / lay.ep, t)
+            note("ep", "all_to_all", "ep", n_a2a * a2a * (lay.ep - 1) / lay.ep, t)
     # LM head and loss
     head_t = 2 * cost.d_model * cost.vocab * tokens / lay.tp * 3 / rate("gemm")
     compute += head_t + 3 * 6 * tokens * cost.vocab / lay.tp / elem_bw
@@ -216,7 +218,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
         comm["dp"] = ar
         collectives.append({"op": "all_reduce", "group": "dp_replicate" if cfg.parallel.engine == "fsdp" else "dp",
                             "bytes": 2 * local_params * FP32 * (replicas - 1) / replicas})
-        step_extra += max(0.0, ar - compute * 2 / 3)
+        step_extra += max(0.0, ar - compute * 2 / 3) if overlap_grad_reduce else ar
     optimizer = 28 * local_params / (gpu.hbm_bw * eff["elementwise"])
     step = grad_accum * mb_time + step_extra + optimizer
     compute_total = grad_accum * compute + optimizer
