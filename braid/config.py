@@ -241,6 +241,8 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full | every_<N> (every N-th block)
     compile: bool = False  # per-block torch.compile (GPU)
     sequence_parallel: bool = True  # with tp > 1: shard norms/residuals along the sequence
+    layout: str = "manual"  # manual (the keys above) | auto (braid.plan's best fitting layout for the world size)
+    plan_gpu: str = "auto"  # GPU kind layout=auto plans for: auto (the CUDA device; h100-sxm without one) or a kind
 
 
 @dataclass

@@ -22,6 +22,7 @@ Per micro batch on one GPU (tokens ``mb · seq / cp``):
     the micro batch's compute, plus the first block's gather;
   * HSDP/DDP replicas: one fp32 all-reduce of the gradient shard per step, behind the last backward.
 - bubble: braid has no pipeline parallelism, so 0 (the column is kept for when it does).
+Each block also costs a fixed ``BLOCK_OVERHEAD_S`` per micro batch (kernel launches).
 Per step: ``grad_accum`` micro batches and the AdamW update (28 bytes of HBM traffic per local parameter).
 """
 
@@ -37,6 +38,9 @@ from braid.plan.memory import Memory, estimate_memory
 from braid.plan.model_cost import CLASSES, ModelCost
 
 BF16, FP32 = 2, 4
+# Fixed cost of one block per micro batch, forward and backward: kernel launches and synchronisation
+# (~40 kernels of ~5 µs); what makes a larger micro batch faster when the FLOPs are the same.
+BLOCK_OVERHEAD_S = 2e-4
 
 
 @dataclass
@@ -163,7 +167,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
     for i, layer in enumerate(cost.layers):
         passes = 3.0 + (1.0 if i in ckpt else 0.0)
         t_cls = {c: layer.flops[c] * tokens / lay.tp * passes / rate(c) for c in CLASSES if layer.flops[c]}
-        t_layer = sum(t_cls.values()) + 3 * 2 * tokens * layer.act_width / lay.tp / elem_bw
+        t_layer = sum(t_cls.values()) + 3 * 2 * tokens * layer.act_width / lay.tp / elem_bw + BLOCK_OVERHEAD_S
         compute += t_layer
         for op, nbytes in tp_layer_bytes(cfg, cost, lay, i in ckpt):
             t = collective_time(op, nbytes, lay.tp, links, tp_span)
