@@ -68,7 +68,9 @@ def shape_problem(cfg: Config, cost: ModelCost, lay: Layout) -> Optional[str]:
 
 
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optional[ModelCost] = None):
-    """Every layout for ``world`` GPUs that ``check_world`` accepts and the model's shapes allow."""
+    """Every layout for ``world`` GPUs that the config validation (``braid.config.validate``, what
+    ``load_config`` runs) and ``check_world`` accept and the model's shapes allow."""
+    from braid.config import validate
     from braid.parallel.mesh import check_world
 
     cost = cost or model_cost(cfg)
@@ -95,7 +97,9 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optiona
                             if shape_problem(cfg, cost, lay):
                                 continue
                             try:
-                                check_world(apply_layout(cfg, lay), world)
+                                candidate = apply_layout(cfg, lay)
+                                validate(candidate)
+                                check_world(candidate, world)
                             except ConfigError:
                                 continue
                             yield lay
