@@ -191,3 +191,23 @@ def test_anchor_table_is_what_the_planner_projects():
     assert len(fresh) >= 6 and [r["name"] for r in fresh] == [r["name"] for r in stored]
     for a, b in zip(fresh, stored):
         assert a["projected_tokens_per_s_per_gpu"] == pytest.approx(b["projected_tokens_per_s_per_gpu"], rel=1e-9)
+
+
+def test_calibration_replaces_only_the_measured_factors():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import calibrate_plan
+
+    doc = json.loads((ROOT / "bench" / "results" / "efficiency.json").read_text())
+    kernels = {"rows": [{"section": "attention", "impl": "braid", "status": "ok", "case": "causal T=8192",
+                         "fwd_bwd_tflops": 400.0},
+                        {"section": "attention", "impl": "braid", "status": "ok", "case": "fox T=8192",
+                         "fwd_bwd_tflops": 200.0},
+                        {"section": "attention", "impl": "fa2", "status": "ok", "case": "causal T=8192",
+                         "fwd_bwd_tflops": 999.0}]}
+    rates = {"gemm": 600e12, "elementwise": 2.4e12, **calibrate_plan.attention_rates(kernels)}
+    out = calibrate_plan.merge(doc, "h100-sxm", rates, 989.4e12, 3.35e12, "NVIDIA H100 80GB HBM3")
+    entry = out["gpus"]["h100-sxm"]
+    assert entry["gemm"] == round(600 / 989.4, 4) and entry["attention"] == round(400 / 989.4, 4)
+    assert entry["attention_fox"] == round(200 / 989.4, 4) and entry["elementwise"] == round(2.4 / 3.35, 4)
+    assert entry["kda"] == doc["gpus"]["h100-sxm"]["kda"] and out["gpus"]["b200"] == doc["gpus"]["b200"]
+    assert entry["source"].startswith("measured")
