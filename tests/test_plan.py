@@ -215,3 +215,18 @@ def test_calibration_replaces_only_the_measured_factors():
     assert entry["attention_fox"] == round(200 / 989.4, 4) and entry["elementwise"] == round(2.4 / 3.35, 4)
     assert entry["kda"] == doc["gpus"]["h100-sxm"]["kda"] and out["gpus"]["b200"] == doc["gpus"]["b200"]
     assert entry["source"].startswith("measured")
+
+
+@pytest.mark.slow
+def test_layout_auto_trains_on_two_ranks(tmp_path):
+    cli = ["-m", "braid.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           *tiny_overrides(tmp_path / "r", **{"train.steps": 2, "train.eval_interval": 100,
+                                              "checkpoint.interval": 100, "parallel.layout": "auto"})]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    banner = next(line for line in proc.stdout.splitlines() if line.startswith("braid: run dir"))
+    assert "2 rank(s)" in banner and "layout auto → " in banner
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert saved.parallel.layout == "manual"
+    assert saved.parallel.dp_replicate * (saved.parallel.dp_shard or 1) * saved.parallel.cp * saved.parallel.tp == 2
