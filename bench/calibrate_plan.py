@@ -2,12 +2,14 @@
 
     python bench/calibrate_plan.py                                   # GEMM, grouped GEMM, HBM
     python bench/calibrate_plan.py --kernels bench/results/kernels-<date>-<gpu>.json   # + attention classes
+    python bench/calibrate_plan.py --kernels-linear bench/results/kernels_linear-<gpu>.json   # + KDA, scan
 
 Each factor is the measured rate over the kind's peak (``braid.plan.hardware``): bf16 GEMMs of training
 shapes forward and backward (d 4096, 16k tokens), the routed experts' batched GEMMs, a streaming
 multiply-add for the element-wise HBM fraction, and, from a ``bench/kernels.py`` result, braid's attention
-kernels' forward+backward TFLOP/s (dense, FoX, windowed/sparse cases). Factors not measured keep their
-value; the entry records what was measured, on which device, when.
+kernels' forward+backward TFLOP/s (dense, FoX, windowed/sparse cases) and, from a
+``bench/kernels_linear.py`` result, the Triton KDA and selective-scan rates by the planner's FLOP counts.
+Factors not measured keep their value; the entry records what was measured, on which device, when.
 """
 
 from __future__ import annotations
@@ -33,6 +35,38 @@ def attention_rates(kernels_json: dict) -> dict:
         cls = ("attention_fox" if "fox" in label else
                "attention_sparse" if ("s2" in label or "window" in label or "swa" in label) else "attention")
         by_class.setdefault(cls, []).append(row["fwd_bwd_tflops"] * 1e12)
+    return {cls: statistics.median(v) for cls, v in by_class.items()}
+
+
+def kda_flops_per_token(heads: int, head_dim: int, seq_len: int) -> float:
+    """Forward FLOPs per token of the KDA class, as the planner counts them (braid's KDA formula less
+    its projections)."""
+    from braid.config import ModelConfig
+    from braid.plan.model_cost import layer_costs
+
+    d = heads * head_dim
+    cfg = ModelConfig(pattern="K", ffn_pattern="-", d_model=d, n_heads=heads, vocab_size=64)
+    cfg.kda.n_heads, cfg.kda.head_dim = heads, head_dim
+    return layer_costs(cfg, seq_len).layers[0].flops["kda"]
+
+
+def linear_rates(kernels_linear_json: dict) -> dict:
+    """FLOP/s of braid's Triton KDA and selective scan (forward + backward = 3 × forward FLOPs, counted by
+    the planner's formulas), the median over the ``bench/kernels_linear.py`` cases."""
+    from braid.models.hymba import SCAN_FLOPS_PER_STATE
+
+    by_class: dict[str, list[float]] = {}
+    for row in kernels_linear_json.get("rows", []):
+        if row.get("impl") != "braid-triton" or row.get("error") or not row.get("fwd_bwd_ms"):
+            continue
+        s = row["shape"]
+        if row["op"] == "kda":
+            flops, cls = s["b"] * s["t"] * kda_flops_per_token(s["h"], s["d"], s["t"]), "kda"
+        elif row["op"] == "scan":
+            flops, cls = s["b"] * s["t"] * SCAN_FLOPS_PER_STATE * s["c"] * s["n"], "ssm_scan"
+        else:
+            continue
+        by_class.setdefault(cls, []).append(3 * flops / (row["fwd_bwd_ms"] * 1e-3))
     return {cls: statistics.median(v) for cls, v in by_class.items()}
 
 
@@ -90,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=sorted(GPUS), help="GPU kind to write (default: the device's)")
     parser.add_argument("--kernels", type=Path, help="a bench/kernels.py JSON result for the attention classes")
+    parser.add_argument("--kernels-linear", type=Path, help="a bench/kernels_linear.py JSON result (KDA, scan)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "efficiency.json")
     args = parser.parse_args()
     import torch
@@ -102,6 +137,8 @@ def main() -> int:
     rates = measure_device()
     if args.kernels:
         rates.update(attention_rates(json.loads(args.kernels.read_text())))
+    if args.kernels_linear:
+        rates.update(linear_rates(json.loads(args.kernels_linear.read_text())))
     gpu = GPUS[kind]
     doc = merge(json.loads(args.out.read_text()), kind, rates, gpu.peak_flops, gpu.hbm_bw,
                 torch.cuda.get_device_name(device))

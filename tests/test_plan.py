@@ -215,6 +215,12 @@ def test_calibration_replaces_only_the_measured_factors():
     assert entry["attention_fox"] == round(200 / 989.4, 4) and entry["elementwise"] == round(2.4 / 3.35, 4)
     assert entry["kda"] == doc["gpus"]["h100-sxm"]["kda"] and out["gpus"]["b200"] == doc["gpus"]["b200"]
     assert entry["source"].startswith("measured")
+    linear = {"rows": [{"op": "kda", "impl": "braid-triton", "shape": {"b": 2, "t": 1024, "h": 4, "d": 64},
+                        "fwd_bwd_ms": 1.0, "error": None},
+                       {"op": "kda", "impl": "fla-chunk_kda", "shape": {"b": 2, "t": 1024, "h": 4, "d": 64},
+                        "fwd_bwd_ms": 0.1, "error": None}]}
+    rate = calibrate_plan.linear_rates(linear)["kda"]
+    assert rate == 3 * 2 * 1024 * calibrate_plan.kda_flops_per_token(4, 64, 1024) / 1e-3 and rate > 0
 
 
 @pytest.mark.slow
