@@ -87,6 +87,23 @@ def test_cp_bytes_equal_the_context_parallel_formulas():
         assert _bytes(proj, "cp") == want, kind
 
 
+def test_s2_cp_bytes_equal_the_s2_fetch_formula():
+    from braid.kernels.s2 import S2Pattern
+    from braid.parallel.context.layout import CPLayout
+    from braid.parallel.context.s2_shard import s2_fetch_bytes
+
+    cfg = load_config(None, tiny_overrides("/tmp/unused", **{"data.seq_len": 512, "model.s2.enabled": "true",
+                                                             "model.s2.block": 32}))
+    lay = Layout(1, 1, 2, 1, 1, "s2", "none", 2)
+    proj = _one(cfg, lay)
+    s2 = S2Pattern(block=32, local_blocks=cfg.model.s2.local_blocks, vert_stride=cfg.model.s2.vert_stride,
+                   n_heads=4)
+    per = s2_fetch_bytes(CPLayout(512, 2, 0, "zigzag"), s2, batch=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                         dtype_bytes=2, doc_bytes=8)
+    worst = max(per, key=lambda r: r["fwd_send"] + r["bwd_send"])
+    assert _bytes(proj, "cp") == 2 * 2 * (worst["fwd_send"] + worst["bwd_send"]) > 0  # 2 layers × 2 micro batches
+
+
 def test_tp_and_fsdp_bytes_equal_their_closed_forms():
     cfg = load_config(None, SMALL)
     cost = model_cost(cfg)

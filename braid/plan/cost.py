@@ -13,8 +13,8 @@ Per micro batch on one GPU (tokens ``mb · seq / cp``):
     reduce-scatter of the ``[tokens, d]`` activations around each mixer and FFN, forward and backward
     (and again in a recomputed forward); without it, all-reduces;
   * context parallel: the bytes of ``braid.parallel.context`` formulas (the ones the CP tests check);
-    ring K/V hops hide behind the layer's attention compute, Ulysses/tree collectives and the KDA/SSM
-    state hand-off and conv halos are exposed;
+    ring K/V hops hide behind the layer's attention compute, Ulysses/tree collectives, S2 block fetches
+    (the most any rank sends), the KDA/SSM state hand-off and conv halos are exposed;
   * expert parallel: dispatch and combine all-to-alls forward and backward, and again in a recomputed
     forward (top_k copies of ``d`` per token); they hide only behind the shared expert's compute;
   * FSDP2: parameter all-gathers (bf16, forward and again in backward) and gradient reduce-scatters (fp32)
@@ -79,7 +79,16 @@ def cp_layer_bytes(cfg: Config, layer, lay: Layout, gpus_per_node: int, dtype_by
     out: dict = {}
     if heads:
         fox = layer.letter == "F"
-        if lay.cp_kind in ("ring", "s2"):
+        if lay.cp_kind == "s2" and layer.s2 is not None:
+            from braid.parallel.context.layout import CPLayout
+            from braid.parallel.context.s2_shard import s2_fetch_bytes
+
+            per = s2_fetch_bytes(CPLayout(cfg.data.seq_len, lay.cp, 0, seq_layout), layer.s2, batch=b,
+                                 n_heads=heads, n_kv_heads=kv, head_dim=layer.head_dim, dtype_bytes=dtype_bytes,
+                                 v_head_dim=layer.v_dim, window=layer.window, fox=fox, doc_bytes=8 if docs else 0)
+            worst = max(per, key=lambda r: r["fwd_send"] + r["bwd_send"])
+            out.update({"s2.kv": worst["fwd_send"], "s2.dkv": worst["bwd_send"]})
+        elif lay.cp_kind in ("ring", "s2"):
             from braid.parallel.context.ring import ring_comm_bytes
 
             out.update(ring_comm_bytes(lay.cp, b, local, kv, layer.head_dim, layer.v_dim, heads, dtype_bytes,
@@ -174,7 +183,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
             exposed += t
             note("tp", op, "tp", nbytes * (lay.tp - 1) / lay.tp, t)
         key = (layer.letter, layer.heads, layer.kv_heads, layer.head_dim, layer.v_dim, layer.kda_state,
-               layer.conv_halo, lay.cp, lay.cp_kind, lay.micro_batch, lay.tp)
+               layer.conv_halo, layer.window, repr(layer.s2), lay.cp, lay.cp_kind, lay.micro_batch, lay.tp)
         if key not in cp_cache:
             cp_cache[key] = cp_layer_bytes(cfg, layer, lay, links.gpus_per_node)
         sent = cp_cache[key]

@@ -33,6 +33,8 @@ class LayerCost:
     v_dim: int
     kda_state: int  # fp32 elements of one KDA/SSM segment map per row (state passing), else 0
     conv_halo: tuple = (0, 0)  # (rows, channels) of the short-conv halo, else (0, 0)
+    s2: object = None  # the mixer's S2Pattern (block-sparse attention), else None
+    window: object = None  # sliding window of the attention, else None
 
 
 @dataclass
@@ -147,7 +149,8 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> ModelCost:
         norms = 2.0 * d  # the two pre-norm inputs
         params = sum(p.numel() for p in layer.parameters())
         out.append(LayerCost(letter, ffn_letter, flops, params, experts, width + norms, norms, top_k, heads,
-                             kv_heads, head_dim, v_dim, state, halo))
+                             kv_heads, head_dim, v_dim, state, halo, getattr(mixer, "s2", None),
+                             getattr(mixer, "window", None)))
         for c in CLASSES:
             total_fwd[c] += flops[c]
     total_fwd["gemm"] += 2 * d * cfg.vocab_size  # LM head
