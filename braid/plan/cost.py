@@ -54,7 +54,7 @@ class Projection:
     tokens_per_s_per_gpu: float
     mfu: float
     comm_s: dict = field(default_factory=dict)  # total (hidden + exposed) per kind, per step
-    collectives: list = field(default_factory=list)  # {op, group, bytes} per step, one rank
+    collectives: list = field(default_factory=list)  # {op, group, bytes} per step, one rank, summed by op and group
 
     def to_dict(self) -> dict:
         return {"layout": self.layout.to_dict(), "label": self.layout.label(), "memory": self.memory.to_dict(),
@@ -164,11 +164,12 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
         return gpu.peak_flops * eff[cls]
 
     comm: dict = {}
-    collectives: list = []
+
+    sums: dict = {}
 
     def note(kind: str, op: str, group: str, nbytes: float, seconds: float) -> None:
         comm[kind] = comm.get(kind, 0.0) + seconds * grad_accum
-        collectives.append({"op": op, "group": group, "bytes": nbytes * grad_accum})
+        sums[(op, group)] = sums.get((op, group), 0.0) + nbytes * grad_accum
 
     compute = exposed = 0.0
     tp_span, cp_span, ep_span = lay.tp, lay.cp * lay.tp, lay.ep * lay.tp
@@ -229,8 +230,8 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
     if replicas > 1 and (cfg.parallel.engine == "fsdp" or cfg.parallel.zero_stage < 3):
         ar = collective_time("all_reduce", local_params * FP32, replicas, links, lay.world)
         comm["dp"] = ar
-        collectives.append({"op": "all_reduce", "group": "dp_replicate" if cfg.parallel.engine == "fsdp" else "dp",
-                            "bytes": 2 * local_params * FP32 * (replicas - 1) / replicas})
+        group = "dp_replicate" if cfg.parallel.engine == "fsdp" else "dp"
+        sums[("all_reduce", group)] = 2 * local_params * FP32 * (replicas - 1) / replicas
         step_extra += max(0.0, ar - compute * 2 / 3) if overlap_grad_reduce else ar
     optimizer = 28 * local_params / (gpu.hbm_bw * eff["elementwise"])
     step = grad_accum * mb_time + step_extra + optimizer
@@ -238,6 +239,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
     tps = cfg.train.global_batch_size * seq / step / lay.world
     mfu = cost.flops_per_token * tps / gpu.peak_flops
     mem = estimate_memory(cfg, cost, lay, gpu.hbm_bytes)
+    collectives = [{"op": op, "group": group, "bytes": nbytes} for (op, group), nbytes in sums.items()]
     return Projection(lay, mem, compute_total, step - compute_total, 0.0, step, tps, mfu, comm, collectives)
 
 

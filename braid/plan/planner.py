@@ -68,8 +68,15 @@ def shape_problem(cfg: Config, cost: ModelCost, lay: Layout) -> Optional[str]:
 
 
 def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optional[ModelCost] = None):
-    """Every layout for ``world`` GPUs that the config validation (``braid.config.validate``, what
-    ``load_config`` runs) and ``check_world`` accept and the model's shapes allow."""
+    """Every layout for ``world`` GPUs that passes the config validation and ``check_world`` (see
+    :func:`candidates`)."""
+    return (lay for lay, _ in candidates(cfg, world, gpus_per_node, cost))
+
+
+def candidates(cfg: Config, world: int, gpus_per_node: int, cost: Optional[ModelCost] = None):
+    """``(layout, config with its keys)`` for every layout for ``world`` GPUs that the config validation
+    (``braid.config.validate``, what ``load_config`` runs) and ``check_world`` accept and the model's
+    shapes allow."""
     from braid.config import validate
     from braid.parallel.mesh import check_world
 
@@ -77,6 +84,8 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optiona
     deepspeed = cfg.parallel.engine == "deepspeed"
     has_moe = "E" in cfg.model.ffn_pattern
     kinds = ["ring", "ulysses", "tree"] + (["s2"] if cfg.model.s2.enabled else [])
+    valid_meshes: set = set()
+    valid_runs: set = set()
     for tp in divisors(world):
         if tp > gpus_per_node or (deepspeed and tp > 1):
             continue
@@ -98,11 +107,18 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optiona
                                 continue
                             try:
                                 candidate = apply_layout(cfg, lay)
-                                validate(candidate)
+                                # validate's checks of the mesh keys and of (ac, micro batch) are independent
+                                # (parallel.dp is left unset), so each part is validated once; check_world runs
+                                # on every layout
+                                mesh_key, run_key = (tp, cp, dp_replicate, ep, kind), (ac, mb)
+                                if mesh_key not in valid_meshes or run_key not in valid_runs:
+                                    validate(candidate)
+                                    valid_meshes.add(mesh_key)
+                                    valid_runs.add(run_key)
                                 check_world(candidate, world)
                             except ConfigError:
                                 continue
-                            yield lay
+                            yield lay, candidate
 
 
 @dataclass
@@ -121,9 +137,9 @@ def plan(cfg: Config, world: int, gpu: GPU, gpus_per_node: int = 8, efficiency: 
     cost = model_cost(cfg)
     cache: dict = {}
     fitting, unfit, n = [], [], 0
-    for lay in enumerate_layouts(cfg, world, gpus_per_node, cost):
+    for lay, lay_cfg in candidates(cfg, world, gpus_per_node, cost):
         n += 1
-        proj = project(apply_layout(cfg, lay), cost, lay, links, eff, eager, cache)
+        proj = project(lay_cfg, cost, lay, links, eff, eager, cache)
         (fitting if proj.memory.fits else unfit).append(proj)
     # ties (same work per GPU) go to the simpler layout: less cp, tp and ep, fewer replicas
     fitting.sort(key=lambda p: (-round(p.tokens_per_s_per_gpu, 6), p.layout.cp, p.layout.tp, p.layout.ep,
