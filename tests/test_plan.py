@@ -197,6 +197,22 @@ def test_cli_exits_4_when_nothing_fits(capsys):
     assert info.value.code == 4 and err.count("\n") == 1 and "no layout fits 1 × a100-80gb" in err
 
 
+def test_link_bandwidths_change_cross_node_layouts_only():
+    cfg = load_config(None, ["model.preset=llama", "data.seq_len=4096", "train.global_batch_size=64",
+                             "data.tokenizer=bytes"])
+    cost = model_cost(cfg)
+    eff, eager = load_efficiency("h100-sxm")
+    fsdp16, fsdp8 = Layout(1, 16, 1, 1, 1, "-", "full", 1), Layout(2, 8, 1, 1, 1, "-", "full", 1)
+
+    def step(lay, **bw):
+        links = Links(gpu_kind("h100-sxm", **bw), 8, eff["nvlink"], eff["ib"])
+        return project(apply_layout(cfg, lay), cost, lay, links, eff, eager).step_s
+
+    assert step(fsdp16, inter_bw=5) > step(fsdp16)  # its FSDP group spans two nodes
+    slow = step(fsdp8, inter_bw=5)
+    assert step(fsdp8, intra_bw=20) > step(fsdp8) and slow >= step(fsdp8)
+
+
 def test_unknown_gpu_kind_is_one_line():
     with pytest.raises(ConfigError, match="not a known GPU kind: h100-sxm, h200, a100-80gb, b200"):
         gpu_kind("v100")

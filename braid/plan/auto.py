@@ -44,7 +44,12 @@ def resolve_auto_layout(cfg: Config, world: int, device=None,
     else:
         kind, how = cfg.parallel.plan_gpu, "parallel.plan_gpu"
     per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world, 8)
-    result = plan(cfg, world, gpu_kind(kind), per_node)
+    memory = None
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        memory = torch.cuda.get_device_properties(device).total_memory  # fit what this device really has
+    result = plan(cfg, world, gpu_kind(kind, memory_bytes=memory), per_node)
     if not result.ranked:
         raise ConfigError(f"parallel.layout=auto: {nothing_fits_line(result)}")
     best = result.ranked[0]

@@ -69,7 +69,6 @@ def apply_layout(cfg: Config, lay: Layout) -> Config:
     if lay.cp > 1:
         p.cp_kind = lay.cp_kind
     p.activation_checkpoint = lay.ac
-    if hasattr(p, "layout"):
-        p.layout = "manual"
+    p.layout = "manual"
     out.train.micro_batch_size = lay.micro_batch
     return out
