@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from braid.config_rules import CHOICES, RANGES, Choice, Range
 from braid.config_yaml import BOOL_WORDS, load_yaml_file, parse_value
 from braid.errors import ConfigError
+from braid.models.hybrid_pattern import is_megatron, translate
 from braid.models.presets import load_preset, preset_names
 from braid.models.registry import (
     ffn_letters,
@@ -60,10 +61,14 @@ class _ModelKeys:
     """The keys of every model; ModelConfig adds a section per registered mixer/FFN options class."""
 
     preset: Optional[str] = None
-    # One letter per layer; letters are resolved through braid.models.registry.
+    # One letter per layer; letters are resolved through braid.models.registry. A pattern with Megatron's
+    # * - E | letters is translated to pattern + ffn_pattern + stage_layers (braid/models/hybrid_pattern.py).
     pattern: str = "AAAA"
     # FFN letter per layer (same length as pattern) or a single letter used for every layer.
     ffn_pattern: str = "S"
+    # First layer of every pipeline stage after the first (a Megatron-style pattern's '|'); [] = one stage.
+    # Recorded for pipeline parallelism: a single-stage run ignores it.
+    stage_layers: List[int] = field(default_factory=list)
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # default: n_heads (no GQA)
@@ -255,7 +260,9 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if not _KEY_RE.match(key):
             raise ConfigError(f"override '{item}': '{key}' is not a dotted section.key name")
         try:
-            OmegaConf.update(tree, key, parse_value(item, text), merge=True)
+            # Megatron's * and | are YAML syntax: such a pattern is taken as written, unquoted.
+            raw = key == "model.pattern" and is_megatron(text) and text[:1] not in ("'", '"')
+            OmegaConf.update(tree, key, text if raw else parse_value(item, text), merge=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}' could not be applied: {_first_line(exc)}") from None
     return OmegaConf.to_container(tree)
@@ -300,11 +307,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config key '{key}': {_first_line(exc)}") from None
     cfg: Config = OmegaConf.to_object(merged)
     cfg.model.preset = preset
+    _translate_pattern(cfg.model)
     export = cfg.checkpoint.export_hf  # untyped (a bool or a path): the words a bool key takes mean bools
     if isinstance(export, str) and export.lower() in BOOL_WORDS:
         cfg.checkpoint.export_hf = BOOL_WORDS[export.lower()]
     validate(cfg)
     return cfg
+
+
+def _translate_pattern(m: ModelConfig) -> None:
+    if not is_megatron(m.pattern):
+        return
+    if m.stage_layers:
+        raise ConfigError(f"config key 'model.stage_layers' = {m.stage_layers!r} cannot be set together with a "
+                          f"Megatron-style model.pattern {m.pattern!r}, whose '|' give the stages")
+    m.pattern, m.ffn_pattern, m.stage_layers = translate(m.pattern, m.ffn_pattern, mixer_letters())
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -385,6 +402,8 @@ def _validate_mixers(m: ModelConfig) -> None:
     n_layers = len(m.pattern)
     for i in m.global_layers:
         _require(0 <= i < n_layers, "model.global_layers", f"layer indices in [0, {n_layers})", m.global_layers)
+    _require(list(m.stage_layers) == sorted(set(m.stage_layers)) and all(0 < i < n_layers for i in m.stage_layers),
+             "model.stage_layers", f"ascending layer indices in [1, {n_layers})", m.stage_layers)
     if m.s2.enabled:
         # S2 applies to the mixers that declare it; other softmax attention would silently stay dense.
         s2 = [ch for ch in mixer_letters() if mixer_declaration(ch, "s2_capable")]
