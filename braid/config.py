@@ -190,7 +190,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (DTensor plans per mixer)
     cp: int = 1  # context parallel
     cp_kind: str = "ring"  # ring | s2 (needs model.s2.enabled) | tree | ulysses
-    cp_layout: str = "auto"  # auto (zigzag unless every mixer is KDA) | zigzag | contiguous
+    cp_layout: str = "auto"  # auto (zigzag unless no mixer calls attention: its cp_ops) | zigzag | contiguous
     ep: int = 1  # expert parallel (experts sharded over ep ranks of dp_shard × cp)
     engine: str = "fsdp"  # fsdp (torch FSDP2 / DDP) | deepspeed
     zero_stage: int = 1  # deepspeed ZeRO stage 1 | 2 | 3
