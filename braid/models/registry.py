@@ -197,7 +197,8 @@ def _read_module(module: str) -> None:
                 _register(table, other, kind[len("register_"):], letter)(target)  # type: ignore[arg-type]
                 _DECLARED[target] = _class_literals(node, module)
             elif kind == "register_options":
-                _OPTIONS.setdefault(_literal_arg(deco, module, node.name), _options_class(node, module))
+                _OPTIONS.setdefault(_literal_arg(deco, module, node.name),
+                                    _options_class(node, module, spec.origin or module))
 
 
 def _class_literals(node: ast.ClassDef, module: str) -> dict[str, Any]:
@@ -215,11 +216,12 @@ def _class_literals(node: ast.ClassDef, module: str) -> dict[str, Any]:
     return found
 
 
-def _options_class(node: ast.ClassDef, module: str) -> type:
-    """Execute the dataclass definition alone (decorators other than @dataclass dropped)."""
+def _options_class(node: ast.ClassDef, module: str, filename: str) -> type:
+    """Execute the dataclass definition alone (decorators other than @dataclass dropped); its line numbers
+    and ``filename`` are the module's, so tracebacks show its source."""
     node = ast.ClassDef(**{**node.__dict__, "decorator_list": [d for d in node.decorator_list
                                                                if _call_name(d) == "dataclass"]})
-    code = compile(ast.fix_missing_locations(ast.Module(body=[node], type_ignores=[])), module, "exec",
+    code = compile(ast.fix_missing_locations(ast.Module(body=[node], type_ignores=[])), filename, "exec",
                    dont_inherit=True)  # annotations evaluated here: the module's globals are not there
     namespace = {"__name__": module, **_OPTION_NAMES}
     exec(code, namespace)
