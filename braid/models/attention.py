@@ -19,11 +19,6 @@ from braid.models.registry import register_mixer
 from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or kept in fp64 (``.float()`` would drop fp64 inputs, e.g. under gradcheck, to fp32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 @register_mixer("A")
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):

@@ -29,13 +29,14 @@ import torch.nn.functional as F
 
 from braid.kernels import attention, kda, selective_scan
 from braid.kernels.kda import kda_recurrent_step
+from braid.kernels.precision import at_least_fp32
 from braid.kernels.ssm import selective_state_step
-from braid.models.attention import Attention, at_least_fp32
+from braid.models.attention import Attention
 from braid.models.connections import expand_streams, merge_streams
 from braid.models.fox import FoX, shift_mix
 from braid.models.gated_attention import GatedAttention
 from braid.models.hymba import Hymba
-from braid.models.kda import KDA, _up, gated_rms_norm, l2_normalize
+from braid.models.kda import KDA, gated_rms_norm, l2_normalize
 from braid.models.layers import SeqInfo
 from braid.models.mla import MLA
 
@@ -170,9 +171,9 @@ def _kda_step(mix: KDA, x: torch.Tensor, seq: SeqInfo, st: dict) -> torch.Tensor
     k = _conv_with_history(st, "k_conv", mix.k_proj(x), ks, mix.k_conv)
     v = _conv_with_history(st, "v_conv", mix.v_proj(x), ks, mix.v_conv)
     q, k, v = l2_normalize(q.view(b, t, h, hd)), l2_normalize(k.view(b, t, h, hd)), v.view(b, t, h, hd)
-    f = _up(mix.f_b(mix.f_a(x))).view(b, t, h, hd) + _up(mix.dt_bias).view(h, hd)
-    g = -torch.exp(_up(mix.A_log))[:, None] * F.softplus(f)
-    beta = torch.sigmoid(_up(mix.b_proj(x)))
+    f = at_least_fp32(mix.f_b(mix.f_a(x))).view(b, t, h, hd) + at_least_fp32(mix.dt_bias).view(h, hd)
+    g = -torch.exp(at_least_fp32(mix.A_log))[:, None] * F.softplus(f)
+    beta = torch.sigmoid(at_least_fp32(mix.b_proj(x)))
     state = st.get("state")
     if t == 1:
         o, st["state"] = kda_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)

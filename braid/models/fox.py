@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.models.attention import Attention, at_least_fp32
+from braid.kernels.precision import at_least_fp32
+from braid.models.attention import Attention
 from braid.models.layers import RMSNorm, Rotary, SeqInfo
 from braid.models.registry import register_mixer
 

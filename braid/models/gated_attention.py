@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.models.attention import Attention, at_least_fp32
+from braid.kernels.precision import at_least_fp32
+from braid.models.attention import Attention
 from braid.models.layers import SeqInfo
 from braid.models.registry import register_mixer
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from braid.config import ModelConfig
 from braid.kernels import attention, selective_scan
+from braid.kernels.precision import compute_dtype
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 from braid.models.visible_keys import mean_visible_keys
@@ -217,7 +218,7 @@ class Hymba(nn.Module):
             x = F.silu(seq.cp.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
         dt, b_in, c_out = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, b_in, c_out = self.dt_layernorm(dt), self.B_layernorm(b_in), self.C_layernorm(c_out)
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 under gradcheck)
+        acc = compute_dtype(x)
         # The bias is added in fp32: softplus of a bf16-rounded bias (≈ −5) would move dt by ~2 %.
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from braid.config import ModelConfig
 from braid.kernels import kda
+from braid.kernels.precision import at_least_fp32
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer
 
@@ -73,14 +74,9 @@ class ShortConv(nn.Module):
         return F.silu(y)
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or kept in fp64 (so that fp64 tests and gradcheck see fp64 arithmetic)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(Σ x² + eps)`` over the last dim, computed and returned in fp32 (fp64 stays fp64)."""
-    x = _up(x)
+    x = at_least_fp32(x)
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
@@ -90,9 +86,9 @@ def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) ->
     o, gate_logits ``[..., D]``; ``norm`` supplies the weight ``[D]`` and eps. One fused step (a
     kernel later), and unlike ``RMSNorm.forward`` it keeps fp64 inputs in fp64.
     """
-    of = _up(o)
+    of = at_least_fp32(o)
     y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(of.dtype)
-    return (y * torch.sigmoid(_up(gate_logits))).to(o.dtype)
+    return (y * torch.sigmoid(at_least_fp32(gate_logits))).to(o.dtype)
 
 
 def kda_behind_meta(q, k, v, g, beta, meta_tokens: int, doc_ids: Optional[torch.Tensor], **kw) -> torch.Tensor:
@@ -170,9 +166,9 @@ class KDA(nn.Module):
         k = l2_normalize(k.view(b, t, h, hd))
         v = v.view(b, t, h, hd)
         # Gates in fp32: g is a log decay summed over a chunk, β scales the delta-rule step.
-        f = _up(self.f_b(self.f_a(x))).view(b, t, h, hd) + _up(self.dt_bias).view(h, hd)
-        g = -torch.exp(_up(self.A_log))[:, None] * F.softplus(f)
-        beta = torch.sigmoid(_up(self.b_proj(x)))
+        f = at_least_fp32(self.f_b(self.f_a(x))).view(b, t, h, hd) + at_least_fp32(self.dt_bias).view(h, hd)
+        g = -torch.exp(at_least_fp32(self.A_log))[:, None] * F.softplus(f)
+        beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))
         if seq.cp is None:
             o = kda_behind_meta(q, k, v, g, beta, m, doc, chunk_size=self.chunk_size)
         else:

@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from braid.kernels.precision import at_least_fp32, compute_dtype
+
 
 @dataclass
 class SeqInfo:
@@ -45,7 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradchecks)
+        xf = at_least_fp32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -70,7 +72,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, H, D]``, position_ids ``[B, T]`` → rotated x (angles in fp32)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 (gradchecks)
+        dtype = compute_dtype(x)
         angles = position_ids[..., None].to(dtype) * self.inv_freq.to(dtype)  # [B, T, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
         sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]
