@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.kernels import attention
 from braid.kernels.s2 import S2Pattern
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
@@ -60,9 +59,8 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal attention ``[B, T, H, D]`` with this layer's window, the documents, meta-token sinks and
         the S2 pattern (``model.s2.enabled``)."""
-        op = attention if seq.cp is None else seq.cp.attention
-        return op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
-                  doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
+        return seq.ops.attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
+                                 doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""

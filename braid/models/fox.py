@@ -76,10 +76,9 @@ class FoX(Attention):
     def _kv(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super()._kv(x, seq)
         if self.k_shift_proj is not None:
-            # Under context parallelism each segment's first token needs the token before it.
-            shift = shift_mix if seq.cp is None else (lambda *a: seq.cp.local_mix(shift_mix, 1, *a))
-            k = shift(k, self.k_shift_proj(x), seq.doc_ids)
-            v = shift(v, self.v_shift_proj(x), seq.doc_ids)
+            # Each token reads the one before it (across context-parallel segments too).
+            k = seq.ops.local_mix(shift_mix, 1, k, self.k_shift_proj(x), seq.doc_ids)
+            v = seq.ops.local_mix(shift_mix, 1, v, self.v_shift_proj(x), seq.doc_ids)
         return k, v
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:

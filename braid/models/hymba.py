@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.kernels import attention, selective_scan
 from braid.kernels.precision import compute_dtype
+from braid.models.doc_boundaries import conv_sources, document_starts
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 from braid.models.visible_keys import mean_visible_keys
@@ -160,35 +160,18 @@ class Hymba(nn.Module):
                 raise RuntimeError(f"Hymba layer {self.layer_idx} reuses the K/V of layer {self.kv_source}, "
                                    "which has not run in this forward pass")
             k, v = seq.shared[self.kv_source]
-        op = attention if seq.cp is None else seq.cp.attention
-        o = op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+        o = seq.ops.attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
         return o.reshape(b, t, self.n_heads * self.v_head_dim)
 
     # ------------------------------------------------------------------ SSM branch
 
     def _doc_layout(self, seq: SeqInfo, t: int):
-        """For packed documents: ``(reset [B,T] bool, conv source index [B,T,K])``, else (None, None).
-
-        reset marks document starts (and position 0). Source ``[b, t, k]`` is the position whose x
-        feeds conv tap k (k steps back) at t: t − k inside the document, else the matching meta
-        position (as if the document followed the meta prefix directly), else −1 (zero padding).
-        """
+        """For packed documents: ``(reset [B,T] bool, conv source index [B,T,K])``, else (None, None):
+        the document starts and each conv tap's source (``braid.models.doc_boundaries``)."""
         if seq.doc_ids is None:
             return None, None
-        doc, m = seq.doc_ids, seq.meta_tokens
-        pos = torch.arange(t, device=doc.device)
-        reset = torch.ones_like(doc, dtype=torch.bool)
-        reset[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        if 0 < m < t:
-            reset[:, m] = True  # the first text position starts a document after the prefix
-        start = torch.where(reset, pos, 0).cummax(dim=1).values
-        offset = pos - start  # position inside the document (or inside the meta prefix)
-        prefix = torch.where(pos >= m, m, 0)  # meta positions a document may read before its start
-        k = torch.arange(self.d_conv, device=doc.device)
-        inside = pos[:, None] - k  # [T, K]
-        before = (prefix + offset)[..., None] - k  # [B, T, K], an index into the meta prefix
-        src = torch.where(offset[..., None] >= k, inside, torch.where(before >= 0, before, -1))
-        return reset, src
+        reset = document_starts(seq.doc_ids, seq.meta_tokens)
+        return reset, conv_sources(seq.doc_ids, seq.meta_tokens, self.d_conv, reset)
 
     def _conv(self, x: torch.Tensor, src: Optional[torch.Tensor]) -> torch.Tensor:
         """Depthwise causal conv over time, x ``[B, T, C]`` → ``[B, T, C]``; taps from ``src`` if given."""
@@ -208,31 +191,20 @@ class Hymba(nn.Module):
 
     def ssm(self, x: torch.Tensor, z: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         """The Mamba-1 branch: SSM input x and gate z ``[B, T, ssm_inner]`` → ``[B, T, ssm_inner]``."""
-        if seq.cp is None:
-            reset, src = self._doc_layout(seq, x.shape[1])
-            x = F.silu(self._conv(x, src))
-        else:  # conv taps reach d_conv − 1 tokens back: each segment gets them from its neighbours
-            def conv(xp, dp):
-                piece = SeqInfo(position_ids=None, doc_ids=dp, meta_tokens=seq.meta_tokens)
-                return self._conv(xp, self._doc_layout(piece, xp.shape[1])[1])
-            x = F.silu(seq.cp.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
+        m = seq.meta_tokens
+
+        def conv(xp, dp):  # taps reach d_conv − 1 tokens back (across context-parallel segments too)
+            return self._conv(xp, None if dp is None else conv_sources(dp, m, self.d_conv))
+
+        x = F.silu(seq.ops.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
         dt, b_in, c_out = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, b_in, c_out = self.dt_layernorm(dt), self.B_layernorm(b_in), self.C_layernorm(c_out)
         acc = compute_dtype(x)
         # The bias is added in fp32: softplus of a bf16-rounded bias (≈ −5) would move dt by ~2 %.
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
-        m = seq.meta_tokens
-        if seq.cp is not None:
-            return seq.cp.selective_scan(x, dt, A, b_in, c_out, self.D, z, doc_ids=seq.doc_ids)
-        if reset is None or m == 0 or m >= x.shape[1]:
-            return selective_scan(x, dt, A, b_in, c_out, self.D, z, reset=reset)
         # Documents after meta tokens restart from the state the meta prefix leaves.
-        y_meta, h_meta = selective_scan(x[:, :m], dt[:, :m], A, b_in[:, :m], c_out[:, :m], self.D, z[:, :m],
-                                        output_final_state=True)
-        y_text = selective_scan(x[:, m:], dt[:, m:], A, b_in[:, m:], c_out[:, m:], self.D, z[:, m:],
-                                initial_state=h_meta, reset=reset[:, m:])
-        return torch.cat([y_meta, y_text], 1)
+        return seq.ops.selective_scan(x, dt, A, b_in, c_out, self.D, z, doc_ids=seq.doc_ids)
 
     # ------------------------------------------------------------------ the mixer
 

@@ -16,32 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.kernels import kda
 from braid.kernels.precision import at_least_fp32
+from braid.models.doc_boundaries import conv_sources
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer
-
-
-def conv_sources(doc_ids: torch.Tensor, meta_tokens: int, width: int) -> torch.Tensor:
-    """Which position feeds each tap of a causal conv over packed documents behind meta tokens.
-
-    doc_ids ``[B, T]`` (the first ``meta_tokens`` positions are the meta prefix) → ``[B, T, width]``
-    int64: for tap ``lag`` (lag steps back) at t, t − lag inside t's document (or inside the meta
-    prefix), else the meta position the tap reads when the document follows the prefix directly
-    (m + offset − lag), else −1 (zero padding). Position ``meta_tokens`` always starts a document,
-    so a context-parallel piece ``[meta, halo, segment]`` gets the same taps as the whole sequence.
-    """
-    t, m = doc_ids.shape[1], meta_tokens
-    pos = torch.arange(t, device=doc_ids.device)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    if 0 < m < t:
-        start[:, m] = True
-    offset = pos - torch.where(start, pos, 0).cummax(dim=1).values  # position inside its document
-    lag = torch.arange(width, device=doc_ids.device)
-    inside = pos[:, None] - lag  # [T, W]
-    before = (torch.where(pos >= m, m, 0) + offset)[..., None] - lag  # [B, T, W], into the meta prefix
-    return torch.where(offset[..., None] >= lag, inside, torch.where(before >= 0, before, -1))
+from braid.models.seq_ops import kda_behind_meta  # noqa: F401 (its home was here)
 
 
 class ShortConv(nn.Module):
@@ -89,20 +68,6 @@ def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) ->
     of = at_least_fp32(o)
     y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(of.dtype)
     return (y * torch.sigmoid(at_least_fp32(gate_logits))).to(o.dtype)
-
-
-def kda_behind_meta(q, k, v, g, beta, meta_tokens: int, doc_ids: Optional[torch.Tensor], **kw) -> torch.Tensor:
-    """``braid.kernels.kda`` over ``[meta, text]`` (zero initial state) where every document of the
-    text starts from the state after the meta tokens, as it would alone behind them.
-
-    Shapes as ``kda``; doc_ids ``[B, T]`` (meta: −1) or None; ``kw`` go to ``kda``. Returns o."""
-    m = meta_tokens
-    if doc_ids is None or m == 0 or m >= k.shape[1]:
-        return kda(q, k, v, g, beta, doc_ids=doc_ids, **kw)[0]
-    o_meta, s_meta = kda(q[:, :m], k[:, :m], v[:, :m], g[:, :m], beta[:, :m], output_final_state=True, **kw)
-    o_text, _ = kda(q[:, m:], k[:, m:], v[:, m:], g[:, m:], beta[:, m:], initial_state=s_meta,
-                    restart_state=s_meta, doc_ids=doc_ids[:, m:], **kw)
-    return torch.cat([o_meta, o_text], 1)
 
 
 @register_mixer("K")
@@ -158,10 +123,7 @@ class KDA(nn.Module):
         doc, m = seq.doc_ids, seq.meta_tokens
         convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
         qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
-        if seq.cp is None:
-            q, k, v = convs(*qkv)
-        else:  # each rank's segments need the conv_size − 1 tokens before them
-            q, k, v = seq.cp.local_mix(convs, self.conv_size - 1, *qkv)
+        q, k, v = seq.ops.local_mix(convs, self.conv_size - 1, *qkv)  # taps reach conv_size − 1 back
         q = l2_normalize(q.view(b, t, h, hd))
         k = l2_normalize(k.view(b, t, h, hd))
         v = v.view(b, t, h, hd)
@@ -169,10 +131,7 @@ class KDA(nn.Module):
         f = at_least_fp32(self.f_b(self.f_a(x))).view(b, t, h, hd) + at_least_fp32(self.dt_bias).view(h, hd)
         g = -torch.exp(at_least_fp32(self.A_log))[:, None] * F.softplus(f)
         beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))
-        if seq.cp is None:
-            o = kda_behind_meta(q, k, v, g, beta, m, doc, chunk_size=self.chunk_size)
-        else:
-            o = seq.cp.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        o = seq.ops.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
         o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))
         return self.o_proj(o.reshape(b, t, h * hd))
 

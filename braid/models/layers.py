@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from braid.kernels.precision import at_least_fp32, compute_dtype
+from braid.models.seq_ops import LocalOps
 
 
 @dataclass
@@ -21,16 +22,21 @@ class SeqInfo:
         see (attention passes them as ``sink``), whatever its window or document.
     shared: per-forward scratch space for cross-layer reuse (e.g. Hymba's shared K/V), keyed by
         the producing layer's index.
-    cp: under context parallelism, the per-forward ``braid.parallel.context.CPSeq``: the tensors hold
-        the meta tokens then this rank's segments of the sequence, and every op that mixes positions
-        goes through the same-named method of ``cp`` (None: the whole sequence is here).
+    ops: the sequence-mixing ops (``attention``, ``kda``, ``selective_scan``, ``local_mix``) every
+        mixer calls for whatever mixes positions. Default: ``braid.models.seq_ops.LocalOps`` (the
+        whole sequence is here); under context parallelism the per-forward
+        ``braid.parallel.context.CPSeq`` (the tensors hold the meta tokens then this rank's segments).
     """
 
     position_ids: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
     meta_tokens: int = 0
     shared: dict = field(default_factory=dict)
-    cp: Optional[object] = None
+    ops: Optional[object] = None
+
+    def __post_init__(self):
+        if self.ops is None:
+            self.ops = LocalOps(self.meta_tokens)
 
 
 def layer_window(cfg, layer_idx: int) -> Optional[int]:

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.kernels import attention
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 from braid.models.visible_keys import mean_visible_keys
@@ -79,9 +78,8 @@ class MLA(nn.Module):
             k_rope = self.rotary(k_rope, seq.position_ids)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, t, self.n_heads, self.rope_dim)], dim=-1)
-        op = attention if seq.cp is None else seq.cp.attention
-        o = op(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window, sink=seq.meta_tokens,
-               doc_ids=seq.doc_ids)
+        o = seq.ops.attention(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window,
+                              sink=seq.meta_tokens, doc_ids=seq.doc_ids)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
 
     def flops_per_token(self, seq_len: int) -> float:
