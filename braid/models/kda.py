@@ -4,6 +4,9 @@ Packed documents (``seq.doc_ids``): short-conv taps and the delta-rule state do 
 start. With meta tokens each document starts from the meta prefix instead (as Hymba's SSM does): its
 first conv taps read the last meta positions and its state starts from the state after the meta
 tokens, so a packed document computes exactly what it computes alone behind the meta tokens.
+
+Cached decoding (``forward(x, seq, cache)`` with a ``KDACache``): the last ``conv_size − 1`` inputs
+of each short conv and the delta-rule state ``[B, H, K, V]`` (fp32) carry over between calls.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
+from braid.kernels import kda
+from braid.kernels.kda import kda_recurrent_step
 from braid.kernels.precision import at_least_fp32
+from braid.models.caches import conv_continued
 from braid.models.doc_boundaries import conv_sources
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer
@@ -70,6 +76,17 @@ def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) ->
     return (y * torch.sigmoid(at_least_fp32(gate_logits))).to(o.dtype)
 
 
+class KDACache:
+    """A KDA layer's decoding cache: the short convs' input tails ``[B, conv_size − 1, H·K]`` and the
+    delta-rule state ``[B, H, K, V]`` (None before the first call)."""
+
+    def __init__(self):
+        self.q_conv: Optional[torch.Tensor] = None
+        self.k_conv: Optional[torch.Tensor] = None
+        self.v_conv: Optional[torch.Tensor] = None
+        self.state: Optional[torch.Tensor] = None
+
+
 @register_mixer("K")
 class KDA(nn.Module):
     """Kimi Delta Attention: a gated delta-rule linear attention with per-channel decay (Kimi Linear)."""
@@ -116,14 +133,24 @@ class KDA(nn.Module):
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents."""
+    def new_cache(self, stream) -> KDACache:
+        return KDACache()
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KDACache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents;
+        ``cache``: decoding, continued from the cached conv inputs and state."""
         b, t, _ = x.shape
         h, hd = self.n_heads, self.head_dim
         doc, m = seq.doc_ids, seq.meta_tokens
-        convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
-        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
-        q, k, v = seq.ops.local_mix(convs, self.conv_size - 1, *qkv)  # taps reach conv_size − 1 back
+        if cache is None:
+            convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
+            qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
+            q, k, v = seq.ops.local_mix(convs, self.conv_size - 1, *qkv)  # taps reach conv_size − 1 back
+        else:
+            ks = self.conv_size
+            q, cache.q_conv = conv_continued(cache.q_conv, self.q_proj(x), ks, self.q_conv)
+            k, cache.k_conv = conv_continued(cache.k_conv, self.k_proj(x), ks, self.k_conv)
+            v, cache.v_conv = conv_continued(cache.v_conv, self.v_proj(x), ks, self.v_conv)
         q = l2_normalize(q.view(b, t, h, hd))
         k = l2_normalize(k.view(b, t, h, hd))
         v = v.view(b, t, h, hd)
@@ -131,7 +158,14 @@ class KDA(nn.Module):
         f = at_least_fp32(self.f_b(self.f_a(x))).view(b, t, h, hd) + at_least_fp32(self.dt_bias).view(h, hd)
         g = -torch.exp(at_least_fp32(self.A_log))[:, None] * F.softplus(f)
         beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))
-        o = seq.ops.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        if cache is None:
+            o = seq.ops.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        elif t == 1:
+            o, cache.state = kda_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
+            o = o[:, None]
+        else:
+            o, cache.state = kda(q, k, v, g, beta, chunk_size=self.chunk_size, initial_state=cache.state,
+                                 output_final_state=True)
         o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))
         return self.o_proj(o.reshape(b, t, h * hd))
 
