@@ -66,10 +66,12 @@ def tree_decode_attention(q: torch.Tensor, k_cache_shard: torch.Tensor, v_cache_
 
 
 class ShardedKV:
-    """The ``DecodeCache.attend`` hook of a cache sharded over ``group`` (see the module docstring).
+    """The ``DecodeCache.attend`` hook of a cache sharded over ``group`` (see the module docstring):
+    called as ``(stream, kv, q, k, v, log_forget, ...)`` in place of ``braid.models.caches.KVCache.attend``.
 
-    Per layer state: ``k``, ``v`` ``[B, S_loc, Hkv, D]``, ``pos`` ``[S_loc]`` int64, with FoX ``c``
-    ``[B, S_loc, Hq]`` fp32 and ``c_total`` ``[B, Hq]`` (the running sum, on every rank)."""
+    Entries of the layer's ``kv`` (a dict): ``k``, ``v`` ``[B, S_loc, Hkv, D]``, ``pos`` ``[S_loc]``
+    int64, with forget gates ``c`` ``[B, S_loc, Hq]`` fp32 and ``c_total`` ``[B, Hq]`` (the running
+    sum, on every rank)."""
 
     def __init__(self, group, block: int = 64, node_size: Optional[int] = None):
         if block < 1:
