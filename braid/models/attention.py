@@ -24,6 +24,10 @@ from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
 
 @register_mixer("A")
 class Attention(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention",)  # the seq.ops methods forward calls
+    s2_capable = True  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.n_heads = cfg.n_heads

@@ -27,7 +27,8 @@ last ``d_conv − 1`` SSM inputs and the SSM state ``[B, C, N]`` (fp32).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -40,8 +41,36 @@ from braid.kernels.ssm import selective_state_step
 from braid.models.caches import KVCache, conv_continued
 from braid.models.doc_boundaries import conv_sources, document_starts
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
 from braid.models.visible_keys import mean_visible_keys
+
+
+@register_options("hymba")
+@dataclass
+class HymbaConfig:
+    """Hymba hybrid heads (letter H): attention heads (model.n_heads/n_kv_heads/head_dim) + Mamba-1 SSM."""
+
+    v_head_dim: Optional[int] = None  # default: ssm_inner // n_heads (the branches are summed)
+    ssm_inner: Optional[int] = None  # SSM channels; default: 2 · d_model
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: Optional[int] = None  # default: ceil(d_model / 16)
+    # Cross-layer KV sharing: in each group the first layer computes K/V, the others reuse them.
+    kv_share_groups: List[List[int]] = field(default_factory=list)
+
+    def check(self, m, layers: list, require) -> None:
+        """The checks involving other model keys; ``layers``: the indices of the H layers."""
+        inner = self.ssm_inner or 2 * m.d_model
+        v_dim = self.v_head_dim or inner // m.n_heads
+        require(m.n_heads * v_dim == inner, "model.hymba.v_head_dim",
+                f"model.n_heads × v_head_dim must equal model.hymba.ssm_inner = {inner}", self.v_head_dim)
+        seen: set = set()
+        for group in self.kv_share_groups:
+            ok = len(group) >= 1 and all(i in layers for i in group) and list(group) == sorted(group) \
+                and not seen & set(group)
+            require(ok, "model.hymba.kv_share_groups", "disjoint, ascending lists of indices of H layers",
+                    self.kv_share_groups)
+            seen |= set(group)
 
 # Mamba's dt initialisation range: dt ~ logUniform(DT_MIN, DT_MAX), floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
@@ -79,6 +108,10 @@ class HymbaCache(KVCache):
 
 @register_mixer("H")
 class Hymba(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention", "local_mix", "selective_scan")  # the seq.ops methods forward calls
+    s2_capable = False  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         h = cfg.hymba

@@ -12,6 +12,7 @@ of each short conv and the delta-rule state ``[B, H, K, V]`` (fp32) carry over b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,8 +26,20 @@ from braid.kernels.precision import at_least_fp32
 from braid.models.caches import conv_continued
 from braid.models.doc_boundaries import conv_sources
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
 from braid.models.seq_ops import kda_behind_meta  # noqa: F401 (its home was here)
+
+
+@register_options("kda")
+@dataclass
+class KDAConfig:
+    """Kimi Delta Attention (letter K)."""
+
+    n_heads: Optional[int] = None  # default: model.n_heads
+    head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
+    conv_size: int = 4
+    chunk_size: int = 64  # 16 | 32 | 64: the sizes the Triton kernels take and fit in a GPU block
+    gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
 
 
 class ShortConv(nn.Module):
@@ -89,6 +102,10 @@ class KDACache:
 
 @register_mixer("K")
 class KDA(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("kda", "local_mix")  # the seq.ops methods forward calls
+    s2_capable = False  # applies model.s2 to its attention
+
     """Kimi Delta Attention: a gated delta-rule linear attention with per-channel decay (Kimi Linear)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
