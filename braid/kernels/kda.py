@@ -17,15 +17,11 @@ import torch
 
 from braid.kernels.backend import resolve_backend
 from braid.kernels.kda_chunk import kda_chunk
+from braid.kernels.precision import compute_dtype
 
 # Sub-chunk size of the chunked path: pairs inside one sub-chunk form exponent differences explicitly
 # (memory T·8·K), pairs further apart use matmuls.
 SUB_CHUNK = 8
-
-
-def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
-    """fp32, or fp64 when any input is fp64 (tests and gradcheck)."""
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state=None) -> None:
@@ -115,7 +111,7 @@ def kda_recurrent_step(
     Returns:
         ``(o [B, H, V] in v's dtype, new state [B, H, K, V] in fp32, fp64 for fp64 inputs)``.
     """
-    cdt = _compute_dtype(q, k, v, g, beta, state)
+    cdt = compute_dtype(q, k, v, g, beta, state)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.to(cdt) for x in (q, k, v, g, beta))
     if state is None:
@@ -146,7 +142,7 @@ def kda_recurrent(
     """
     _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state)
     b, t, h, dk = k.shape
-    cdt = _compute_dtype(q, k, v, g, beta, initial_state, restart_state)
+    cdt = compute_dtype(q, k, v, g, beta, initial_state, restart_state)
     s = torch.zeros(b, h, dk, v.shape[-1], dtype=cdt, device=k.device) if initial_state is None \
         else initial_state.to(cdt)
     outs = []

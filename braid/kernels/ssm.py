@@ -37,12 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from braid.kernels.backend import resolve_backend
+from braid.kernels.precision import compute_dtype
 
 DEFAULT_CHUNK = 64
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _log_step_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +141,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z, h0, reset, chunk_size):
-        acc = _acc_dtype(u)
+        acc = compute_dtype(u)
         h0a = None if h0 is None else h0.to(acc)
         _, _, h = _states(u, dt, A, B, h0a, reset, chunk_size, acc)
         y = _readout(h, u, C, D, acc)
@@ -157,7 +154,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_final):
         u, dt, A, B, C, D, z, h0, reset = ctx.saved_tensors
-        acc = _acc_dtype(u)
+        acc = compute_dtype(u)
         uf, dtf, Af, Bf, Cf = (x.to(acc) for x in (u, dt, A, B, C))
         h0a = None if h0 is None else h0.to(acc)
         a, r, h = _states(u, dt, A, B, h0a, reset, ctx.chunk_size, acc)
@@ -271,7 +268,7 @@ def selective_state_step(
     Returns:
         ``(y [B, C]`` in u's dtype, ``new_state [B, C, N]`` in the state's accumulation dtype).
     """
-    acc = torch.promote_types(_acc_dtype(u), state.dtype)
+    acc = compute_dtype(u, state)
     a, b = _discretize(u[:, None], dt[:, None], A, B[:, None], acc)
     new_state = a[:, 0] * state.to(acc) + b[:, 0]
     y = _readout(new_state[:, None], u[:, None], C[:, None], D, acc)[:, 0]
@@ -286,7 +283,7 @@ def selective_scan_recurrent(
     """Reference: the same contract as :func:`selective_scan`, one :func:`selective_state_step` per
     position (a Python loop over T; for tests and debugging only)."""
     bsz, t, ch = u.shape
-    acc = _acc_dtype(u)
+    acc = compute_dtype(u)
     h0 = (u.new_zeros(bsz, ch, A.shape[1], dtype=acc) if initial_state is None
           else initial_state.to(acc))
     state, ys = h0, []

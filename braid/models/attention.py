@@ -2,6 +2,9 @@
 
 The steps are separate methods (``_q``, ``_kv``, ``_norm_rope``, ``_attend``) so that the gated
 attention and FoX mixers reuse them and only override what differs.
+
+Cached decoding: ``forward(x, seq, cache)`` with the layer's ``KVCache`` (``new_cache``) attends the
+new queries to the cached keys instead of running ``seq.ops.attention`` over the sequence.
 """
 
 from __future__ import annotations
@@ -12,16 +15,11 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.kernels import attention
 from braid.kernels.s2 import S2Pattern
+from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
 from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or kept in fp64 (``.float()`` would drop fp64 inputs, e.g. under gradcheck, to fp32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @register_mixer("A")
@@ -52,8 +50,9 @@ class Attention(nn.Module):
         """x ``[B, T, d]`` → q ``[B, T, H, D]`` (before norm/RoPE)."""
         return self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
 
-    def _kv(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, T, d]`` → k, v ``[B, T, Hkv, D]`` (before norm/RoPE)."""
+    def _kv(self, x: torch.Tensor, seq: SeqInfo, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, T, d]`` → k, v ``[B, T, Hkv, D]`` (before norm/RoPE); ``cache``: the layer's decoding
+        cache, for variants whose k/v read earlier tokens."""
         k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         return k, v
@@ -66,18 +65,25 @@ class Attention(nn.Module):
             q, k = self.rotary(q, seq.position_ids), self.rotary(k, seq.position_ids)
         return q, k
 
-    def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _attend(self, q, k, v, seq: SeqInfo, log_forget: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
         """Causal attention ``[B, T, H, D]`` with this layer's window, the documents, meta-token sinks and
-        the S2 pattern (``model.s2.enabled``)."""
-        op = attention if seq.cp is None else seq.cp.attention
-        return op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
-                  doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
+        the S2 pattern (``model.s2.enabled``); with ``cache`` (decoding) over the cached keys too."""
+        if cache is not None:
+            if self.s2 is not None:
+                raise NotImplementedError("no incremental decoding with the S2 attention pattern (model.s2.enabled)")
+            return cache.attend(q, k, v, log_forget, window=self.window, sink=seq.meta_tokens)
+        return seq.ops.attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
+                                 doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""
-        k, v = self._kv(x, seq)
+    def new_cache(self, stream) -> Optional[KVCache]:
+        """This layer's decoding cache (None: the S2 pattern has no cached decoding yet)."""
+        return KVCache(stream) if self.s2 is None else None
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``cache``: see the module docstring."""
+        k, v = self._kv(x, seq, cache)
         q, k = self._norm_rope(self._q(x), k, seq)
-        o = self._attend(q, k, v, seq)
+        o = self._attend(q, k, v, seq, cache=cache)
         return self.o_proj(o.flatten(2))
 
     def _mixing_flops(self, seq_len: int) -> float:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
+from braid.kernels.precision import at_least_fp32
 from braid.models.layers import RMSNorm
 
 # mHC's residual mixing is Sinkhorn(exp(logits)); exp never reaches 0, so the identity (a vertex of the
@@ -36,11 +37,6 @@ from braid.models.layers import RMSNorm
 MHC_OFFDIAG_LOGIT = -8.0
 # The paper's DHC initialises the dynamic scales s_α, s_β to 0.01 (with W = 0, so tanh(...) = 0).
 DYNAMIC_SCALE_INIT = 0.01
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or fp64 if it already is (gradchecks run the module in fp64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class PreNormResidual(nn.Module):
@@ -71,7 +67,7 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
         vanish near a permutation matrix (~1e-3 after 20 iterations for mHC's near-identity init
         with diagonal logits spread by ±0.3), as in mHC itself.
     """
-    x = _fp32(logits)
+    x = at_least_fp32(logits)
     # Shifting by the max changes nothing after normalisation but keeps exp from overflowing.
     m = torch.exp(x - x.detach().amax(dim=(-2, -1), keepdim=True))
     for _ in range(iters):
@@ -151,12 +147,12 @@ class HyperConnection(nn.Module):
         ``[n]`` when static; per token ``[B, T, n]``, ``[B, T, n, n]``, ``[B, T, n]`` when dynamic.
         """
         n = self.rate
-        a_in, a_res, b = _fp32(self.alpha_in), _fp32(self.alpha_res), _fp32(self.beta)
+        a_in, a_res, b = at_least_fp32(self.alpha_in), at_least_fp32(self.alpha_res), at_least_fp32(self.beta)
         if self.dynamic:
             hbar = self.stream_norm(H)
             # Projection in the stream dtype (a matmul like any other), tanh and sums in fp32.
-            dyn = torch.tanh(_fp32(torch.matmul(hbar, self.dyn_proj.to(hbar.dtype))))  # [B, T, n, n+2]
-            s_a, s_b = _fp32(self.dyn_scale_alpha), _fp32(self.dyn_scale_beta)
+            dyn = torch.tanh(at_least_fp32(torch.matmul(hbar, self.dyn_proj.to(hbar.dtype))))  # [B, T, n, n+2]
+            s_a, s_b = at_least_fp32(self.dyn_scale_alpha), at_least_fp32(self.dyn_scale_beta)
             a_in = a_in + s_a * dyn[..., 0]
             a_res = a_res + s_a * dyn[..., 1:n + 1]  # row i: stream i's weights to every output stream
             b = b + s_b * dyn[..., n + 1]
@@ -171,10 +167,10 @@ class HyperConnection(nn.Module):
         round away, and each output stream is an n-term sum.
         """
         a_in, a_res, b = self.coefficients(H)
-        Hf = _fp32(H)
+        Hf = at_least_fp32(H)
         # h = A_mᵀ H: a weighted sum over streams (exact at init: one weight 1, the others 0).
         h = torch.matmul(a_in.unsqueeze(-2), Hf).squeeze(-2)  # [B, T, d]
-        y = _fp32(sublayer(self.norm(h.to(H.dtype))))
+        y = at_least_fp32(sublayer(self.norm(h.to(H.dtype))))
         # H'_j = B_j y + Σ_i A_r[i, j] H_i
         mixed = torch.matmul(a_res.transpose(-1, -2), Hf)
         return (b.unsqueeze(-1) * y.unsqueeze(-2) + mixed).to(H.dtype)

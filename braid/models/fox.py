@@ -9,6 +9,9 @@ Pro block options (``cfg.fox``; use with ``cfg.qk_norm``):
   separate α for v; ``k̃_{t−1}`` is zero at the first token of a row and of every document.
 * output_norm: RMSNorm per head on the attention output.
 * output_gate: ``o ⊙ sigmoid(Linear(x))`` (one gate per channel) before the output projection.
+
+Cached decoding (``FoXCache``): the KV cache also keeps the log forget gates of the cached keys and,
+with kv_shift, the last pre-shift k and v (the shift's ``x_{t−1}`` for the next call).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.models.attention import Attention, at_least_fp32
+from braid.kernels.precision import at_least_fp32
+from braid.models.attention import Attention
+from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo
 from braid.models.registry import register_mixer, register_options
 
@@ -57,6 +62,24 @@ def shift_mix(x: torch.Tensor, alpha_logits: torch.Tensor, doc_ids: Optional[tor
     return (a * at_least_fp32(prev) + (1 - a) * at_least_fp32(x)).to(x.dtype)
 
 
+class FoXCache(KVCache):
+    """A FoX layer's decoding cache: keys, values and forget gates (``KVCache``) and, with kv_shift,
+    the previous call's last pre-shift k and v ``[B, 1, Hkv, D]`` (None before the first call)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.k_last: Optional[torch.Tensor] = None
+        self.v_last: Optional[torch.Tensor] = None
+
+
+def _shift_continued(prev: Optional[torch.Tensor], raw: torch.Tensor, alpha: torch.Tensor):
+    """The kv shift continued across calls: ``prev`` (the previous call's last raw k or v, None: zero)
+    is x_{t−1} of the first new token. Returns the shifted rows and the next ``prev``."""
+    prev = torch.zeros_like(raw[:, :1]) if prev is None else prev
+    full = shift_mix(torch.cat([prev, raw], 1), torch.cat([torch.zeros_like(alpha[:, :1]), alpha], 1), None)
+    return full[:, 1:], raw[:, -1:]
+
+
 @register_mixer("F")
 class FoX(Attention):
     # Declarations (read without importing this module, see braid/models/registry.py).
@@ -89,20 +112,27 @@ class FoX(Attention):
             dt = torch.promote_types(at_least_fp32(x).dtype, w.dtype)
             return F.logsigmoid(F.linear(x.to(dt), w.to(dt), b.to(dt)))
 
-    def _kv(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[FoXCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super()._kv(x, seq)
-        if self.k_shift_proj is not None:
-            # Under context parallelism each segment's first token needs the token before it.
-            shift = shift_mix if seq.cp is None else (lambda *a: seq.cp.local_mix(shift_mix, 1, *a))
-            k = shift(k, self.k_shift_proj(x), seq.doc_ids)
-            v = shift(v, self.v_shift_proj(x), seq.doc_ids)
+        if self.k_shift_proj is None:
+            return k, v
+        if cache is not None:  # decoding: x_{t−1} of the first new token is the cached last one
+            k, cache.k_last = _shift_continued(cache.k_last, k, self.k_shift_proj(x))
+            v, cache.v_last = _shift_continued(cache.v_last, v, self.v_shift_proj(x))
+            return k, v
+        # Each token reads the one before it (across context-parallel segments too).
+        k = seq.ops.local_mix(shift_mix, 1, k, self.k_shift_proj(x), seq.doc_ids)
+        v = seq.ops.local_mix(shift_mix, 1, v, self.v_shift_proj(x), seq.doc_ids)
         return k, v
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype."""
-        k, v = self._kv(x, seq)
+    def new_cache(self, stream) -> Optional[FoXCache]:
+        return FoXCache(stream) if self.s2 is None else None
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[FoXCache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``cache``: decoding (see the module docstring)."""
+        k, v = self._kv(x, seq, cache)
         q, k = self._norm_rope(self._q(x), k, seq)
-        o = self._attend(q, k, v, seq, log_forget=self.log_forget(x))
+        o = self._attend(q, k, v, seq, log_forget=self.log_forget(x), cache=cache)
         if self.out_norm is not None:
             o = self.out_norm(o)
         if self.out_gate_proj is not None:

@@ -11,11 +11,15 @@ group by group.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.models.attention import Attention, at_least_fp32
+from braid.kernels.precision import at_least_fp32
+from braid.models.attention import Attention
+from braid.models.caches import KVCache
 from braid.models.layers import SeqInfo
 from braid.models.registry import register_mixer
 
@@ -48,12 +52,13 @@ class GatedAttention(Attention):
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         return self._q_and_gate(x)[0]
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]``; the gate is a sigmoid in fp32, applied in x's dtype."""
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]``; the gate is a sigmoid in fp32, applied in x's dtype; ``cache``:
+        decoding, as ``Attention``."""
         q, gate = self._q_and_gate(x)
-        k, v = self._kv(x, seq)
+        k, v = self._kv(x, seq, cache)
         q, k = self._norm_rope(q, k, seq)
-        o = self._attend(q, k, v, seq)
+        o = self._attend(q, k, v, seq, cache=cache)
         o = o * torch.sigmoid(at_least_fp32(gate)).to(o.dtype)
         return self.o_proj(o.flatten(2))
 

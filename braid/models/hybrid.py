@@ -128,7 +128,7 @@ class HybridLM(nn.Module):
         h = self.embed(input_ids)
         if m:
             h, position_ids, doc_ids = self._prepend_meta(h, position_ids, doc_ids)
-        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m, cp=cp)
+        seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m, ops=cp)
         if self.n_streams:
             h = expand_streams(h, self.n_streams)
         for layer in self.layers:

@@ -18,6 +18,10 @@ Packed documents (``seq.doc_ids``): attention stays in its document; conv taps a
 not cross a document start. With meta tokens, each document starts from the meta prefix instead:
 its first conv taps read the last meta positions and its SSM state starts from the state after the
 meta tokens, so a packed document computes exactly what it would alone behind the meta tokens.
+
+Cached decoding (``forward(x, seq, cache)`` with a ``HymbaCache``): K/V as for attention (a layer
+reusing another layer's K/V reads that layer's cache, found in ``seq.shared`` as in training), the
+last ``d_conv − 1`` SSM inputs and the SSM state ``[B, C, N]`` (fp32).
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
-from braid.kernels import attention, selective_scan
+from braid.kernels import selective_scan
+from braid.kernels.precision import compute_dtype
+from braid.kernels.ssm import selective_state_step
+from braid.models.caches import KVCache, conv_continued
+from braid.models.doc_boundaries import conv_sources, document_starts
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer, register_options
 from braid.models.visible_keys import mean_visible_keys
@@ -86,6 +94,16 @@ def _kv_producer(cfg: ModelConfig, layer_idx: int) -> Optional[int]:
         raise ValueError(f"model.hymba.kv_share_groups: group {group} starts at layer {group[0]}, "
                          f"which is '{cfg.pattern[group[0]]}', not a Hymba layer")
     return None if group[0] == layer_idx else group[0]
+
+
+class HymbaCache(KVCache):
+    """A Hymba layer's decoding cache: its K/V (``KVCache``; empty for a layer reusing another's), the
+    SSM conv's input tail ``[B, d_conv − 1, C]`` and the SSM state ``[B, C, N]`` (None at first)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.conv: Optional[torch.Tensor] = None
+        self.ssm: Optional[torch.Tensor] = None
 
 
 @register_mixer("H")
@@ -163,7 +181,7 @@ class Hymba(nn.Module):
     def heads(self, q, k, v, seq: SeqInfo):
         """Projections ``[B,T,H·D]`` → per-head q (QK-norm, RoPE) and, for a layer with its own K/V,
         per-head k (likewise) and v; a layer that reuses another's K/V gets ``k = v = None``.
-        Shared by training and cached decoding (braid.models.decoding), which must agree exactly."""
+        Shared by training and cached decoding, which must agree exactly."""
         b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
@@ -180,47 +198,40 @@ class Hymba(nn.Module):
             k = self.rotary(k, seq.position_ids)
         return q, k, v
 
-    def _attention(self, q, k, v, seq: SeqInfo) -> torch.Tensor:
-        """q ``[B,T,Hq·Dqk]``, k/v of this layer or None → attention output ``[B, T, H·Dv]``."""
+    def _attention(self, q, k, v, seq: SeqInfo, cache: Optional["HymbaCache"] = None) -> torch.Tensor:
+        """q ``[B,T,Hq·Dqk]``, k/v of this layer or None → attention output ``[B, T, H·Dv]``; with
+        ``cache`` (decoding) over the cached keys too. What a group's first layer shares in
+        ``seq.shared`` is its k/v, or in decoding its cache."""
         b, t, _ = q.shape
         q, k, v = self.heads(q, k, v, seq)
         if self.kv_source is None:
             if self.stores_kv:
-                seq.shared[self.layer_idx] = (k, v)
+                seq.shared[self.layer_idx] = (k, v) if cache is None else cache
+        elif self.kv_source not in seq.shared:
+            raise RuntimeError(f"Hymba layer {self.layer_idx} reuses the K/V of layer {self.kv_source}, "
+                               "which has not run in this forward pass")
+        if cache is None:
+            if self.kv_source is not None:
+                k, v = seq.shared[self.kv_source]
+            o = seq.ops.attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
+                                  doc_ids=seq.doc_ids)
+        elif self.kv_source is None:
+            # A shared cache must serve its readers' windows: only an unshared one is trimmed.
+            o = cache.attend(q, k, v, window=self.window, sink=seq.meta_tokens, trim=not self.stores_kv)
         else:
-            if self.kv_source not in seq.shared:
-                raise RuntimeError(f"Hymba layer {self.layer_idx} reuses the K/V of layer {self.kv_source}, "
-                                   "which has not run in this forward pass")
-            k, v = seq.shared[self.kv_source]
-        op = attention if seq.cp is None else seq.cp.attention
-        o = op(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+            o = seq.shared[self.kv_source].attend(q, None, None, window=self.window, sink=seq.meta_tokens,
+                                                  store=False, trim=False)
         return o.reshape(b, t, self.n_heads * self.v_head_dim)
 
     # ------------------------------------------------------------------ SSM branch
 
     def _doc_layout(self, seq: SeqInfo, t: int):
-        """For packed documents: ``(reset [B,T] bool, conv source index [B,T,K])``, else (None, None).
-
-        reset marks document starts (and position 0). Source ``[b, t, k]`` is the position whose x
-        feeds conv tap k (k steps back) at t: t − k inside the document, else the matching meta
-        position (as if the document followed the meta prefix directly), else −1 (zero padding).
-        """
+        """For packed documents: ``(reset [B,T] bool, conv source index [B,T,K])``, else (None, None):
+        the document starts and each conv tap's source (``braid.models.doc_boundaries``)."""
         if seq.doc_ids is None:
             return None, None
-        doc, m = seq.doc_ids, seq.meta_tokens
-        pos = torch.arange(t, device=doc.device)
-        reset = torch.ones_like(doc, dtype=torch.bool)
-        reset[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        if 0 < m < t:
-            reset[:, m] = True  # the first text position starts a document after the prefix
-        start = torch.where(reset, pos, 0).cummax(dim=1).values
-        offset = pos - start  # position inside the document (or inside the meta prefix)
-        prefix = torch.where(pos >= m, m, 0)  # meta positions a document may read before its start
-        k = torch.arange(self.d_conv, device=doc.device)
-        inside = pos[:, None] - k  # [T, K]
-        before = (prefix + offset)[..., None] - k  # [B, T, K], an index into the meta prefix
-        src = torch.where(offset[..., None] >= k, inside, torch.where(before >= 0, before, -1))
-        return reset, src
+        reset = document_starts(seq.doc_ids, seq.meta_tokens)
+        return reset, conv_sources(seq.doc_ids, seq.meta_tokens, self.d_conv, reset)
 
     def _conv(self, x: torch.Tensor, src: Optional[torch.Tensor]) -> torch.Tensor:
         """Depthwise causal conv over time, x ``[B, T, C]`` → ``[B, T, C]``; taps from ``src`` if given."""
@@ -238,42 +249,48 @@ class Hymba(nn.Module):
             y = y + tap * w[:, self.d_conv - 1 - k]
         return y
 
-    def ssm(self, x: torch.Tensor, z: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """The Mamba-1 branch: SSM input x and gate z ``[B, T, ssm_inner]`` → ``[B, T, ssm_inner]``."""
-        if seq.cp is None:
-            reset, src = self._doc_layout(seq, x.shape[1])
-            x = F.silu(self._conv(x, src))
-        else:  # conv taps reach d_conv − 1 tokens back: each segment gets them from its neighbours
-            def conv(xp, dp):
-                piece = SeqInfo(position_ids=None, doc_ids=dp, meta_tokens=seq.meta_tokens)
-                return self._conv(xp, self._doc_layout(piece, xp.shape[1])[1])
-            x = F.silu(seq.cp.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
+    def ssm(self, x: torch.Tensor, z: torch.Tensor, seq: SeqInfo, cache: Optional["HymbaCache"] = None) -> torch.Tensor:
+        """The Mamba-1 branch: SSM input x and gate z ``[B, T, ssm_inner]`` → ``[B, T, ssm_inner]``;
+        with ``cache`` (decoding, one document) continued from the cached conv inputs and state."""
+        m = seq.meta_tokens
+
+        def conv(xp, dp):  # taps reach d_conv − 1 tokens back (across context-parallel segments too)
+            return self._conv(xp, None if dp is None else conv_sources(dp, m, self.d_conv))
+
+        if cache is None:
+            x = F.silu(seq.ops.local_mix(conv, self.d_conv - 1, x, seq.doc_ids))
+        else:
+            x, cache.conv = conv_continued(cache.conv, x, self.d_conv, lambda u: self._conv(u, None))
+            x = F.silu(x)
         dt, b_in, c_out = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, b_in, c_out = self.dt_layernorm(dt), self.B_layernorm(b_in), self.C_layernorm(c_out)
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 under gradcheck)
+        acc = compute_dtype(x)
         # The bias is added in fp32: softplus of a bf16-rounded bias (≈ −5) would move dt by ~2 %.
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
-        m = seq.meta_tokens
-        if seq.cp is not None:
-            return seq.cp.selective_scan(x, dt, A, b_in, c_out, self.D, z, doc_ids=seq.doc_ids)
-        if reset is None or m == 0 or m >= x.shape[1]:
-            return selective_scan(x, dt, A, b_in, c_out, self.D, z, reset=reset)
-        # Documents after meta tokens restart from the state the meta prefix leaves.
-        y_meta, h_meta = selective_scan(x[:, :m], dt[:, :m], A, b_in[:, :m], c_out[:, :m], self.D, z[:, :m],
-                                        output_final_state=True)
-        y_text = selective_scan(x[:, m:], dt[:, m:], A, b_in[:, m:], c_out[:, m:], self.D, z[:, m:],
-                                initial_state=h_meta, reset=reset[:, m:])
-        return torch.cat([y_meta, y_text], 1)
+        if cache is None:  # documents after meta tokens restart from the state the meta prefix leaves
+            return seq.ops.selective_scan(x, dt, A, b_in, c_out, self.D, z, doc_ids=seq.doc_ids)
+        if x.shape[1] > 1:
+            y, cache.ssm = selective_scan(x, dt, A, b_in, c_out, self.D, z, initial_state=cache.ssm,
+                                          output_final_state=True)
+            return y
+        state = cache.ssm
+        if state is None:
+            state = torch.zeros(x.shape[0], self.ssm_inner, self.d_state, dtype=acc, device=x.device)
+        y, cache.ssm = selective_state_step(state, x[:, 0], dt[:, 0], A, b_in[:, 0], c_out[:, 0], self.D, z[:, 0])
+        return y[:, None]
 
     # ------------------------------------------------------------------ the mixer
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype)."""
+    def new_cache(self, stream) -> "HymbaCache":
+        return HymbaCache(stream)
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional["HymbaCache"] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype); ``cache``: decoding (see the module docstring)."""
         q, k, v, xs, z = self.in_proj(x).split(
             [self.q_dim, self.k_dim, self.v_dim, self.ssm_inner, self.ssm_inner], dim=-1)
-        attn = self._attention(q, k, v, seq)
-        ssm = self.ssm(xs, z, seq)
+        attn = self._attention(q, k, v, seq, cache)
+        ssm = self.ssm(xs, z, seq, cache)
         return self.out_proj((self.pre_avg_layernorm1(attn) + self.pre_avg_layernorm2(ssm)) / 2)
 
     def flops_per_token(self, seq_len: int) -> float:

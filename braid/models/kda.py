@@ -4,6 +4,9 @@ Packed documents (``seq.doc_ids``): short-conv taps and the delta-rule state do 
 start. With meta tokens each document starts from the meta prefix instead (as Hymba's SSM does): its
 first conv taps read the last meta positions and its state starts from the state after the meta
 tokens, so a packed document computes exactly what it computes alone behind the meta tokens.
+
+Cached decoding (``forward(x, seq, cache)`` with a ``KDACache``): the last ``conv_size − 1`` inputs
+of each short conv and the delta-rule state ``[B, H, K, V]`` (fp32) carry over between calls.
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ import torch.nn.functional as F
 
 from braid.config import ModelConfig
 from braid.kernels import kda
+from braid.kernels.kda import kda_recurrent_step
+from braid.kernels.precision import at_least_fp32
+from braid.models.caches import conv_continued
+from braid.models.doc_boundaries import conv_sources
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer, register_options
+from braid.models.seq_ops import kda_behind_meta  # noqa: F401 (its home was here)
 
 
 @register_options("kda")
@@ -32,28 +40,6 @@ class KDAConfig:
     conv_size: int = 4
     chunk_size: int = 64  # 16 | 32 | 64: the sizes the Triton kernels take and fit in a GPU block
     gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
-
-
-def conv_sources(doc_ids: torch.Tensor, meta_tokens: int, width: int) -> torch.Tensor:
-    """Which position feeds each tap of a causal conv over packed documents behind meta tokens.
-
-    doc_ids ``[B, T]`` (the first ``meta_tokens`` positions are the meta prefix) → ``[B, T, width]``
-    int64: for tap ``lag`` (lag steps back) at t, t − lag inside t's document (or inside the meta
-    prefix), else the meta position the tap reads when the document follows the prefix directly
-    (m + offset − lag), else −1 (zero padding). Position ``meta_tokens`` always starts a document,
-    so a context-parallel piece ``[meta, halo, segment]`` gets the same taps as the whole sequence.
-    """
-    t, m = doc_ids.shape[1], meta_tokens
-    pos = torch.arange(t, device=doc_ids.device)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    if 0 < m < t:
-        start[:, m] = True
-    offset = pos - torch.where(start, pos, 0).cummax(dim=1).values  # position inside its document
-    lag = torch.arange(width, device=doc_ids.device)
-    inside = pos[:, None] - lag  # [T, W]
-    before = (torch.where(pos >= m, m, 0) + offset)[..., None] - lag  # [B, T, W], into the meta prefix
-    return torch.where(offset[..., None] >= lag, inside, torch.where(before >= 0, before, -1))
 
 
 class ShortConv(nn.Module):
@@ -86,14 +72,9 @@ class ShortConv(nn.Module):
         return F.silu(y)
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or kept in fp64 (so that fp64 tests and gradcheck see fp64 arithmetic)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(Σ x² + eps)`` over the last dim, computed and returned in fp32 (fp64 stays fp64)."""
-    x = _up(x)
+    x = at_least_fp32(x)
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
@@ -103,23 +84,20 @@ def gated_rms_norm(o: torch.Tensor, norm: RMSNorm, gate_logits: torch.Tensor) ->
     o, gate_logits ``[..., D]``; ``norm`` supplies the weight ``[D]`` and eps. One fused step (a
     kernel later), and unlike ``RMSNorm.forward`` it keeps fp64 inputs in fp64.
     """
-    of = _up(o)
+    of = at_least_fp32(o)
     y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(of.dtype)
-    return (y * torch.sigmoid(_up(gate_logits))).to(o.dtype)
+    return (y * torch.sigmoid(at_least_fp32(gate_logits))).to(o.dtype)
 
 
-def kda_behind_meta(q, k, v, g, beta, meta_tokens: int, doc_ids: Optional[torch.Tensor], **kw) -> torch.Tensor:
-    """``braid.kernels.kda`` over ``[meta, text]`` (zero initial state) where every document of the
-    text starts from the state after the meta tokens, as it would alone behind them.
+class KDACache:
+    """A KDA layer's decoding cache: the short convs' input tails ``[B, conv_size − 1, H·K]`` and the
+    delta-rule state ``[B, H, K, V]`` (None before the first call)."""
 
-    Shapes as ``kda``; doc_ids ``[B, T]`` (meta: −1) or None; ``kw`` go to ``kda``. Returns o."""
-    m = meta_tokens
-    if doc_ids is None or m == 0 or m >= k.shape[1]:
-        return kda(q, k, v, g, beta, doc_ids=doc_ids, **kw)[0]
-    o_meta, s_meta = kda(q[:, :m], k[:, :m], v[:, :m], g[:, :m], beta[:, :m], output_final_state=True, **kw)
-    o_text, _ = kda(q[:, m:], k[:, m:], v[:, m:], g[:, m:], beta[:, m:], initial_state=s_meta,
-                    restart_state=s_meta, doc_ids=doc_ids[:, m:], **kw)
-    return torch.cat([o_meta, o_text], 1)
+    def __init__(self):
+        self.q_conv: Optional[torch.Tensor] = None
+        self.k_conv: Optional[torch.Tensor] = None
+        self.v_conv: Optional[torch.Tensor] = None
+        self.state: Optional[torch.Tensor] = None
 
 
 @register_mixer("K")
@@ -172,28 +150,39 @@ class KDA(nn.Module):
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents."""
+    def new_cache(self, stream) -> KDACache:
+        return KDACache()
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KDACache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents;
+        ``cache``: decoding, continued from the cached conv inputs and state."""
         b, t, _ = x.shape
         h, hd = self.n_heads, self.head_dim
         doc, m = seq.doc_ids, seq.meta_tokens
-        convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
-        qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
-        if seq.cp is None:
-            q, k, v = convs(*qkv)
-        else:  # each rank's segments need the conv_size − 1 tokens before them
-            q, k, v = seq.cp.local_mix(convs, self.conv_size - 1, *qkv)
+        if cache is None:
+            convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
+            qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x), doc)
+            q, k, v = seq.ops.local_mix(convs, self.conv_size - 1, *qkv)  # taps reach conv_size − 1 back
+        else:
+            ks = self.conv_size
+            q, cache.q_conv = conv_continued(cache.q_conv, self.q_proj(x), ks, self.q_conv)
+            k, cache.k_conv = conv_continued(cache.k_conv, self.k_proj(x), ks, self.k_conv)
+            v, cache.v_conv = conv_continued(cache.v_conv, self.v_proj(x), ks, self.v_conv)
         q = l2_normalize(q.view(b, t, h, hd))
         k = l2_normalize(k.view(b, t, h, hd))
         v = v.view(b, t, h, hd)
         # Gates in fp32: g is a log decay summed over a chunk, β scales the delta-rule step.
-        f = _up(self.f_b(self.f_a(x))).view(b, t, h, hd) + _up(self.dt_bias).view(h, hd)
-        g = -torch.exp(_up(self.A_log))[:, None] * F.softplus(f)
-        beta = torch.sigmoid(_up(self.b_proj(x)))
-        if seq.cp is None:
-            o = kda_behind_meta(q, k, v, g, beta, m, doc, chunk_size=self.chunk_size)
+        f = at_least_fp32(self.f_b(self.f_a(x))).view(b, t, h, hd) + at_least_fp32(self.dt_bias).view(h, hd)
+        g = -torch.exp(at_least_fp32(self.A_log))[:, None] * F.softplus(f)
+        beta = torch.sigmoid(at_least_fp32(self.b_proj(x)))
+        if cache is None:
+            o = seq.ops.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+        elif t == 1:
+            o, cache.state = kda_recurrent_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
+            o = o[:, None]
         else:
-            o = seq.cp.kda(q, k, v, g, beta, chunk_size=self.chunk_size, doc_ids=doc)
+            o, cache.state = kda(q, k, v, g, beta, chunk_size=self.chunk_size, initial_state=cache.state,
+                                 output_final_state=True)
         o = gated_rms_norm(o, self.o_norm, self.g_b(self.g_a(x)).view(b, t, h, hd))
         return self.o_proj(o.reshape(b, t, h * hd))
 

@@ -8,6 +8,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from braid.kernels.precision import at_least_fp32, compute_dtype
+from braid.models.seq_ops import LocalOps
+
 
 @dataclass
 class SeqInfo:
@@ -19,16 +22,21 @@ class SeqInfo:
         see (attention passes them as ``sink``), whatever its window or document.
     shared: per-forward scratch space for cross-layer reuse (e.g. Hymba's shared K/V), keyed by
         the producing layer's index.
-    cp: under context parallelism, the per-forward ``braid.parallel.context.CPSeq``: the tensors hold
-        the meta tokens then this rank's segments of the sequence, and every op that mixes positions
-        goes through the same-named method of ``cp`` (None: the whole sequence is here).
+    ops: the sequence-mixing ops (``attention``, ``kda``, ``selective_scan``, ``local_mix``) every
+        mixer calls for whatever mixes positions. Default: ``braid.models.seq_ops.LocalOps`` (the
+        whole sequence is here); under context parallelism the per-forward
+        ``braid.parallel.context.CPSeq`` (the tensors hold the meta tokens then this rank's segments).
     """
 
     position_ids: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
     meta_tokens: int = 0
     shared: dict = field(default_factory=dict)
-    cp: Optional[object] = None
+    ops: Optional[object] = None
+
+    def __post_init__(self):
+        if self.ops is None:
+            self.ops = LocalOps(self.meta_tokens)
 
 
 def layer_window(cfg, layer_idx: int) -> Optional[int]:
@@ -45,7 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradchecks)
+        xf = at_least_fp32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -70,7 +78,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, H, D]``, position_ids ``[B, T]`` → rotated x (angles in fp32)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 (gradchecks)
+        dtype = compute_dtype(x)
         angles = position_ids[..., None].to(dtype) * self.inv_freq.to(dtype)  # [B, T, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
         sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]

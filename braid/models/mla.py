@@ -16,6 +16,8 @@ rotate-half convention; DeepSeek checkpoints rotate interleaved pairs, so conver
 rope rows of q_b_proj (or q_proj) and kv_a_proj_with_mqa (even dims first, then odd ones).
 
 Training computes the full per-head K/V (the latent is only a cache-size trick at decoding time).
+Cached decoding (``forward(x, seq, cache)``) keeps the per-head K and V in a ``KVCache`` (the
+latent-only cache is an optimisation for later).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
-from braid.kernels import attention
+from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer, register_options
 from braid.models.visible_keys import mean_visible_keys
@@ -87,8 +89,12 @@ class MLA(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         return q.unflatten(-1, (self.n_heads, self.qk_dim))
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype)."""
+    def new_cache(self, stream) -> KVCache:
+        return KVCache(stream)
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype); with ``cache`` (decoding) the new queries also
+        attend to the cached keys."""
         b, t, _ = x.shape
         q_nope, q_rope = self.queries(x).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -100,9 +106,11 @@ class MLA(nn.Module):
             k_rope = self.rotary(k_rope, seq.position_ids)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, t, self.n_heads, self.rope_dim)], dim=-1)
-        op = attention if seq.cp is None else seq.cp.attention
-        o = op(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window, sink=seq.meta_tokens,
-               doc_ids=seq.doc_ids)
+        if cache is None:
+            o = seq.ops.attention(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window,
+                                  sink=seq.meta_tokens, doc_ids=seq.doc_ids)
+        else:
+            o = cache.attend(q, k, v, scale=self.qk_dim ** -0.5, window=self.window, sink=seq.meta_tokens)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -1,7 +1,7 @@
 """Context parallelism: the sequence of every sample split over the ``cp`` mesh dimension.
 
 ``apply_cp(model, group, kind, layout)`` attaches a :class:`ContextParallel` to a HybridLM; the trainer
-shards each micro-batch with ``shard_batch`` and the mixers call ``seq.cp`` for their sequence-mixing
+shards each micro-batch with ``shard_batch`` and the mixers call ``seq.ops`` (a ``CPSeq``) for their sequence-mixing
 ops. See ``context.py`` for the contract and ``layout.py`` for who holds which positions.
 """
 

@@ -1,9 +1,9 @@
-"""The context-parallel object mixers see as ``seq.cp`` during a forward.
+"""The context-parallel ops object mixers see as ``seq.ops`` during a forward.
 
 ``ContextParallel`` is attached to a built model by :func:`braid.parallel.context.apply_cp`; at every
 forward ``HybridLM`` calls ``bind(local_text_len, meta_tokens)`` and puts the returned ``CPSeq`` in
-``SeqInfo.cp``. Mixers stay plain PyTorch: where a sequence-mixing op would see the whole sequence at
-cp = 1, they call the same-named method of ``seq.cp`` with their local tensors, and it returns exactly
+``SeqInfo.ops``. Mixers stay plain PyTorch: where a sequence-mixing op would see the whole sequence at
+cp = 1, they call the same-named method of ``seq.ops`` with their local tensors, and it returns exactly
 what the cp = 1 op would have returned for the local positions.
 
 Local tensors are ``[B, M + T_local, ...]``: the ``M`` meta tokens (replicated on every rank) then the
@@ -102,7 +102,7 @@ class CPSeq:
             backend: str = "auto") -> torch.Tensor:
         """``braid.kernels.kda`` (zero initial state) over ``[meta, text]``, for the local rows; with doc_ids
         every document starts from the state after the meta tokens (zeros without meta tokens), as the K
-        mixer does at cp = 1 (``braid.models.kda.kda_behind_meta``).
+        mixer does at cp = 1 (``braid.models.seq_ops.kda_behind_meta``).
 
         q/k/g ``[B, M+T_loc, H, K]``, v ``[B, M+T_loc, H, V]``, beta ``[B, M+T_loc, H]``, doc_ids
         ``[B, M+T_loc]`` or None → o ``[B, M+T_loc, H, V]`` in v's dtype (no final state)."""

@@ -68,7 +68,7 @@ def _unstack(cps, x: torch.Tensor) -> torch.Tensor:
 def kda_cp(cps, q, k, v, g, beta, *, scale: Optional[float] = None, chunk_size: int = 64,
            doc_ids: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """``braid.kernels.kda`` over ``[meta, text]`` for the local rows, documents restarting from the
-    state after the meta tokens (``braid.models.kda.kda_behind_meta``; see ``CPSeq.kda``)."""
+    state after the meta tokens (``braid.models.seq_ops.kda_behind_meta``; see ``CPSeq.kda``)."""
     m, nseg = cps.meta, len(cps.layout.local)
     b, _, h, dk = k.shape
     dv = v.shape[-1]

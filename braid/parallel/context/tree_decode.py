@@ -66,10 +66,12 @@ def tree_decode_attention(q: torch.Tensor, k_cache_shard: torch.Tensor, v_cache_
 
 
 class ShardedKV:
-    """The ``DecodeCache.attend`` hook of a cache sharded over ``group`` (see the module docstring).
+    """The ``DecodeCache.attend`` hook of a cache sharded over ``group`` (see the module docstring):
+    called as ``(stream, st, q, k, v, log_forget, ...)`` in place of ``braid.models.caches.KVCache.attend``.
 
-    Per layer state: ``k``, ``v`` ``[B, S_loc, Hkv, D]``, ``pos`` ``[S_loc]`` int64, with FoX ``c``
-    ``[B, S_loc, Hq]`` fp32 and ``c_total`` ``[B, Hq]`` (the running sum, on every rank)."""
+    Entries of the layer's ``st`` (its ``KVCache``, a dict): ``k``, ``v`` ``[B, S_loc, Hkv, D]``, ``pos`` ``[S_loc]``
+    int64, with forget gates ``c`` ``[B, S_loc, Hq]`` fp32 and ``c_total`` ``[B, Hq]`` (the running
+    sum, on every rank)."""
 
     def __init__(self, group, block: int = 64, node_size: Optional[int] = None):
         if block < 1:
@@ -83,10 +85,10 @@ class ShardedKV:
         text = torch.div(pos - sink, self.block, rounding_mode="floor") % self.size
         return torch.where(pos < sink, torch.zeros_like(pos), text)
 
-    def __call__(self, cache: DecodeCache, st: dict, q, k, v, log_forget=None, *, window, sink: int, scale=None,
+    def __call__(self, stream: DecodeCache, st: dict, q, k, v, log_forget=None, *, window, sink: int, scale=None,
                  store: bool = True, trim: bool = True) -> torch.Tensor:
         t = q.shape[1]
-        q_pos = torch.arange(cache.length, cache.length + t, device=q.device)
+        q_pos = torch.arange(stream.length, stream.length + t, device=q.device)
         c_q = None
         if store:
             mine = self.owner(q_pos, sink) == self.rank
