@@ -14,6 +14,7 @@ from braid.models.connections import expand_streams, make_connection, merge_stre
 from braid.models.ffn import NoFFN
 from braid.models.layers import RMSNorm, SeqInfo
 from braid.models.registry import ffn_class, mixer_class
+from braid.models.tp_plan import reset_view
 
 IGNORE_INDEX = -100
 
@@ -107,7 +108,8 @@ class HybridLM(nn.Module):
         for module in self.modules():
             if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) \
                     and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+                with reset_view(module):  # tensor parallelism: the full-size view of sharded weights
+                    module.reset_parameters()
 
     def _head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from braid.errors import ConfigError
 from braid.kernels.grouped_gemm import grouped_mm
-from braid.parallel.tp_plans import comm
+from braid.parallel import collectives as comm
 
 
 def local_expert_ffn(module: nn.Module, xs: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor,
@@ -48,8 +48,9 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 def shard_moe(moe: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard one :class:`~braid.models.moe.MoE` over the 1-D ``tp_mesh`` in place (see module doc)."""
-    from braid.parallel.tensor_parallel import _reset_on_global_view, shard_module
-    from braid.parallel.tp_plans.mixers import swiglu_plan
+    from braid.models.tp_plan import set_reset_view
+    from braid.parallel.tensor_parallel import _global_view, shard_module
+    from braid.parallel.tp_plans.mixers import module_plan
 
     group, p = tp_mesh.get_group(), tp_mesh.size()
     if moe.hidden % p:
@@ -64,9 +65,9 @@ def shard_moe(moe: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> N
         new.__dict__.update(old.__dict__)
         moe.register_parameter(name, new)
     if moe.shared is not None:  # its partial output joins the experts' before the one reduction
-        shard_module(moe.shared, tp_mesh, swiglu_plan(moe.shared, p), lambda x: x, lambda y: y)
+        shard_module(moe.shared, tp_mesh, module_plan(moe.shared, p), lambda x: x, lambda y: y)
     # Re-initialisation (meta-device builds) draws on the global view, as unsharded.
-    _reset_on_global_view(moe, {}, {})
+    set_reset_view(moe, _global_view)
     moe._tp_gate_up = comm.PackedColumns.blocks([moe.hidden, moe.hidden], group)
     moe._tp_router_input = None
 
