@@ -33,25 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from braid.errors import ConfigError
+from braid.parallel.collectives import all_to_all_rows
 from braid.parallel.tp_plans.moe import local_expert_ffn
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; backward sends the gradients back the same way."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        grad = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad, None, None, None
 
 
 def _ep_experts(group, ep: int):
@@ -64,7 +47,7 @@ def _ep_experts(group, ep: int):
         recv_sizes = recv_sizes.view(ep, e_local)  # [source rank, local expert]
         in_splits = group_sizes.view(ep, e_local).sum(1).tolist()
         out_splits = recv_sizes.sum(1).tolist()
-        recv = _AllToAll.apply(xs, out_splits, in_splits, group)
+        recv = all_to_all_rows(xs, out_splits, in_splits, group)
         # Received rows are source-major; the grouped GEMM needs them local-expert-major.
         local_expert = torch.arange(e_local, device=xs.device).repeat(ep)
         row_expert = torch.repeat_interleave(local_expert, recv_sizes.flatten())
@@ -75,7 +58,7 @@ def _ep_experts(group, ep: int):
         # the tp plan's one reduction after the combine).
         y_sorted = local_expert_ffn(self, recv[order], recv_sizes.sum(0), w1, w2)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to source-major
-        return _AllToAll.apply(y, in_splits, out_splits, group)
+        return all_to_all_rows(y, in_splits, out_splits, group)
 
     return experts
 

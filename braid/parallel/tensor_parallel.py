@@ -12,23 +12,23 @@ applies any plan the same way and names no mixer. How a module is sharded (``sha
   before the registered parameter (``nn.Module`` looks ``_parameters`` up only when an attribute is
   missing), and the forward hook unbinds them; the registered parameters are never touched. A
   mixer infers its local head counts from these shapes. This is why no mixer needs DTensor-aware
-  code and why our own kernels (attention, KDA, selective scan) run under TP as they are.
+  code and why our own kernels (attention, delta rule, selective scan) run under TP as they are.
 * The communication is explicit at the module boundary (:mod:`braid.parallel.collectives`), in the
   same two hooks: the replicated input (or, with sequence parallelism, the all-gathered sequence)
   enters with an all-reduce backward, the partial output leaves through an all-reduce (or
   reduce-scatter). Inside, each rank's gradient of a replicated parameter covers its own
-  heads/channels only, so replicated parameters are read through ``copy_to_tp`` (their gradient is
+  heads/channels only, so replicated parameters are read through ``copy_to_region`` (their gradient is
   all-reduced over tp, Megatron's rule for weights shared by sharded computation).
 
 Why not ``parallelize_module`` with Colwise/RowwiseParallel: braid's mixers read weights directly
-(FoX's fp32 forget gate, KDA's depthwise convs and decay parameters, Hymba's packed ``in_proj``
-and the experts' packed ``gate_up``, MLA's shared rope key), so a Linear-level DTensor plan would
+(fp32 gate projections, depthwise convs, decay parameters, packed projections such as ``[q|k|v|x|z]``
+and the experts' ``[gate | up]``, a rope key shared by all heads), so a Linear-level DTensor plan would
 need DTensor-aware mixer code and would still leave the non-Linear parameters and the packed
 layouts. The declared plans are the same Megatron layout (column-parallel in, row-parallel out)
 stated per parameter. ``torch.nn.utils.parametrize`` would give the same local reads but renames
 every parameter (``….parametrizations.weight.original``): checkpoints and FSDP2's names would change.
 
-KV heads fewer than tp ranks (``Heads(shared=True)``; attention/gated attention/FoX/Hymba): as in
+KV heads fewer than tp ranks (``Heads(shared=True)``): as in
 Megatron, the KV projections are replicated and rank r uses KV head ``r // (tp / n_kv_heads)``. They
 are ordinary ``Replicate()`` DTensors holding the full weight (so FSDP2 and DCP see the unsharded
 layout, as for any replicated weight); the rank's rows are cut after the all-reduce-backward copy,
@@ -36,8 +36,8 @@ and the usual tp all-reduce of replicated gradients sums the replicas of each KV
 
 What stays plain (not a DTensor, same on every tp rank, computed redundantly): the final norm, the
 meta tokens, the MoE router and expert bias (routing is replicated, ``tp_plans/moe.py``), and,
-without sequence parallelism, the connections' norms. Packed projections (Hymba's ``in_proj``, the
-experts' ``[gate | up]``) are plain ``Shard``s whose outputs one all-to-all re-lays per rank
+without sequence parallelism, the connections' norms. Packed projections (``Rows(packed_output=True)``,
+the experts' ``[gate | up]``) are plain ``Shard``s whose outputs one all-to-all re-lays per rank
 (``collectives.PackedColumns``).
 
 Re-initialisation (``HybridLM.reset_parameters`` after a meta-device build) runs a module's own
@@ -46,7 +46,7 @@ on full-size copies, exactly as unsharded, each rank keeping its slice.
 
 Sequence parallelism (``sequence_parallel=True``): between blocks the residual stream is split along
 time; connections (norms, hyper-connections) run on the local chunk with their weights' gradients
-all-reduced; mixers and SwiGLU all-gather their input and reduce-scatter their output. The stream is
+all-reduced; mixers and dense FFNs all-gather their input and reduce-scatter their output. The stream is
 split at the first block's input and gathered after the last block (the embedding, meta tokens and
 final norm run replicated), so ``(seq_len + meta_tokens)`` must be divisible by tp.
 """
@@ -139,7 +139,7 @@ def _bind_local(module: nn.Module, shard: dict[str, int], picks: dict[str, list]
         owner, attr = _owner(module, name)
         local = p.to_local()
         if name not in shard:
-            local = comm.copy_to_tp(local, group)  # replicated weight, partial gradient per rank
+            local = comm.copy_to_region(local, group)  # replicated weight, partial gradient per rank
             if name in picks:
                 parts = [local.narrow(0, start, n) for start, n in picks[name]]
                 local = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
@@ -180,7 +180,7 @@ def _split_rms_norm(norm: nn.Module, full_dim: int, group) -> None:
     def post(mod, args, out):
         x = args[0]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        ss = comm.all_reduce_both(xf.pow(2).sum(-1, keepdim=True), group)
+        ss = comm.all_reduce_sum(xf.pow(2).sum(-1, keepdim=True), group, "tp.all_reduce")
         y = xf * torch.rsqrt(ss / full_dim + mod.eps)
         return y.to(x.dtype) * mod.weight.to(x.dtype)
 
@@ -200,7 +200,8 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, plan: TPPlan,
         relayout = comm.PackedColumns(wanted, n_cols, group)
         module.get_submodule(name).register_forward_hook(lambda mod, inp, out, f=relayout: f(out))
     for name in plan.reduce_outputs:
-        module.get_submodule(name).register_forward_hook(lambda mod, inp, out: comm.all_reduce_both(out, group))
+        module.get_submodule(name).register_forward_hook(
+            lambda mod, inp, out: comm.all_reduce_sum(out, group, "tp.all_reduce"))
     for name, full_dim in plan.split_norms.items():
         _split_rms_norm(module.get_submodule(name), full_dim, group)
     if plan.at_rank is not None:
@@ -253,11 +254,11 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     vl = z.shape[-1]
     m = z.detach().amax(-1)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a shift only: no gradient needed
-    sum_exp = comm.reduce_from_tp((z - m[..., None]).exp().sum(-1), group)
+    sum_exp = comm.reduce_from_region((z - m[..., None]).exp().sum(-1), group)
     local = labels - vocab_start
     mine = (local >= 0) & (local < vl)
     target = z.gather(-1, local.clamp(0, vl - 1)[..., None]).squeeze(-1)
-    target = comm.reduce_from_tp(torch.where(mine, target, torch.zeros_like(target)), group)
+    target = comm.reduce_from_region(torch.where(mine, target, torch.zeros_like(target)), group)
     loss = sum_exp.log() + m - target
     return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
 
@@ -276,7 +277,7 @@ def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh) -> None:
         return local.clamp(0, vl - 1)
 
     def leave(out: torch.Tensor) -> torch.Tensor:
-        return comm.reduce_from_tp(out * mine.pop()[..., None].to(out.dtype), group)
+        return comm.reduce_from_region(out * mine.pop()[..., None].to(out.dtype), group)
 
     _map_io(embed, enter, leave, lambda: _bind_local(embed, {"weight": 0}, {}, group))
 
@@ -291,7 +292,7 @@ def _vocab_parallel_output(model: nn.Module, mesh: DeviceMesh) -> None:
 
     def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         w = self._head_weight().to_local()  # [V/p, d], Shard(0) of the head (or tied embedding)
-        logits = F.linear(comm.copy_to_tp(h, group), w)  # [B, T, V/p]
+        logits = F.linear(comm.copy_to_region(h, group), w)  # [B, T, V/p]
         if labels is None:  # full logits for generation (not differentiable)
             parts = [torch.empty_like(logits) for _ in range(p)]
             dist.all_gather(parts, logits.contiguous(), group=group)
@@ -314,7 +315,7 @@ def _seq_split_enter(group, p: int):
         _check(h.shape[1] % p == 0, "parallel.sequence_parallel",
                f"the sequence (data.seq_len + model.meta_tokens = {h.shape[1]}) must be divisible by "
                f"parallel.tp = {p}")
-        return comm.split_seq(h, group)
+        return comm.scatter_to_sequence(h, group)
     return enter
 
 
@@ -342,11 +343,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
            f"{cfg.vocab_size} must be divisible by parallel.tp = {p} (raise model.vocab_multiple)")
     sp = sequence_parallel
     if sp:
-        enter = lambda x: comm.gather_seq_for_shard(x, group)  # noqa: E731
-        leave = lambda y: comm.reduce_scatter_seq(y, group)  # noqa: E731
+        enter = lambda x: comm.gather_from_sequence(x, group)  # noqa: E731
+        leave = lambda y: comm.reduce_scatter_to_sequence(y, group)  # noqa: E731
     else:
-        enter = lambda x: comm.copy_to_tp(x, group)  # noqa: E731
-        leave = lambda y: comm.reduce_from_tp(y, group)  # noqa: E731
+        enter = lambda x: comm.copy_to_region(x, group)  # noqa: E731
+        leave = lambda y: comm.reduce_from_region(y, group)  # noqa: E731
     for block in model.layers:
         shard_module(block.mixer, tp_mesh, module_plan(block.mixer, p), enter, leave)
         if isinstance(block.ffn, MoE):
@@ -359,7 +360,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
                     shard_module(conn, tp_mesh, TPPlan(), lambda x: x, lambda y: y)
     if sp:
         _map_io(model.layers[0], _seq_split_enter(group, p), lambda y: y)
-        _map_io(model.layers[-1], lambda x: x, lambda y: comm.gather_seq_for_replicated(y, group))
+        gather = lambda y: comm.gather_from_sequence(y, group, tensor_parallel_output_grad=False)  # noqa: E731
+        _map_io(model.layers[-1], lambda x: x, gather)
     _vocab_parallel_embedding(model.embed, tp_mesh)
     _vocab_parallel_output(model, tp_mesh)
 

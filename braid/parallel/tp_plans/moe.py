@@ -11,7 +11,7 @@ tokens to the same experts, counts the same load and computes the same auxiliary
 gradients are already complete on each rank and are not reduced over tp). The experts and the shared
 experts produce partial sums of the output; they are added and reduced once (all-reduce, or
 reduce-scatter with sequence parallelism). Gradients that come out partial are all-reduced in
-backward: the experts' input (one ``copy_to_tp`` on the layer input) and the routing weights (they
+backward: the experts' input (one ``copy_to_region`` on the layer input) and the routing weights (they
 multiply partial expert outputs).
 """
 
@@ -79,22 +79,22 @@ def shard_moe(moe: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> N
     def route_tp(x2: torch.Tensor):
         # The router sees the layer input before copy_to_tp: its gradient is complete on each rank.
         idx, weights, scores, logits = route(moe._tp_router_input)
-        return idx, comm.copy_to_tp(weights, group), scores, logits
+        return idx, comm.copy_to_region(weights, group), scores, logits
 
     moe.experts = types.MethodType(experts, moe)
     moe.route = route_tp
     inner = moe.forward
     if sequence_parallel:  # every rank routes the whole sequence and keeps its chunk of the sum
-        enter = lambda x: comm.gather_seq_for_replicated(x, group)  # noqa: E731
-        leave = lambda y: comm.reduce_scatter_seq(y, group)  # noqa: E731
+        enter = lambda x: comm.gather_from_sequence(x, group, tensor_parallel_output_grad=False)  # noqa: E731
+        leave = lambda y: comm.reduce_scatter_to_sequence(y, group)  # noqa: E731
     else:
-        enter, leave = (lambda x: x), (lambda y: comm.reduce_from_tp(y, group))
+        enter, leave = (lambda x: x), (lambda y: comm.reduce_from_region(y, group))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = enter(x)
         moe._tp_router_input = x.reshape(-1, x.shape[-1])
         try:
-            y = inner(comm.copy_to_tp(x, group))
+            y = inner(comm.copy_to_region(x, group))
         finally:
             moe._tp_router_input = None
         return leave(y)
