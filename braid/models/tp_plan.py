@@ -72,6 +72,17 @@ class TPPlan:
         split over tp (the mean square is summed over ranks).
     at_rank: called once with ``(rank, tp)`` after sharding, for what depends on the rank (e.g. the
         global index of the first local head of S2's head-dependent pattern).
+    plain: parameters left ordinary tensors: replicated computation whose gradient is already
+        complete on every rank (e.g. a router that every rank runs alike), so never reduced.
+    children: submodule → its own plan, applied first; its input arrives as it is and its partial
+        output joins this module's before the one reduction.
+    copy_outputs: submodules (identities) whose output, a replicated value, feeds sharded computation
+        (``copy_to_region``: identity forward, all-reduce backward). For a module with
+        ``replicated_input``, which places these copies itself.
+    packed_outputs: submodule → block sizes of its output's last dim, which comes from a parameter
+        split evenly along it; one all-to-all hands each rank its 1/tp of every block.
+    replicated_input: the module's input enters as it is (with sequence parallelism: gathered for
+        replicated use), not through ``copy_to_region``: some of its computation is replicated.
     """
 
     params: dict[str, Union[Split, Rows]] = field(default_factory=dict)
@@ -79,6 +90,11 @@ class TPPlan:
     reduce_outputs: tuple[str, ...] = ()
     split_norms: dict[str, int] = field(default_factory=dict)
     at_rank: Optional[Callable[[int, int], None]] = None
+    plain: tuple[str, ...] = ()
+    children: dict[str, "TPPlan"] = field(default_factory=dict)
+    copy_outputs: tuple[str, ...] = ()
+    packed_outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    replicated_input: bool = False
 
 
 def divisible(value: int, tp: int, key: str) -> None:
@@ -124,6 +140,8 @@ def check_plan(plan: TPPlan, tp: int) -> None:
     """Every size error of ``plan`` at ``tp`` ranks, as a :class:`ConfigError` naming the key."""
     for value, key in plan.checks:
         divisible(value, tp, key)
+    for child in plan.children.values():
+        check_plan(child, tp)
     for spec in plan.params.values():
         if isinstance(spec, Rows):
             for b in spec.blocks:

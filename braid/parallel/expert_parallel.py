@@ -34,7 +34,6 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from braid.errors import ConfigError
 from braid.parallel.collectives import all_to_all_rows
-from braid.parallel.tp_plans.moe import local_expert_ffn
 
 
 def _ep_experts(group, ep: int):
@@ -56,7 +55,7 @@ def _ep_experts(group, ep: int):
         w2 = self.down.to_local() if isinstance(self.down, DTensor) else self.down
         # Under tp the local experts hold this rank's hidden units only (partial outputs, summed by
         # the tp plan's one reduction after the combine).
-        y_sorted = local_expert_ffn(self, recv[order], recv_sizes.sum(0), w1, w2)
+        y_sorted = self.expert_ffn(recv[order], recv_sizes.sum(0), w1, w2)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to source-major
         return all_to_all_rows(y, in_splits, out_splits, group)
 
@@ -64,7 +63,7 @@ def _ep_experts(group, ep: int):
 
 
 def _ep_over_tp(p: DTensor, ep_mesh: DeviceMesh, e_local: int) -> nn.Parameter:
-    """A tp-sharded expert weight (``tp_plans/moe.py``) → a 2-D ``(ep, tp)`` DTensor: experts over
+    """A tp-sharded expert weight (``MoE.tp_plan``) → a 2-D ``(ep, tp)`` DTensor: experts over
     ep (``Shard(0)``), hidden units over tp as before. Built from the local shard (no communication,
     works on the meta device); the ep view must be a dim of the same root mesh as tp."""
     root = ep_mesh._get_root_mesh()

@@ -35,7 +35,7 @@ layout, as for any replicated weight); the rank's rows are cut after the all-red
 and the usual tp all-reduce of replicated gradients sums the replicas of each KV head.
 
 What stays plain (not a DTensor, same on every tp rank, computed redundantly): the final norm, the
-meta tokens, the MoE router and expert bias (routing is replicated, ``tp_plans/moe.py``), and,
+meta tokens, ``plain`` parameters such as the MoE router (routing is replicated), and,
 without sequence parallelism, the connections' norms. Packed projections (``Rows(packed_output=True)``,
 the experts' ``[gate | up]``) are plain ``Shard``s whose outputs one all-to-all re-lays per rank
 (``collectives.PackedColumns``).
@@ -76,10 +76,11 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return module, attr
 
 
-def _distribute(module: nn.Module, mesh: DeviceMesh, shard: dict[str, int]) -> None:
-    """Turn every parameter of ``module`` into a DTensor: ``Shard(shard[name])`` or ``Replicate()``."""
+def _distribute(module: nn.Module, mesh: DeviceMesh, shard: dict[str, int], plain: tuple = ()) -> None:
+    """Turn every parameter of ``module`` but ``plain`` into a DTensor: ``Shard(shard[name])`` or
+    ``Replicate()``."""
     for name, p in list(module.named_parameters()):
-        if isinstance(p, DTensor):
+        if isinstance(p, DTensor) or name in plain:
             continue
         placement = Shard(shard[name]) if name in shard else Replicate()
         owner, attr = _owner(module, name)
@@ -130,11 +131,13 @@ class _Sharding:
                 self.picks[name] = ranges[rank]
 
 
-def _bind_local(module: nn.Module, shard: dict[str, int], picks: dict[str, list], group) -> list:
-    """Bind each DTensor parameter's local tensor on its owner for one forward (see module doc)."""
+def _bind_local(module: nn.Module, shard: dict[str, int], picks: dict[str, list], group,
+                children: tuple = ()) -> list:
+    """Bind each DTensor parameter's local tensor on its owner for one forward (see module doc);
+    ``children`` (sharded by their own plans) bind theirs in their own forward."""
     bound = []
     for name, p in module.named_parameters():
-        if not isinstance(p, DTensor):
+        if not isinstance(p, DTensor) or name.startswith(tuple(c + "." for c in children)):
             continue
         owner, attr = _owner(module, name)
         local = p.to_local()
@@ -194,11 +197,18 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, plan: TPPlan,
     ``enter``/``leave`` map the first input and the output (the boundary collectives).
     """
     group, tp, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    for name, child in plan.children.items():
+        shard_module(module.get_submodule(name), mesh, child, lambda x: x, lambda y: y)
     sharding = _Sharding(module, plan, tp, rank)
-    _distribute(module, mesh, sharding.shard)
+    _distribute(module, mesh, sharding.shard, plan.plain)
     for name, (wanted, n_cols) in sharding.packed.items():
         relayout = comm.PackedColumns(wanted, n_cols, group)
         module.get_submodule(name).register_forward_hook(lambda mod, inp, out, f=relayout: f(out))
+    for name, sizes in plan.packed_outputs.items():
+        relayout = comm.PackedColumns.blocks(list(sizes), group)
+        module.get_submodule(name).register_forward_hook(lambda mod, inp, out, f=relayout: f(out))
+    for name in plan.copy_outputs:
+        module.get_submodule(name).register_forward_hook(lambda mod, inp, out: comm.copy_to_region(out, group))
     for name in plan.reduce_outputs:
         module.get_submodule(name).register_forward_hook(
             lambda mod, inp, out: comm.all_reduce_sum(out, group, "tp.all_reduce"))
@@ -208,7 +218,17 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, plan: TPPlan,
         plan.at_rank(rank, tp)
     if "reset_parameters" in type(module).__dict__:
         set_reset_view(module, _global_view)
-    _map_io(module, enter, leave, lambda: _bind_local(module, sharding.shard, sharding.picks, group))
+    children = tuple(plan.children)
+    _map_io(module, enter, leave, lambda: _bind_local(module, sharding.shard, sharding.picks, group, children))
+
+
+def boundary(plan: TPPlan, group, sequence_parallel: bool) -> tuple[Callable, Callable]:
+    """The collectives a sharded module's input enters and its partial output leaves through."""
+    if sequence_parallel:  # the whole sequence in, this rank's chunk of the sum out
+        enter = lambda x: comm.gather_from_sequence(x, group, not plan.replicated_input)  # noqa: E731
+        return enter, lambda y: comm.reduce_scatter_to_sequence(y, group)
+    enter = (lambda x: x) if plan.replicated_input else (lambda x: comm.copy_to_region(x, group))
+    return enter, lambda y: comm.reduce_from_region(y, group)
 
 
 @contextmanager
@@ -330,9 +350,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     rank (so the loss and gradient reductions run over data × context ranks only), and the gradients
     of tp-sharded and tp-replicated parameters are complete on each tp rank.
     """
-    from braid.models.moe import MoE
     from braid.parallel.tp_plans.mixers import module_plan
-    from braid.parallel.tp_plans.moe import shard_moe
 
     p = tp_mesh.size()
     if p == 1:
@@ -342,18 +360,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     _check(cfg.vocab_size % p == 0, "model.vocab_size",
            f"{cfg.vocab_size} must be divisible by parallel.tp = {p} (raise model.vocab_multiple)")
     sp = sequence_parallel
-    if sp:
-        enter = lambda x: comm.gather_from_sequence(x, group)  # noqa: E731
-        leave = lambda y: comm.reduce_scatter_to_sequence(y, group)  # noqa: E731
-    else:
-        enter = lambda x: comm.copy_to_region(x, group)  # noqa: E731
-        leave = lambda y: comm.reduce_from_region(y, group)  # noqa: E731
     for block in model.layers:
-        shard_module(block.mixer, tp_mesh, module_plan(block.mixer, p), enter, leave)
-        if isinstance(block.ffn, MoE):
-            shard_moe(block.ffn, tp_mesh, sp)
-        elif block.ffn is not None:
-            shard_module(block.ffn, tp_mesh, module_plan(block.ffn, p), enter, leave)
+        for module in (block.mixer, block.ffn):
+            if module is not None:
+                plan = module_plan(module, p)
+                shard_module(module, tp_mesh, plan, *boundary(plan, group, sp))
         if sp:  # norms / hyper-connections run on the local chunk: all their weights replicate
             for conn in (block.mixer_conn, block.ffn_conn):
                 if conn is not None:
@@ -366,4 +377,4 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     _vocab_parallel_output(model, tp_mesh)
 
 
-__all__ = ["apply_tp", "shard_module", "vocab_parallel_cross_entropy"]
+__all__ = ["apply_tp", "boundary", "shard_module", "vocab_parallel_cross_entropy"]
