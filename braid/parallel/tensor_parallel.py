@@ -53,7 +53,6 @@ final norm run replicated), so ``(seq_len + meta_tokens)`` must be divisible by 
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -302,25 +301,32 @@ def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh) -> None:
     _map_io(embed, enter, leave, lambda: _bind_local(embed, {"weight": 0}, {}, group))
 
 
-def _vocab_parallel_output(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Replace ``model.output`` (LM head + loss) by its vocab-parallel version."""
-    group, p, r = mesh.get_group(), mesh.size(), mesh.get_local_rank()
-    vl = model.cfg.vocab_size // p
-    if model.lm_head is not None:
-        _distribute(model.lm_head, mesh, {"weight": 0})
-    ignore = -100
+class VocabParallelHeadLoss(nn.Module):
+    """:class:`~braid.models.hybrid.HeadLoss` over a head weight split by vocab rows (``Shard(0)``):
+    this rank's logits ``[B, T, V/p]`` and :func:`vocab_parallel_cross_entropy`, never the full
+    logits (gathered only without labels, for generation, not differentiable)."""
 
-    def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        w = self._head_weight().to_local()  # [V/p, d], Shard(0) of the head (or tied embedding)
-        logits = F.linear(comm.copy_to_region(h, group), w)  # [B, T, V/p]
-        if labels is None:  # full logits for generation (not differentiable)
-            parts = [torch.empty_like(logits) for _ in range(p)]
-            dist.all_gather(parts, logits.contiguous(), group=group)
+    def __init__(self, group, vocab_start: int, ignore_index: int = -100):
+        super().__init__()
+        self.group, self.vocab_start, self.ignore_index = group, vocab_start, ignore_index
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        w = weight.to_local()  # [V/p, d], Shard(0) of the head (or tied embedding)
+        logits = F.linear(comm.copy_to_region(h, self.group), w)  # [B, T, V/p]
+        if labels is None:
+            parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(parts, logits.contiguous(), group=self.group)
             return torch.cat(parts, dim=-1)
         # [B, T] as computed: a reshaped [B·T] loss would be a view, which FSDP2 warns about as an output.
-        return vocab_parallel_cross_entropy(logits, labels, r * vl, group, ignore)
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.group, self.ignore_index)
 
-    model.output = types.MethodType(output, model)
+
+def _vocab_parallel_output(model: nn.Module, mesh: DeviceMesh) -> None:
+    """The LM head (or the tied embedding, already split) by vocab rows and its vocab-parallel loss."""
+    if model.lm_head is not None:
+        _distribute(model.lm_head, mesh, {"weight": 0})
+    vl = model.cfg.vocab_size // mesh.size()
+    model.head_loss = VocabParallelHeadLoss(mesh.get_group(), mesh.get_local_rank() * vl)
 
 
 # ---------------------------------------------------------------------------- the model
