@@ -118,6 +118,8 @@ class _Sharding:
                 self.shard[name] = spec.dim
                 continue
             assert isinstance(spec, Rows), spec
+            layout_rows = spec.groups * sum(b.count * b.rows for b in spec.blocks)
+            assert layout_rows == size[0], f"{type(module).__name__}.{name}: plan {layout_rows} rows, has {size[0]}"
             ranges = [rank_rows(spec, tp, r) for r in range(tp)]
             if _is_even_shard(ranges, size[0]):
                 self.shard[name] = 0
@@ -166,13 +168,13 @@ def _map_io(module: nn.Module, enter: Callable, leave: Callable,
             bound.extend(bind())
         return (enter(args[0]), *args[1:]), kwargs
 
-    def post(mod, args, kwargs, out):
+    def unbind(mod, args, out):  # also when the forward raises (always_call), and first
         _unbind(bound)
         bound.clear()
-        return leave(out)
 
     module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post, with_kwargs=True, always_call=True)
+    module.register_forward_hook(unbind, always_call=True)
+    module.register_forward_hook(lambda mod, args, out: leave(out))
 
 
 def _split_rms_norm(norm: nn.Module, full_dim: int, group) -> None:
@@ -288,15 +290,15 @@ def _vocab_parallel_embedding(embed: nn.Embedding, mesh: DeviceMesh) -> None:
     group, p, r = mesh.get_group(), mesh.size(), mesh.get_local_rank()
     vl = embed.num_embeddings // p
     _distribute(embed, mesh, {"weight": 0})
-    mine: list = []
+    mine: dict = {}  # this call's mask of the ids in this rank's rows
 
     def enter(ids: torch.Tensor) -> torch.Tensor:
         local = ids - r * vl
-        mine.append((local >= 0) & (local < vl))
+        mine["ids"] = (local >= 0) & (local < vl)
         return local.clamp(0, vl - 1)
 
     def leave(out: torch.Tensor) -> torch.Tensor:
-        return comm.reduce_from_region(out * mine.pop()[..., None].to(out.dtype), group)
+        return comm.reduce_from_region(out * mine.pop("ids")[..., None].to(out.dtype), group)
 
     _map_io(embed, enter, leave, lambda: _bind_local(embed, {"weight": 0}, {}, group))
 
