@@ -45,6 +45,13 @@ from braid.models.registry import register_ffn
 from braid.models.tp_plan import Split, TPPlan
 
 
+class LocalExperts(nn.Module):
+    """``MoE.experts`` with every expert on this rank: the grouped SwiGLU of the sorted rows."""
+
+    def forward(self, moe: nn.Module, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        return moe.expert_ffn(xs, group_sizes, moe.gate_up, moe.down)
+
+
 @register_ffn("E")
 class MoE(nn.Module):
     """Routed SwiGLU experts (+ shared experts); ``forward(x [B, T, d]) -> [B, T, d]`` in x's dtype.
@@ -83,6 +90,8 @@ class MoE(nn.Module):
         # Where tensor parallelism hooks its collectives (identities otherwise, no parameters): the
         # experts' input, the routing weights and the packed [gate | up] output (see ``tp_plan``).
         self.expert_input, self.route_weights, self.gate_up_out = nn.Identity(), nn.Identity(), nn.Identity()
+        # Runs the routed experts (no parameters); expert parallelism swaps in its all-to-all one.
+        self.dispatch = LocalExperts()
         self.register_buffer("expert_bias", torch.zeros(m.n_experts, dtype=torch.float32))
         self.register_buffer("load_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("drop_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
@@ -222,10 +231,10 @@ class MoE(nn.Module):
             xs: ``[P, d]`` the P kept token–expert pairs' inputs, expert-major (compute dtype).
             group_sizes: ``[E]`` int64 pairs per expert, summing to P.
         Returns:
-            ``[P, d]`` expert outputs in xs's dtype, same order. Expert parallelism replaces this
-            method per instance (``braid.parallel.expert_parallel``): dispatch, local experts, combine.
+            ``[P, d]`` expert outputs in xs's dtype, same order. ``self.dispatch`` runs them: here, or
+            with expert parallelism (``braid.parallel.expert_parallel``) dispatch, local experts, combine.
         """
-        return self.expert_ffn(xs, group_sizes, self.gate_up, self.down)
+        return self.dispatch(self, xs, group_sizes)
 
     def expert_ffn(self, xs: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert-sorted rows ``xs [P, d]`` with expert weights ``w1 [e, d, 2h]``, ``w2 [e, h, d]``
