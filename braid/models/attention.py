@@ -9,6 +9,7 @@ new queries to the cached keys instead of running ``seq.ops.attention`` over the
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from braid.kernels.s2 import S2Pattern
 from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer
+from braid.models.tp_plan import Heads, Rows, Split, TPPlan
 from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
 
 
@@ -48,13 +50,13 @@ class Attention(nn.Module):
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, d]`` → q ``[B, T, H, D]`` (before norm/RoPE)."""
-        return self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+        return self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # local heads under tp
 
     def _kv(self, x: torch.Tensor, seq: SeqInfo, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, T, d]`` → k, v ``[B, T, Hkv, D]`` (before norm/RoPE); ``cache``: the layer's decoding
         cache, for variants whose k/v read earlier tokens."""
-        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         return k, v
 
     def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +101,20 @@ class Attention(nn.Module):
         d = self.q_proj.in_features
         proj = 2 * d * (2 * self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         return proj + self._mixing_flops(seq_len)
+
+    def _kv_rows(self, rows: int) -> Rows:
+        """A projection of ``rows`` rows per KV head: split over tp, or replicated when tp is a multiple
+        of n_kv_heads (Megatron's KV replication: rank r uses KV head r // (tp / n_kv_heads))."""
+        return Rows((Heads(self.n_kv_heads, rows, "model.n_kv_heads", shared=True),))
+
+    def _tp_at_rank(self, rank: int, tp: int) -> None:
+        if self.s2 is not None:  # S2 residues follow the global head index
+            self.s2 = dataclasses.replace(self.s2, head_start=self.s2.head_start + rank * (self.n_heads // tp))
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Query, key and value heads split over tp (GQA groups stay on one rank, KV heads replicated
+        when fewer than tp), ``o_proj`` by input columns; QK-norm weights (shared by heads) replicate."""
+        kv = self._kv_rows(self.head_dim)
+        return TPPlan(params={"k_proj.weight": kv, "v_proj.weight": kv,
+                              "q_proj.weight": Rows((Heads(self.n_heads, self.head_dim, "model.n_heads"),)),
+                              "o_proj.weight": Split(1)}, at_rank=self._tp_at_rank)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.models.layers import mark_output_projection
 from braid.models.registry import register_ffn
+from braid.models.tp_plan import Split, TPPlan
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -32,6 +33,11 @@ class SwiGLU(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         return 2 * 3 * self.gate_proj.in_features * self.gate_proj.out_features
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Gate/up split by hidden units (rows), down by its input columns."""
+        return TPPlan(params={"gate_proj.weight": Split(0), "up_proj.weight": Split(0), "down_proj.weight": Split(1)},
+                      checks=((self.gate_proj.out_features, "model.ffn_hidden"),))
 
 
 @register_ffn("-")

@@ -29,6 +29,7 @@ from braid.models.attention import Attention
 from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo
 from braid.models.registry import register_mixer, register_options
+from braid.models.tp_plan import Split, TPPlan
 
 
 @register_options("fox")
@@ -137,7 +138,7 @@ class FoX(Attention):
             o = self.out_norm(o)
         if self.out_gate_proj is not None:
             gate = torch.sigmoid(at_least_fp32(self.out_gate_proj(x))).to(o.dtype)
-            o = o * gate.unflatten(-1, (self.n_heads, self.head_dim))
+            o = o * gate.unflatten(-1, (-1, self.head_dim))
         return self.o_proj(o.flatten(2))
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -147,3 +148,15 @@ class FoX(Attention):
         if self.out_gate_proj is not None:
             extra += self.n_heads * self.head_dim
         return super().flops_per_token(seq_len) + 2 * d * extra
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Attention's split plus the per-head forget gate, the per-KV-head shift gates (replicated
+        with the KV heads) and the per-channel output gate; the output norm (per head, one shared
+        weight) replicates."""
+        plan = super().tp_plan(tp)
+        plan.params.update({"fgate_proj.weight": Split(0), "fgate_proj.bias": Split(0)})
+        if self.out_gate_proj is not None:
+            plan.params["out_gate_proj.weight"] = Split(0)
+        if self.k_shift_proj is not None:
+            plan.params.update({"k_shift_proj.weight": self._kv_rows(1), "v_shift_proj.weight": self._kv_rows(1)})
+        return plan

@@ -22,6 +22,7 @@ from braid.models.attention import Attention
 from braid.models.caches import KVCache
 from braid.models.layers import SeqInfo
 from braid.models.registry import register_mixer
+from braid.models.tp_plan import Heads, Rows, TPPlan
 
 
 @register_mixer("G")
@@ -42,11 +43,14 @@ class GatedAttention(Attention):
 
     def _q_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, T, d]`` → q ``[B, T, H, D]`` and gate logits ``[B, T, H, E]`` (E = 1 or D)."""
-        y = self.q_proj(x).unflatten(-1, (self.n_kv_heads, self.group * (self.head_dim + self.gate_dim)))
-        q, gate = y.split([self.group * self.head_dim, self.group * self.gate_dim], dim=-1)
+        # Local sizes under tp: this rank's KV heads (k_proj rows) and its query heads per KV group.
+        n_kv = self.k_proj.weight.shape[0] // self.head_dim
+        group = self.q_proj.weight.shape[0] // (self.head_dim + self.gate_dim) // n_kv
+        y = self.q_proj(x).unflatten(-1, (n_kv, group * (self.head_dim + self.gate_dim)))
+        q, gate = y.split([group * self.head_dim, group * self.gate_dim], dim=-1)
         # [B, T, Hkv, G·X] → [B, T, Hkv·G, X]: query head h = kv·G + g, as attention's GQA expects.
-        q = q.unflatten(-1, (self.group, self.head_dim)).flatten(2, 3)
-        gate = gate.unflatten(-1, (self.group, self.gate_dim)).flatten(2, 3)
+        q = q.unflatten(-1, (group, self.head_dim)).flatten(2, 3)
+        gate = gate.unflatten(-1, (group, self.gate_dim)).flatten(2, 3)
         return q, gate
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,3 +70,14 @@ class GatedAttention(Attention):
         """Attention's FLOPs plus the gate columns of the widened q projection."""
         gate_proj = 2 * self.q_proj.in_features * self.n_heads * self.gate_dim
         return super().flops_per_token(seq_len) + gate_proj
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Attention's plan, with the widened ``q_proj`` laid out per KV group ``[Hkv, G·D | G·E]``:
+        each rank takes its query heads' q and gate rows together (whole groups, or with KV heads
+        replicated its part of one group: non-contiguous rows, so then q_proj replicates and each
+        rank computes with its rows — memory, not FLOPs, is what this costs)."""
+        plan = super().tp_plan(tp)
+        plan.params["q_proj.weight"] = Rows((Heads(self.group, self.head_dim, "model.n_heads"),
+                                             Heads(self.group, self.gate_dim, "model.n_heads")),
+                                            groups=self.n_kv_heads)
+        return plan

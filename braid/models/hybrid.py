@@ -47,6 +47,25 @@ class Block(nn.Module):
         return h
 
 
+class HeadLoss(nn.Module):
+    """The LM head and its loss (no parameters of its own): h ``[B, T, d]`` and the head weight
+    ``[V, d]`` → per-token fp32 loss ``[B, T]`` (0 where ignored), or logits ``[B, T, V]`` without
+    labels. Tensor parallelism swaps in a vocab-parallel one."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        b, t = h.shape[:2]
+        logits = F.linear(h, weight)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        # cross_entropy wants rows [B·T, V]; its [B·T] result reshaped by .view would be a view, which
+        # FSDP2 warns about for a module output (an in-place op on a view bypasses its pre-backward
+        # hook). _unsafe_view is the reshape autograd does not track as a view (torch's matmul uses it).
+        return torch.ops.aten._unsafe_view(loss, (b, t))
+
+
 class HybridLM(nn.Module):
     """A causal LM whose layer ``i`` uses mixer ``cfg.pattern[i]`` and FFN ``cfg.ffn_pattern[i]``.
 
@@ -77,6 +96,7 @@ class HybridLM(nn.Module):
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head_loss = HeadLoss()  # no parameters; tensor parallelism swaps in its vocab-parallel one
         # Set by braid.parallel.context.apply_cp: inputs are then this rank's part of each sequence.
         self.context_parallel = None
         self.reset_parameters()
@@ -140,18 +160,8 @@ class HybridLM(nn.Module):
 
     def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """LM head and loss: h ``[B, T, d]`` → per-token fp32 loss ``[B, T]``, or logits ``[B, T, V]``
-        without labels. Tensor parallelism replaces it per instance (vocab-parallel head and loss)."""
-        b, t = h.shape[:2]
-        logits = F.linear(h, self._head_weight())
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        # cross_entropy wants rows [B·T, V]; its [B·T] result reshaped by .view would be a view, which
-        # FSDP2 warns about for a module output (an in-place op on a view bypasses its pre-backward
-        # hook). _unsafe_view is the reshape autograd does not track as a view (torch's matmul uses it).
-        return torch.ops.aten._unsafe_view(loss, (b, t))
+        without labels (``self.head_loss``)."""
+        return self.head_loss(h, self._head_weight(), labels)
 
     def _prepend_meta(self, h: torch.Tensor, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
         """Meta tokens take positions 0..M-1 and text shifts by M; they belong to no document."""

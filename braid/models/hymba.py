@@ -42,6 +42,7 @@ from braid.models.caches import KVCache, conv_continued
 from braid.models.doc_boundaries import conv_sources, document_starts
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer, register_options
+from braid.models.tp_plan import Heads, Rows, Split, TPPlan
 from braid.models.visible_keys import mean_visible_keys
 
 
@@ -183,15 +184,15 @@ class Hymba(nn.Module):
         per-head k (likewise) and v; a layer that reuses another's K/V gets ``k = v = None``.
         Shared by training and cached decoding, which must agree exactly."""
         b, t, _ = q.shape
-        q = q.view(b, t, self.n_heads, self.head_dim)
+        q = q.view(b, t, -1, self.head_dim)  # local heads under tp
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rotary is not None:
             q = self.rotary(q, seq.position_ids)
         if self.kv_source is not None:
             return q, None, None
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
-        v = v.view(b, t, self.n_kv_heads, self.v_head_dim)
+        k = k.view(b, t, -1, self.head_dim)
+        v = v.view(b, t, -1, self.v_head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         if self.rotary is not None:
@@ -221,7 +222,7 @@ class Hymba(nn.Module):
         else:
             o = seq.shared[self.kv_source].attend(q, None, None, window=self.window, sink=seq.meta_tokens,
                                                   store=False, trim=False)
-        return o.reshape(b, t, self.n_heads * self.v_head_dim)
+        return o.reshape(b, t, -1)
 
     # ------------------------------------------------------------------ SSM branch
 
@@ -238,7 +239,7 @@ class Hymba(nn.Module):
         t = x.shape[1]
         if src is None:
             y = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                         padding=self.d_conv - 1, groups=self.ssm_inner)
+                         padding=self.d_conv - 1, groups=x.shape[-1])
             return y[..., :t].transpose(1, 2)
         w = self.conv1d.weight[:, 0, :].to(x.dtype)  # [C, K]; w[:, K−1−k] multiplies x_{t−k}
         padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)  # index t = zero
@@ -276,7 +277,7 @@ class Hymba(nn.Module):
             return y
         state = cache.ssm
         if state is None:
-            state = torch.zeros(x.shape[0], self.ssm_inner, self.d_state, dtype=acc, device=x.device)
+            state = torch.zeros(x.shape[0], x.shape[-1], self.d_state, dtype=acc, device=x.device)
         y, cache.ssm = selective_state_step(state, x[:, 0], dt[:, 0], A, b_in[:, 0], c_out[:, 0], self.D, z[:, 0])
         return y[:, None]
 
@@ -287,8 +288,14 @@ class Hymba(nn.Module):
 
     def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional["HymbaCache"] = None) -> torch.Tensor:
         """x ``[B, T, d]`` → ``[B, T, d]`` (same dtype); ``cache``: decoding (see the module docstring)."""
-        q, k, v, xs, z = self.in_proj(x).split(
-            [self.q_dim, self.k_dim, self.v_dim, self.ssm_inner, self.ssm_inner], dim=-1)
+        # Local sizes under tp, from shapes: SSM channels (D), heads (ssm_inner = H · Dv) and the
+        # rest of in_proj's output, k then v per KV head.
+        inner = self.D.shape[0]
+        y = self.in_proj(x)
+        q_dim = inner // self.v_head_dim * self.head_dim
+        kv = y.shape[-1] - q_dim - 2 * inner
+        k_dim = kv // (self.head_dim + self.v_head_dim) * self.head_dim
+        q, k, v, xs, z = y.split([q_dim, k_dim, kv - k_dim, inner, inner], dim=-1)
         attn = self._attention(q, k, v, seq, cache)
         ssm = self.ssm(xs, z, seq, cache)
         return self.out_proj((self.pre_avg_layernorm1(attn) + self.pre_avg_layernorm2(ssm)) / 2)
@@ -302,3 +309,30 @@ class Hymba(nn.Module):
         visible = mean_visible_keys(seq_len, self.window, self.sink_default)
         attn = 2 * self.n_heads * (self.head_dim + self.v_head_dim) * visible
         return 2 * (proj + conv) + scan + attn
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Attention heads and SSM channels split together (rank r's attention output channels are
+        its SSM channels, so the fusion stays local).
+
+        ``in_proj`` packs ``[q | k | v | x | z]``: a plain ``Shard(0)`` whose output one all-to-all
+        re-lays so that each rank gets its 1/p of every block (of k and v its KV heads' columns, or
+        with tp a multiple of n_kv_heads the whole KV head r // (tp / n_kv_heads); a layer reusing
+        another's K/V lays its heads out alike). The depthwise conv, ``dt_proj``, ``A_log``, ``D``
+        and the fusion norms follow their channels; ``x_proj`` mixes all channels into dt/B/C: split
+        by input columns, its partial sums all-reduced forward (the total feeds every channel) and
+        backward (each rank's gradient of the total covers its channels only); the dt/B/C norms and
+        QK-norms replicate; the fusion norms' statistic is all-reduced.
+        """
+        own_kv = self.kv_source is None
+        in_proj = Rows((Heads(self.n_heads, self.head_dim, "model.n_heads"),
+                        Heads(self.n_kv_heads, self.head_dim if own_kv else 0, "model.n_kv_heads", shared=True),
+                        Heads(self.n_kv_heads, self.v_head_dim if own_kv else 0, "model.n_kv_heads", shared=True),
+                        Heads(self.ssm_inner, 1, "model.hymba.ssm_inner"),
+                        Heads(self.ssm_inner, 1, "model.hymba.ssm_inner")),
+                       packed_output=True, key="model.n_kv_heads (Hymba's in_proj rows: q + k + v + 2·ssm_inner)")
+        params = {name: Split(0) for name in (
+            "conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
+            "pre_avg_layernorm1.weight", "pre_avg_layernorm2.weight")}
+        params.update({"in_proj.weight": in_proj, "x_proj.weight": Split(1), "out_proj.weight": Split(1)})
+        return TPPlan(params=params, reduce_outputs=("x_proj",),
+                      split_norms={"pre_avg_layernorm1": self.ssm_inner, "pre_avg_layernorm2": self.ssm_inner})

@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from braid.models.tp_plan import reset_view
+
 
 def generic_init(root: nn.Module, std: float, out_std: float) -> None:
     """Normal(0, std) Linear/Embedding weights (std/sqrt(2·layers) for residual outputs), zero biases;
@@ -36,7 +38,8 @@ def generic_init(root: nn.Module, std: float, out_std: float) -> None:
         if type(module).__name__ == "HybridLM":
             continue  # its own rule is the caller (the meta tokens)
         if not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+            with reset_view(module):  # tensor parallelism: the full-size view of sharded weights
+                module.reset_parameters()
 
 
 def stds(model: nn.Module) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from braid.models.doc_boundaries import conv_sources
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
 from braid.models.registry import register_mixer, register_options
 from braid.models.seq_ops import kda_behind_meta  # noqa: F401 (its home was here)
+from braid.models.tp_plan import Split, TPPlan
 
 
 @register_options("kda")
@@ -157,7 +158,7 @@ class KDA(nn.Module):
         """x ``[B, T, d]`` → ``[B, T, d]`` in x's dtype; ``seq.doc_ids`` (if any) isolates documents;
         ``cache``: decoding, continued from the cached conv inputs and state."""
         b, t, _ = x.shape
-        h, hd = self.n_heads, self.head_dim
+        h, hd = self.A_log.shape[0], self.head_dim  # local heads under tp
         doc, m = seq.doc_ids, seq.meta_tokens
         if cache is None:
             convs = lambda q, k, v, d: (self.q_conv(q, d, m), self.k_conv(k, d, m), self.v_conv(v, d, m))  # noqa: E731
@@ -206,3 +207,15 @@ class KDA(nn.Module):
         per_chunk += 2 * lower * hd  # P · v'
         per_chunk += 3 * 2 * c * hd * hd  # w S, q S, Kᵀ v'
         return proj + conv + h * per_chunk / c
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Heads split; short convs follow their channels; the low-rank gates' first projections
+        (``f_a``, ``g_a``) replicate and their second (``f_b``, ``g_b``) split; ``A_log``, ``dt_bias``
+        and ``b_proj`` follow their heads; the output norm's weight (shared by heads) replicates."""
+        names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "q_conv.conv.weight", "k_conv.conv.weight",
+                 "v_conv.conv.weight", "f_b.weight", "A_log", "dt_bias", "b_proj.weight", "g_b.weight"]
+        if self.g_b.bias is not None:
+            names.append("g_b.bias")
+        params = {name: Split(0) for name in names}
+        params["o_proj.weight"] = Split(1)
+        return TPPlan(params=params, checks=((self.n_heads, "model.kda.n_heads"),))

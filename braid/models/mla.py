@@ -32,6 +32,7 @@ from braid.config import ModelConfig
 from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
 from braid.models.registry import register_mixer, register_options
+from braid.models.tp_plan import Split, TPPlan
 from braid.models.visible_keys import mean_visible_keys
 
 
@@ -87,7 +88,7 @@ class MLA(nn.Module):
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, d]`` → un-rotated queries ``[B, T, H, nope + rope]``."""
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
-        return q.unflatten(-1, (self.n_heads, self.qk_dim))
+        return q.unflatten(-1, (-1, self.qk_dim))  # local heads under tp
 
     def new_cache(self, stream) -> KVCache:
         return KVCache(stream)
@@ -98,20 +99,20 @@ class MLA(nn.Module):
         b, t, _ = x.shape
         q_nope, q_rope = self.queries(x).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).unflatten(-1, (-1, self.nope_dim + self.v_dim))
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_rope = k_rope[:, :, None, :]  # one rope key for all heads
         if self.rotary is not None:
             q_rope = self.rotary(q_rope, seq.position_ids)
             k_rope = self.rotary(k_rope, seq.position_ids)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(b, t, self.n_heads, self.rope_dim)], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(b, t, k_nope.shape[2], self.rope_dim)], dim=-1)
         if cache is None:
             o = seq.ops.attention(q, k, v, causal=True, scale=self.qk_dim ** -0.5, window=self.window,
                                   sink=seq.meta_tokens, doc_ids=seq.doc_ids)
         else:
             o = cache.attend(q, k, v, scale=self.qk_dim ** -0.5, window=self.window, sink=seq.meta_tokens)
-        return self.o_proj(o.reshape(b, t, self.n_heads * self.v_dim))
+        return self.o_proj(o.reshape(b, t, -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token: the projections plus scores and values over the mean
@@ -119,3 +120,11 @@ class MLA(nn.Module):
         proj = sum(mod.weight.numel() for mod in self.modules() if isinstance(mod, nn.Linear))
         visible = mean_visible_keys(seq_len, self.window, self.sink_default)
         return 2 * proj + 2 * self.n_heads * (self.qk_dim + self.v_dim) * visible
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Heads split (q or q_b rows, kv_b rows, o_proj columns); the latent down-projections, their
+        norms and the shared rope key replicate (the rope key's gradient is summed over tp like any
+        replicated weight's)."""
+        q = "q_b_proj.weight" if self.q_lora_rank else "q_proj.weight"
+        return TPPlan(params={q: Split(0), "kv_b_proj.weight": Split(0), "o_proj.weight": Split(1)},
+                      checks=((self.n_heads, "model.mla.n_heads"),))

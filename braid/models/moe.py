@@ -43,6 +43,7 @@ from braid.config import ModelConfig, validate_moe
 from braid.kernels.grouped_gemm import grouped_mm
 from braid.models.ffn import SwiGLU, ffn_hidden_size
 from braid.models.registry import register_ffn, register_options
+from braid.models.tp_plan import Split, TPPlan
 
 
 @register_options("moe")
@@ -75,6 +76,13 @@ class MoEConfig:
                 f"in [1, model.moe.n_groups={self.n_groups}]", self.topk_groups)
         require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), "model.moe.top_k",
                 "at most topk_groups × experts per group", self.top_k)
+
+
+class LocalExperts(nn.Module):
+    """``MoE.experts`` with every expert on this rank: the grouped SwiGLU of the sorted rows."""
+
+    def forward(self, moe: nn.Module, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        return moe.expert_ffn(xs, group_sizes, moe.gate_up, moe.down)
 
 
 @register_ffn("E")
@@ -112,6 +120,11 @@ class MoE(nn.Module):
         if m.n_shared_experts > 0:
             shared_hidden = m.shared_hidden if m.shared_hidden is not None else h * m.n_shared_experts
             self.shared = SwiGLU(dataclasses.replace(cfg, ffn_hidden=shared_hidden), layer_idx)
+        # Where tensor parallelism hooks its collectives (identities otherwise, no parameters): the
+        # experts' input, the routing weights and the packed [gate | up] output (see ``tp_plan``).
+        self.expert_input, self.route_weights, self.gate_up_out = nn.Identity(), nn.Identity(), nn.Identity()
+        # Runs the routed experts (no parameters); expert parallelism swaps in its all-to-all one.
+        self.dispatch = LocalExperts()
         self.register_buffer("expert_bias", torch.zeros(m.n_experts, dtype=torch.float32))
         self.register_buffer("load_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("drop_counts", torch.zeros(m.n_experts, dtype=torch.int64), persistent=False)
@@ -187,6 +200,8 @@ class MoE(nn.Module):
         n, k, e = b * t, self.top_k, self.n_experts
         x2 = x.reshape(n, d)
         experts, weights, scores, logits = self.route(x2)
+        weights = self.route_weights(weights)
+        xe = self.expert_input(x)
         self.aux_loss = self._aux_loss(experts, scores, logits, b, t)
 
         # Sort the N·k pairs by (expert, position t, row b): position order inside an expert is what
@@ -212,13 +227,13 @@ class MoE(nn.Module):
 
         pair_token = order // k
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ys = self.experts(x2[pair_token].to(dtype), group_sizes)
+        ys = self.experts(xe.reshape(n, d)[pair_token].to(dtype), group_sizes)
         # Weight and accumulate the k expert outputs of a token in fp32 (the routing weights' dtype).
         ys = ys.to(weights.dtype) * weights.reshape(-1)[order, None]
         out = torch.zeros(n, d, dtype=weights.dtype, device=x.device).index_add_(0, pair_token, ys)
         out = out.view(b, t, d).to(x.dtype)
         if self.shared is not None:
-            out = out + self.shared(x).to(x.dtype)
+            out = out + self.shared(xe).to(x.dtype)
         return out
 
     def _rank_in_expert(self, order, flat_expert, counts, b: int, t: int) -> tuple[torch.Tensor, int]:
@@ -249,11 +264,16 @@ class MoE(nn.Module):
             xs: ``[P, d]`` the P kept token–expert pairs' inputs, expert-major (compute dtype).
             group_sizes: ``[E]`` int64 pairs per expert, summing to P.
         Returns:
-            ``[P, d]`` expert outputs in xs's dtype, same order. Expert parallelism replaces this
-            method per instance (``braid.parallel.expert_parallel``): dispatch, local experts, combine.
+            ``[P, d]`` expert outputs in xs's dtype, same order. ``self.dispatch`` runs them: here, or
+            with expert parallelism (``braid.parallel.expert_parallel``) dispatch, local experts, combine.
         """
-        gate, up = grouped_mm(xs, self.gate_up.to(xs.dtype), group_sizes).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down.to(xs.dtype), group_sizes)
+        return self.dispatch(self, xs, group_sizes)
+
+    def expert_ffn(self, xs: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of expert-sorted rows ``xs [P, d]`` with expert weights ``w1 [e, d, 2h]``, ``w2 [e, h, d]``
+        (``sizes [e]`` rows per expert; expert parallelism passes its local experts)."""
+        gate, up = self.gate_up_out(grouped_mm(xs, w1.to(xs.dtype), sizes)).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, w2.to(xs.dtype), sizes)
 
     def _aux_loss(self, experts, scores, logits, b: int, t: int) -> Optional[torch.Tensor]:
         """Coefficient-weighted balance loss + z-loss (fp32 scalar), or None when both are off."""
@@ -282,6 +302,26 @@ class MoE(nn.Module):
         if self.shared is not None:
             flops += self.shared.flops_per_token(seq_len)
         return float(flops)
+
+    def tp_plan(self, tp: int) -> TPPlan:
+        """Every expert's SwiGLU hidden units split over tp (Megatron's layout per expert): ``gate_up
+        [E, d, 2h]`` column-parallel (``Split(2)``; it packs ``[gate | up]``, so its output is re-laid to
+        each rank's gate and up columns), ``down [E, h, d]`` row-parallel, the shared experts as a
+        sharded SwiGLU.
+
+        Routing is replicated: the router stays plain and sees the layer input as it is (every tp rank
+        routes the same tokens to the same experts, counts the same load and computes the same
+        auxiliary loss, so its gradient is already complete). The experts' input and the routing
+        weights (they multiply partial expert outputs) get ``copy_to_region``; the experts' and the
+        shared experts' partial sums are added and reduced once."""
+        checks = [(self.hidden, "model.moe.expert_hidden")]
+        children = {}
+        if self.shared is not None:
+            checks.append((self.shared.gate_proj.out_features, "model.moe.shared_hidden"))
+            children["shared"] = self.shared.tp_plan(tp)
+        return TPPlan(params={"gate_up": Split(2), "down": Split(1)}, checks=tuple(checks), plain=("router.weight",),
+                      children=children, copy_outputs=("expert_input", "route_weights"),
+                      packed_outputs={"gate_up_out": (self.hidden, self.hidden)}, replicated_input=True)
 
 
 def moe_step(model: nn.Module, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:

@@ -24,8 +24,6 @@ Split sizes are read on the host (``.tolist()``): one sync per layer, as in ever
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,55 +31,40 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from braid.errors import ConfigError
-from braid.parallel.tp_plans.moe import local_expert_ffn
+from braid.parallel.collectives import all_to_all_rows
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; backward sends the gradients back the same way."""
+class ExpertParallelExperts(nn.Module):
+    """``MoE.experts`` (same contract) on an ep group of ``ep`` ranks: dispatch, local experts, combine."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def __init__(self, group, ep: int):
+        super().__init__()
+        self.group, self.ep = group, ep
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        grad = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad, None, None, None
-
-
-def _ep_experts(group, ep: int):
-    """The replacement for ``MoE.experts`` (same contract) on an ep group of ``ep`` ranks."""
-
-    def experts(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-        e_local = self.n_experts // ep
+    def forward(self, moe: nn.Module, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        group, ep = self.group, self.ep
+        e_local = moe.n_experts // ep
         recv_sizes = torch.empty_like(group_sizes)
         dist.all_to_all_single(recv_sizes, group_sizes.contiguous(), group=group)
         recv_sizes = recv_sizes.view(ep, e_local)  # [source rank, local expert]
         in_splits = group_sizes.view(ep, e_local).sum(1).tolist()
         out_splits = recv_sizes.sum(1).tolist()
-        recv = _AllToAll.apply(xs, out_splits, in_splits, group)
+        recv = all_to_all_rows(xs, out_splits, in_splits, group)
         # Received rows are source-major; the grouped GEMM needs them local-expert-major.
         local_expert = torch.arange(e_local, device=xs.device).repeat(ep)
         row_expert = torch.repeat_interleave(local_expert, recv_sizes.flatten())
         order = torch.argsort(row_expert, stable=True)
-        w1 = self.gate_up.to_local() if isinstance(self.gate_up, DTensor) else self.gate_up
-        w2 = self.down.to_local() if isinstance(self.down, DTensor) else self.down
+        w1 = moe.gate_up.to_local() if isinstance(moe.gate_up, DTensor) else moe.gate_up
+        w2 = moe.down.to_local() if isinstance(moe.down, DTensor) else moe.down
         # Under tp the local experts hold this rank's hidden units only (partial outputs, summed by
         # the tp plan's one reduction after the combine).
-        y_sorted = local_expert_ffn(self, recv[order], recv_sizes.sum(0), w1, w2)
+        y_sorted = moe.expert_ffn(recv[order], recv_sizes.sum(0), w1, w2)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to source-major
-        return _AllToAll.apply(y, in_splits, out_splits, group)
-
-    return experts
+        return all_to_all_rows(y, in_splits, out_splits, group)
 
 
 def _ep_over_tp(p: DTensor, ep_mesh: DeviceMesh, e_local: int) -> nn.Parameter:
-    """A tp-sharded expert weight (``tp_plans/moe.py``) → a 2-D ``(ep, tp)`` DTensor: experts over
+    """A tp-sharded expert weight (``MoE.tp_plan``) → a 2-D ``(ep, tp)`` DTensor: experts over
     ep (``Shard(0)``), hidden units over tp as before. Built from the local shard (no communication,
     works on the meta device); the ep view must be a dim of the same root mesh as tp."""
     root = ep_mesh._get_root_mesh()
@@ -125,7 +108,7 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
                 module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
             elif p.device_mesh.mesh_dim_names == ("tp",):
                 module.register_parameter(name, _ep_over_tp(p, ep_mesh, module.n_experts // ep))
-        module.experts = types.MethodType(_ep_experts(group, ep), module)
+        module.dispatch = ExpertParallelExperts(group, ep)
 
 
 __all__ = ["apply_ep"]

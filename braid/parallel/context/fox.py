@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from braid.parallel.context.comm import all_gather
+from braid.parallel.collectives import all_gather
 
 
 def global_forget_cumsum(cps, log_forget: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from braid.parallel.context.comm import exchange, exchange_raw
+from braid.parallel.collectives import exchange, exchange_raw
 from braid.parallel.context.layout import CPLayout
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from braid.parallel.context.comm import all_gather_raw, all_reduce_sum
+from braid.parallel.collectives import all_gather_raw, all_reduce_sum
 from braid.parallel.context.context import ContextParallel
 
 

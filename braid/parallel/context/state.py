@@ -29,7 +29,7 @@ import torch
 
 from braid.kernels.kda import kda
 from braid.kernels.ssm import DEFAULT_CHUNK, selective_scan
-from braid.parallel.context.comm import all_gather
+from braid.parallel.collectives import all_gather
 from braid.parallel.context.halo import segment_starts
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from braid.kernels.attention import attention, resolve_backend
-from braid.parallel.context.comm import all_gather, all_gather_raw, all_reduce_, all_reduce_max_, reduce_to_owner
+from braid.parallel.collectives import all_gather, all_gather_raw, all_reduce_, all_reduce_max_, reduce_to_owner
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.pairs import PairAttention, Seg
 

@@ -30,7 +30,7 @@ import math
 import torch
 
 from braid.kernels.attention import attention
-from braid.parallel.context.comm import all_gather_raw, all_to_all
+from braid.parallel.collectives import all_gather_raw, all_to_all
 
 
 def _check_heads(hq: int, cp: int) -> None:
