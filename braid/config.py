@@ -176,6 +176,16 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
     weight_decay: float = 0.1
+    # adamw | muon: Muon (Newton–Schulz orthogonalised momentum) for the blocks' weight matrices, AdamW
+    # (beta1, beta2, eps) for embeddings, head, norms, biases, router and other vectors; same lr.
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_lr_scale: str = "match_rms_adamw"  # match_rms_adamw (0.2·sqrt(max(m, n))) | original (sqrt(max(1, m/n)))
+    # Kimi K2's QK-clip: after each step, heads whose largest attention logit exceeded this have their
+    # W_q / W_k rows scaled down to bring it back to the threshold. 0 = off.
+    qk_clip: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -425,6 +435,8 @@ def validate(cfg: Config) -> None:
              or bool(re.fullmatch(r"every_[1-9][0-9]*", p.activation_checkpoint)),
              "parallel.activation_checkpoint", str(CHOICES["parallel.activation_checkpoint"]),
              p.activation_checkpoint)
+    _require(t.optimizer != "muon" or p.engine == "fsdp", "train.optimizer",
+             "muon needs parallel.engine=fsdp (ZeRO flattens the matrices Newton–Schulz works on)", t.optimizer)
     _require(p.cp_kind != "s2" or m.s2.enabled, "parallel.cp_kind",
              "s2 needs model.s2.enabled=true (without the S2 pattern it would run ring attention)", p.cp_kind)
     _validate_mixers(m)
