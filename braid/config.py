@@ -437,6 +437,9 @@ def validate(cfg: Config) -> None:
              p.activation_checkpoint)
     _require(t.optimizer != "muon" or p.engine == "fsdp", "train.optimizer",
              "muon needs parallel.engine=fsdp (ZeRO flattens the matrices Newton–Schulz works on)", t.optimizer)
+    _require(t.qk_clip == 0 or (p.engine == "fsdp" and (p.tp or 1) == 1 and (p.cp or 1) == 1), "train.qk_clip",
+             "QK-clip runs under parallel.engine=fsdp without tensor or context parallelism (tp = cp = 1)",
+             t.qk_clip)
     _require(p.cp_kind != "s2" or m.s2.enabled, "parallel.cp_kind",
              "s2 needs model.s2.enabled=true (without the S2 pattern it would run ring attention)", p.cp_kind)
     _validate_mixers(m)

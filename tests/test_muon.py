@@ -107,3 +107,21 @@ def test_config_keys():
         _cfg("train.muon_lr_scale=sometimes")
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config(None, ["train.optimizer=sgd"])
+
+
+@pytest.mark.slow
+def test_resume_continues_the_muon_trajectory(tmp_path):
+    """Momentum buffers and AdamW moments go through the DCP checkpoint: a resumed run follows the
+    uninterrupted one."""
+    import shutil
+
+    from tests.test_parallel_train import run_one_process, train_records
+
+    muon = {"train.optimizer": "muon", "train.lr": 1e-2, "checkpoint.interval": 3}
+    full = run_one_process(tmp_path / "full", "tiny", **muon)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", tmp_path / "resumed" / "checkpoints" / "step_3")
+    resumed = run_one_process(tmp_path / "resumed", "tiny", **muon)
+    assert [r["step"] for r in resumed] == [4, 5]
+    for a, b in zip(resumed, full[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert train_records(tmp_path / "full")[-1]["step"] == 5

@@ -58,7 +58,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``full`` laid out like ``ref``: for a DTensor, each rank keeps its own slice (no communication,
     every rank holds the same ``full``)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -70,7 +70,7 @@ def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def set_full(p: torch.Tensor, full: torch.Tensor) -> None:
     """Overwrite parameter ``p`` (plain or DTensor) with the full-size value ``full``."""
-    p.copy_(_like(full.to(p.dtype), p))
+    p.copy_(shard_like(full.to(p.dtype), p))
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -110,7 +110,7 @@ class MuonAdamW(torch.optim.Optimizer):
             update = g.lerp(buf, mu) if group["nesterov"] else buf
             ortho = newton_schulz(_full(update), group["ns_steps"], dtype=self.ns_dtype)
             p.mul_(1 - lr * wd)
-            p.add_(_like(ortho.to(p.dtype), p), alpha=-lr * lr_scale(p.shape, group["lr_rule"]))
+            p.add_(shard_like(ortho.to(p.dtype), p), alpha=-lr * lr_scale(p.shape, group["lr_rule"]))
 
     def _adamw(self, group: dict) -> None:
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

@@ -68,6 +68,10 @@ class Trainer:
         self.model, self.optimizer, self.loss_factor = built.model, built.optimizer, built.loss_factor
         self.manual_reductions, self.init_notes = built.manual_reductions, built.init_notes
         self.has_moe = "E" in self.model_cfg.ffn_pattern
+        if t.qk_clip > 0:
+            from braid.trainer import qk_clip
+
+            qk_clip.enable(unwrap(self.model))
         self._aux: Optional[float] = None
         self._moe_metrics: dict = {}
 
@@ -227,6 +231,8 @@ class Trainer:
             updated = math.isfinite(loss) and math.isfinite(grad_norm)
             if updated:
                 self.optimizer.step()
+            if t.qk_clip > 0:  # after the step, on every rank alike (the maxima are reduced over ranks)
+                self._qk_clip(updated)
         if updated:
             if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
                 from braid.models.moe import moe_step
@@ -241,6 +247,21 @@ class Trainer:
         if not self.deepspeed:  # DeepSpeed zeroes its own (partitioned) gradients in step()
             self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, updated
+
+    def _qk_clip(self, updated: bool) -> None:
+        from braid.trainer import qk_clip
+
+        model = unwrap(self.model)
+        if not updated:
+            qk_clip.reset(model)
+            return
+
+        def reduce_max(x: torch.Tensor) -> torch.Tensor:
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=self.loss_group)
+            return x
+
+        qk_clip.qk_clip(model, self.cfg.train.qk_clip, reduce_max)
 
     @torch.no_grad()
     def evaluate(self) -> float:
