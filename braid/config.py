@@ -137,7 +137,7 @@ class ModelConfig:
     global_layers: List[int] = field(default_factory=list)  # layers that ignore `window`
     attn_gate: str = "headwise"  # gated attention (letter G): headwise | elementwise
     meta_tokens: int = 0  # learned tokens prepended to every sequence, visible to all (Hymba)
-    connection: str = "residual"  # residual | hc
+    connection: str = "residual"  # residual | hc | ngpt (normalized Transformer, braid/models/ngpt.py)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -440,6 +440,12 @@ def validate(cfg: Config) -> None:
     _require(t.qk_clip == 0 or (p.engine == "fsdp" and (p.tp or 1) == 1 and (p.cp or 1) == 1), "train.qk_clip",
              "QK-clip runs under parallel.engine=fsdp without tensor or context parallelism (tp = cp = 1)",
              t.qk_clip)
+    if m.connection == "ngpt":
+        ffns = set(m.ffn_pattern)
+        _require(ffns <= {"S", "-"} and m.meta_tokens == 0 and p.engine == "fsdp" and (p.tp or 1) == 1,
+                 "model.connection", "ngpt takes SwiGLU or no FFNs (S, -), no meta tokens, parallel.engine=fsdp "
+                 "and tp = 1 (its weight normalisation covers neither stacked experts nor ZeRO's flat "
+                 "partitions; the vocab-parallel head has no logit scales)", m.connection)
     _require(p.cp_kind != "s2" or m.s2.enabled, "parallel.cp_kind",
              "s2 needs model.s2.enabled=true (without the S2 pattern it would run ring attention)", p.cp_kind)
     _validate_mixers(m)

@@ -155,7 +155,7 @@ RANGES: dict[str, Range] = {
 CHOICES: dict[str, Choice] = {
     "model.pos_emb": Choice(("rope", "none")),
     "model.attn_gate": Choice(("headwise", "elementwise")),
-    "model.connection": Choice(("residual", "hc")),
+    "model.connection": Choice(("residual", "hc", "ngpt")),
     # The Triton KDA kernels need a power of two >= 16 (the torch path silently takes over otherwise);
     # at 128 with 128-wide heads their state and backward kernels exceed a GPU block's shared memory.
     "model.kda.chunk_size": Choice((16, 32, 64)),

@@ -227,6 +227,11 @@ def _round(r: int) -> tuple[dict[str, str], dict]:
         else:
             text = str(value)
         typed[key], want[key] = text, value
+    if want["model.connection"] == "ngpt":  # nGPT takes no experts and no DeepSpeed (odd rounds)
+        if want["parallel.engine"] == "deepspeed":
+            typed["model.connection"] = want["model.connection"] = "residual"
+        else:
+            typed["model.ffn_pattern"] = want["model.ffn_pattern"] = "S"
     for key, hint in leaf_fields().items():
         if hint is bool:
             typed[key], want[key] = SPELLINGS[r], BOOL_WORDS[SPELLINGS[r]]

@@ -76,8 +76,14 @@ class HybridLM(nn.Module):
             sublayer += self.layers[-1].n_sublayers
         # Hymba's meta tokens: learned prefix states every query may attend to; dropped before the head.
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
+        self.ngpt = cfg.connection == "ngpt"
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.ngpt:  # the hidden states stay on the sphere; per-token logit scales s_z (braid/models/ngpt.py)
+            from braid.models.ngpt import LOGIT_SCALE_INIT, ScaledParam, Sphere
+
+            self.norm = Sphere()
+            self.logit_scale = ScaledParam(cfg.vocab_size, LOGIT_SCALE_INIT, 1 / math.sqrt(cfg.d_model))
         # Set by braid.parallel.context.apply_cp: inputs are then this rank's part of each sequence.
         self.context_parallel = None
         self.reset_parameters()
@@ -108,6 +114,10 @@ class HybridLM(nn.Module):
             if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) \
                     and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        if self.ngpt:
+            from braid.models.ngpt import normalize_weights_
+
+            normalize_weights_(self)
 
     def _head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -154,6 +164,8 @@ class HybridLM(nn.Module):
         without labels. Tensor parallelism replaces it per instance (vocab-parallel head and loss)."""
         b, t = h.shape[:2]
         logits = F.linear(h, self._head_weight())
+        if self.ngpt:
+            logits = logits * self.logit_scale().to(logits.dtype)
         if labels is None:
             return logits
         loss = F.cross_entropy(

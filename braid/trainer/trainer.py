@@ -233,6 +233,10 @@ class Trainer:
                 self.optimizer.step()
             if t.qk_clip > 0:  # after the step, on every rank alike (the maxima are reduced over ranks)
                 self._qk_clip(updated)
+            if updated and self.model_cfg.connection == "ngpt":  # back onto the sphere after each step
+                from braid.trainer.ngpt_step import normalize_weights
+
+                normalize_weights(unwrap(self.model))
         if updated:
             if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
                 from braid.models.moe import moe_step
