@@ -343,3 +343,13 @@ def test_muon_dp_shard2_tp2_matches_one_process(tmp_path):
     assert_same_trajectory(train_records(tmp_path / "dp2_tp2"), ref, f"{preset} muon dp2_tp2")
     adamw = run_one_process(tmp_path / "adamw", preset, **{"train.lr": 1e-2})
     assert abs(adamw[-1]["loss"] - ref[-1]["loss"]) > 1e-3  # the runs above did train with Muon
+
+
+@pytest.mark.slow
+def test_ngpt_dp_shard2_matches_one_process(tmp_path):
+    """model.connection=ngpt under FSDP2: rows normalised per shard, output-projection columns (the
+    sharded dim) gathered; 2 ranks give one process's trajectory."""
+    preset, ngpt = "llama-tiny", {"model.connection": "ngpt", "train.lr": 1e-2}
+    ref = run_one_process(tmp_path / "ref", preset, **ngpt)
+    launch(tmp_path, 2, [overrides(tmp_path / "dp2", preset, **ngpt, **{"parallel.dp_shard": 2})])
+    assert_same_trajectory(train_records(tmp_path / "dp2"), ref, f"{preset} ngpt dp2")
