@@ -96,3 +96,15 @@ def test_config_refuses_what_the_normalisation_does_not_cover():
     for extra in ["model.ffn_pattern=E", "parallel.tp=2", "parallel.engine=deepspeed", "model.meta_tokens=4"]:
         with pytest.raises(ConfigError, match="model.connection"):
             load_config(None, [*base, extra])
+
+
+def test_incremental_decoding_gives_the_forward_logits():
+    from braid.models.decoding import DecodeCache, decode_step
+
+    model = _model().eval()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+    cache = DecodeCache()
+    steps = [decode_step(model, ids[:, :6], cache)] + [decode_step(model, ids[:, i:i + 1], cache) for i in range(6, 10)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
