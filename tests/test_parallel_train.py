@@ -353,3 +353,13 @@ def test_ngpt_dp_shard2_matches_one_process(tmp_path):
     ref = run_one_process(tmp_path / "ref", preset, **ngpt)
     launch(tmp_path, 2, [overrides(tmp_path / "dp2", preset, **ngpt, **{"parallel.dp_shard": 2})])
     assert_same_trajectory(train_records(tmp_path / "dp2"), ref, f"{preset} ngpt dp2")
+
+
+@pytest.mark.slow
+def test_muon_with_experts_dp_shard2_ep2_matches_one_process(tmp_path):
+    """Muon on the experts' stacked matrices (one Newton–Schulz per expert) with experts sharded over
+    the two data ranks (ep 2), KDA and gated attention around them: one process's trajectory."""
+    preset, muon = "hybrid-tiny", {"train.optimizer": "muon", "train.lr": 1e-2}
+    ref = run_one_process(tmp_path / "ref", preset, **muon)
+    launch(tmp_path, 2, [overrides(tmp_path / "ep2", preset, **muon, **{"parallel.ep": 2})])
+    assert_same_trajectory(train_records(tmp_path / "ep2"), ref, f"{preset} muon ep2")
