@@ -90,6 +90,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     names = {n for n, p in model.named_parameters() if id(p) in ids}
     assert "layers.0.mixer.q_proj.weight" in names and "layers.0.ffn.down_proj.weight" in names
     assert "layers.1.ffn.gate_up" in names  # stacked experts: one NS per expert
+    stored_in_out = {n for n, p in model.named_parameters() if ids.get(id(p))}
+    assert stored_in_out == {n for n in names if n.endswith((".ffn.gate_up", ".ffn.down"))}
     for n, p in model.named_parameters():
         if p.ndim < 2 or "embed" in n or "router" in n or "conv" in n or getattr(p, "_no_weight_decay", False):
             assert n not in names, n
@@ -125,3 +127,23 @@ def test_resume_continues_the_muon_trajectory(tmp_path):
     for a, b in zip(resumed, full[3:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert train_records(tmp_path / "full")[-1]["step"] == 5
+
+
+def test_stacked_in_out_matrices_step_like_their_transposes():
+    """An ``[E, in, out]`` expert stack (group ``in_out``) takes the update of E ``[out, in]`` matrices,
+    the ``original`` LR rule (which is not symmetric in m, n) included."""
+    torch.manual_seed(0)
+    stack = nn.Parameter(torch.randn(2, 16, 40) * 0.1)
+    mats = [nn.Parameter(stack.detach()[e].T.clone()) for e in range(2)]
+    kw = dict(lr=0.02, lr_rule="original")
+    a = MuonAdamW([{"params": [stack], "muon": True, "in_out": True, "weight_decay": 0.1}], **kw)
+    b = MuonAdamW([{"params": mats, "muon": True, "weight_decay": 0.1}], **kw)
+    for _ in range(3):
+        g = torch.randn_like(stack)
+        stack.grad = g
+        for e, m in enumerate(mats):
+            m.grad = g[e].T.clone()
+        a.step()
+        b.step()
+    for e, m in enumerate(mats):
+        assert torch.allclose(stack.detach()[e].T, m.detach(), atol=1e-6)

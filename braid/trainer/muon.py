@@ -74,7 +74,8 @@ def set_full(p: torch.Tensor, full: torch.Tensor) -> None:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Groups with ``muon=True`` take Muon (``momentum``, ``nesterov``, ``ns_steps``, ``lr_rule``), the others
+    """Groups with ``muon=True`` take Muon (``momentum``, ``nesterov``, ``ns_steps``, ``lr_rule``; ``in_out``:
+    the matrices are stored ``[in, out]``, which only the ``original`` LR rule cares about), the others
     AdamW (``betas``, ``eps``); ``lr`` and decoupled ``weight_decay`` in both (Muon's decay is lr·wd, not
     scaled by the matrix's LR multiplier, as in Moonlight and ``torch.optim.Muon``)."""
 
@@ -82,7 +83,7 @@ class MuonAdamW(torch.optim.Optimizer):
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  lr_rule: str = "match_rms_adamw", ns_dtype: torch.dtype = torch.float32):
         defaults = dict(lr=lr, weight_decay=0.0, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, lr_rule=lr_rule, muon=False)
+                        ns_steps=ns_steps, lr_rule=lr_rule, muon=False, in_out=False)
         self.ns_dtype = ns_dtype
         super().__init__(list(groups), defaults)
 
@@ -110,7 +111,8 @@ class MuonAdamW(torch.optim.Optimizer):
             update = g.lerp(buf, mu) if group["nesterov"] else buf
             ortho = newton_schulz(_full(update), group["ns_steps"], dtype=self.ns_dtype)
             p.mul_(1 - lr * wd)
-            p.add_(shard_like(ortho.to(p.dtype), p), alpha=-lr * lr_scale(p.shape, group["lr_rule"]))
+            shape = p.shape[:-2] + p.shape[-2:][::-1] if group["in_out"] else p.shape  # as [out, in]
+            p.add_(shard_like(ortho.to(p.dtype), p), alpha=-lr * lr_scale(shape, group["lr_rule"]))
 
     def _adamw(self, group: dict) -> None:
         lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

@@ -26,16 +26,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def muon_param_ids(model: nn.Module) -> set[int]:
-    """The parameters Muon updates: weights of the ``nn.Linear`` layers inside the blocks and the experts'
-    stacked matrices, except the MoE router (its rows are per-expert scores, not a linear map to
-    orthogonalise) and anything marked ``_no_weight_decay``. Embeddings, the LM head (tied or not), norms,
-    biases, convolutions and other 1-D or scalar parameters stay with AdamW."""
+def muon_param_ids(model: nn.Module) -> dict[int, bool]:
+    """The parameters Muon updates, each with whether it is stored ``[in, out]`` (the experts' stacked
+    ``[E, in, out]`` matrices) rather than ``nn.Linear``'s ``[out, in]``: weights of the ``nn.Linear``
+    layers inside the blocks and the experts' matrices, except the MoE router (its rows are per-expert
+    scores, not a linear map to orthogonalise) and anything marked ``_no_weight_decay``. Embeddings, the
+    LM head (tied or not), norms, biases, convolutions and other 1-D or scalar parameters stay with AdamW."""
     head = getattr(model, "lm_head", None)
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     if head is not None:
         skip.add(id(head.weight))
-    ids: set[int] = set()
+    ids: dict[int, bool] = {}
     for name, module in model.named_modules():
         if name.split(".")[-1] == "router":
             continue
@@ -43,16 +44,19 @@ def muon_param_ids(model: nn.Module) -> set[int]:
             matrix = isinstance(module, nn.Linear) and pname == "weight"
             experts = p.ndim == 3 and not isinstance(module, nn.Conv1d) and name.split(".")[-1] == "ffn"
             if (matrix or experts) and id(p) not in skip and not getattr(p, "_no_weight_decay", False):
-                ids.add(id(p))
+                ids[id(p)] = experts
     return ids
 
 
 def muon_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Muon's matrices (all decayed) and the AdamW groups of ``param_groups`` without them."""
+    """Muon's matrices (all decayed; ``[out, in]`` ones, then ``[in, out]`` ones) and the AdamW groups of
+    ``param_groups`` without them."""
     ids = muon_param_ids(model)
-    muon = [p for p in model.parameters() if id(p) in ids and p.requires_grad]
+    params = [p for p in model.parameters() if id(p) in ids and p.requires_grad]
+    muon = [{"params": [p for p in params if ids[id(p)] == in_out], "weight_decay": weight_decay, "muon": True,
+             "in_out": in_out} for in_out in (False, True)]
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in param_groups(model, weight_decay)]
-    return [{"params": muon, "weight_decay": weight_decay, "muon": True}, *groups]
+    return [*muon, *groups]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
