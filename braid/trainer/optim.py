@@ -56,7 +56,8 @@ def muon_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     muon = [{"params": [p for p in params if ids[id(p)] == in_out], "weight_decay": weight_decay, "muon": True,
              "in_out": in_out} for in_out in (False, True)]
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in param_groups(model, weight_decay)]
-    return [*muon, *groups]
+    # No empty groups: DCP's optimizer state dict keys the groups' settings by their parameters.
+    return [g for g in (*muon, *groups) if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
