@@ -108,3 +108,24 @@ def test_incremental_decoding_gives_the_forward_logits():
     cache = DecodeCache()
     steps = [decode_step(model, ids[:, :6], cache)] + [decode_step(model, ids[:, i:i + 1], cache) for i in range(6, 10)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hf_export_gives_the_same_logits(tmp_path):
+    """Written as remote code (stock classes have no nGPT), loaded back by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from braid.convert.hf_export import export_hf
+    from braid.models.ngpt import normalize_weights_
+    from tests.test_convert import random_model
+
+    model, cfg = random_model("llama-tiny", "model.connection=ngpt")
+    normalize_weights_(model)
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        want = model(ids)
+    export_hf(model, cfg, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-5
