@@ -18,81 +18,22 @@ from omegaconf.errors import OmegaConfBaseException
 from braid.config_rules import CHOICES, RANGES, Choice, Range
 from braid.config_yaml import BOOL_WORDS, load_yaml_file, parse_value
 from braid.errors import ConfigError
+from braid.models.hybrid_pattern import is_megatron, translate
 from braid.models.presets import load_preset, preset_names
+from braid.models.registry import (
+    ffn_letters,
+    freeze_options,
+    mixer_declaration,
+    mixer_letters,
+    option_sections,
+    section_layers,
+)
 
 
 @dataclass
 class RunConfig:
     name: str = "braid"
     dir: Optional[str] = None  # default: runs/<name>
-
-
-@dataclass
-class FoxConfig:
-    """Forgetting Transformer (letter F). The Pro block = qk_norm + output_gate + output_norm + kv_shift."""
-
-    rope: bool = False  # FoX uses no positional embedding by default
-    output_gate: bool = False  # o_proj(norm(o) * sigmoid(Linear(x)))
-    output_norm: bool = False  # RMSNorm per head on the attention output
-    kv_shift: bool = False  # k_t = a_t k_{t-1} + (1 - a_t) k_t (same for v), a = sigmoid(Linear(x))
-    forget_bias_init: Optional[float] = None  # None: default Linear init of the forget-gate bias
-
-
-@dataclass
-class KDAConfig:
-    """Kimi Delta Attention (letter K)."""
-
-    n_heads: Optional[int] = None  # default: model.n_heads
-    head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
-    conv_size: int = 4
-    chunk_size: int = 64  # 16 | 32 | 64: the sizes the Triton kernels take and fit in a GPU block
-    gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
-
-
-@dataclass
-class MLAConfig:
-    """Multi-head latent attention (letter M), DeepSeek-V2/V3."""
-
-    n_heads: Optional[int] = None  # default: model.n_heads
-    q_lora_rank: Optional[int] = None  # None: full-rank q projection
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    rope: bool = True  # False: NoPE (Kimi Linear), the rope slice is kept but not rotated
-
-
-@dataclass
-class HymbaConfig:
-    """Hymba hybrid heads (letter H): attention heads (model.n_heads/n_kv_heads/head_dim) + Mamba-1 SSM."""
-
-    v_head_dim: Optional[int] = None  # default: ssm_inner // n_heads (the branches are summed)
-    ssm_inner: Optional[int] = None  # SSM channels; default: 2 · d_model
-    d_state: int = 16
-    d_conv: int = 4
-    dt_rank: Optional[int] = None  # default: ceil(d_model / 16)
-    # Cross-layer KV sharing: in each group the first layer computes K/V, the others reuse them.
-    kv_share_groups: List[List[int]] = field(default_factory=list)
-
-
-@dataclass
-class MoEConfig:
-    """Mixture of experts (FFN letter E)."""
-
-    n_experts: int = 8
-    top_k: int = 2
-    expert_hidden: Optional[int] = None  # default: the dense FFN hidden size
-    n_shared_experts: int = 0
-    shared_hidden: Optional[int] = None  # default: expert_hidden × n_shared_experts
-    router: str = "softmax"  # softmax (Mixtral/Qwen3) | sigmoid (DeepSeek-V3)
-    renormalize: bool = True  # renormalise the chosen weights to sum to 1
-    routed_scaling: float = 1.0
-    n_groups: int = 1  # group-limited routing: choose topk_groups of n_groups first
-    topk_groups: int = 1
-    bias_update_rate: float = 0.0  # aux-loss-free balancing step γ (DeepSeek-V3: 1e-3); 0 = off
-    aux_loss_coef: float = 0.0  # sequence-level balance loss α
-    z_loss_coef: float = 0.0
-    capacity_factor: Optional[float] = None  # None: dropless
 
 
 @dataclass
@@ -116,12 +57,18 @@ class S2Config:
 
 
 @dataclass
-class ModelConfig:
+class _ModelKeys:
+    """The keys of every model; ModelConfig adds a section per registered mixer/FFN options class."""
+
     preset: Optional[str] = None
-    # One letter per layer; letters are resolved through braid.models.registry.
+    # One letter per layer; letters are resolved through braid.models.registry. A pattern with Megatron's
+    # * - E | letters is translated to pattern + ffn_pattern + stage_layers (braid/models/hybrid_pattern.py).
     pattern: str = "AAAA"
     # FFN letter per layer (same length as pattern) or a single letter used for every layer.
     ffn_pattern: str = "S"
+    # First layer of every pipeline stage after the first (a Megatron-style pattern's '|'); [] = one stage.
+    # Recorded for pipeline parallelism: a single-stage run ignores it.
+    stage_layers: List[int] = field(default_factory=list)
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # default: n_heads (no GQA)
@@ -141,13 +88,23 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    fox: FoxConfig = field(default_factory=FoxConfig)
-    kda: KDAConfig = field(default_factory=KDAConfig)
-    mla: MLAConfig = field(default_factory=MLAConfig)
-    hymba: HymbaConfig = field(default_factory=HymbaConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    hc: HyperConnectionConfig = field(default_factory=HyperConnectionConfig)
-    s2: S2Config = field(default_factory=S2Config)
+
+
+# model.<section> of every registered mixer/FFN (declared in its module: braid/models/registry.py), then the
+# sections no single mixer owns.
+_SECTIONS = {**freeze_options(), "hc": HyperConnectionConfig, "s2": S2Config}
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [(name, cls, field(default_factory=cls)) for name, cls in _SECTIONS.items()], bases=(_ModelKeys,))
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = "The model section: " + (_ModelKeys.__doc__ or "")
+
+
+def __getattr__(name: str) -> type:
+    # The options classes by name (``from braid.config import KDAConfig``), wherever they are declared.
+    for cls in _SECTIONS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -243,7 +200,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (DTensor plans per mixer)
     cp: int = 1  # context parallel
     cp_kind: str = "ring"  # ring | s2 (needs model.s2.enabled) | tree | ulysses
-    cp_layout: str = "auto"  # auto (zigzag unless every mixer is KDA) | zigzag | contiguous
+    cp_layout: str = "auto"  # auto (zigzag unless no mixer calls attention: its cp_ops) | zigzag | contiguous
     ep: int = 1  # expert parallel (experts sharded over ep ranks of dp_shard × cp)
     engine: str = "fsdp"  # fsdp (torch FSDP2 / DDP) | deepspeed
     zero_stage: int = 1  # deepspeed ZeRO stage 1 | 2 | 3
@@ -251,6 +208,8 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full | every_<N> (every N-th block)
     compile: bool = False  # per-block torch.compile (GPU)
     sequence_parallel: bool = True  # with tp > 1: shard norms/residuals along the sequence
+    layout: str = "manual"  # manual (the keys above) | auto (braid.plan's best fitting layout for the world size)
+    plan_gpu: str = "auto"  # GPU kind layout=auto plans for: auto (the CUDA device; h100-sxm without one) or a kind
 
 
 @dataclass
@@ -313,7 +272,9 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if not _KEY_RE.match(key):
             raise ConfigError(f"override '{item}': '{key}' is not a dotted section.key name")
         try:
-            OmegaConf.update(tree, key, parse_value(item, text), merge=True)
+            # Megatron's * and | are YAML syntax: such a pattern is taken as written, unquoted.
+            raw = key == "model.pattern" and is_megatron(text) and text[:1] not in ("'", '"')
+            OmegaConf.update(tree, key, text if raw else parse_value(item, text), merge=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}' could not be applied: {_first_line(exc)}") from None
     return OmegaConf.to_container(tree)
@@ -358,11 +319,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config key '{key}': {_first_line(exc)}") from None
     cfg: Config = OmegaConf.to_object(merged)
     cfg.model.preset = preset
+    _translate_pattern(cfg.model)
     export = cfg.checkpoint.export_hf  # untyped (a bool or a path): the words a bool key takes mean bools
     if isinstance(export, str) and export.lower() in BOOL_WORDS:
         cfg.checkpoint.export_hf = BOOL_WORDS[export.lower()]
     validate(cfg)
     return cfg
+
+
+def _translate_pattern(m: ModelConfig) -> None:
+    if not is_megatron(m.pattern):
+        return
+    if m.stage_layers:
+        raise ConfigError(f"config key 'model.stage_layers' = {m.stage_layers!r} cannot be set together with a "
+                          f"Megatron-style model.pattern {m.pattern!r}, whose '|' give the stages")
+    m.pattern, m.ffn_pattern, m.stage_layers = translate(m.pattern, m.ffn_pattern, mixer_letters())
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -389,8 +360,6 @@ def _check_tables(section: Any, where: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names its key."""
-    from braid.models.registry import ffn_letters, mixer_letters
-
     # Single-key ranges first: the checks below divide by sizes.
     _check_tables(cfg, "")
     m, d, t, c, p = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.parallel
@@ -451,50 +420,35 @@ def validate(cfg: Config) -> None:
     _validate_mixers(m)
 
 
-S2_MIXERS = "AGF"  # apply model.s2 (braid/models/attention.py and its subclasses)
-DENSE_SOFTMAX = "MH"  # softmax attention that does not: model.s2 would be silently ignored there
-
-
 def _validate_mixers(m: ModelConfig) -> None:
     """Checks of the per-mixer sections that involve other keys; only the sections a pattern uses can fail."""
     n_layers = len(m.pattern)
-    ffn = m.ffn_pattern * n_layers if len(m.ffn_pattern) == 1 else m.ffn_pattern
     for i in m.global_layers:
         _require(0 <= i < n_layers, "model.global_layers", f"layer indices in [0, {n_layers})", m.global_layers)
+    _require(list(m.stage_layers) == sorted(set(m.stage_layers)) and all(0 < i < n_layers for i in m.stage_layers),
+             "model.stage_layers", f"ascending layer indices in [1, {n_layers})", m.stage_layers)
     if m.s2.enabled:
-        dense = sorted(set(m.pattern) & set(DENSE_SOFTMAX))
-        _require(not dense and any(ch in S2_MIXERS for ch in m.pattern), "model.s2.enabled",
-                 f"S2 applies to the attention mixers {', '.join(S2_MIXERS)} only, and model.pattern "
+        # S2 applies to the mixers that declare it; other softmax attention would silently stay dense.
+        s2 = [ch for ch in mixer_letters() if mixer_declaration(ch, "s2_capable")]
+        dense = sorted(ch for ch in set(m.pattern) if not mixer_declaration(ch, "s2_capable")
+                       and "attention" in mixer_declaration(ch, "cp_ops"))
+        _require(not dense and any(ch in s2 for ch in m.pattern), "model.s2.enabled",
+                 f"S2 applies to the attention mixers {', '.join(s2)} only, and model.pattern "
                  f"{m.pattern!r} " + (f"has {'/'.join(dense)} layers, whose attention would stay dense"
                                       if dense else "has none"), m.s2.enabled)
-    if "H" in m.pattern:
-        h = m.hymba
-        inner = h.ssm_inner or 2 * m.d_model
-        v_dim = h.v_head_dim or inner // m.n_heads
-        _require(m.n_heads * v_dim == inner, "model.hymba.v_head_dim",
-                 f"model.n_heads × v_head_dim must equal model.hymba.ssm_inner = {inner}", h.v_head_dim)
-        seen: set[int] = set()
-        for group in h.kv_share_groups:
-            ok = len(group) >= 1 and all(0 <= i < n_layers and m.pattern[i] == "H" for i in group) \
-                and list(group) == sorted(group) and not seen & set(group)
-            _require(ok, "model.hymba.kv_share_groups",
-                     "disjoint, ascending lists of indices of H layers", h.kv_share_groups)
-            seen |= set(group)
-    if "E" in ffn:
-        validate_moe(m.moe)
+    for name in option_sections():
+        layers = section_layers(name, m.pattern, m.ffn_pattern)
+        check = getattr(getattr(m, name), "check", None)
+        if layers and check is not None:
+            check(m, layers, _require)
 
 
-def validate_moe(e: MoEConfig) -> None:
+def validate_moe(e: Any) -> None:
     """The ``model.moe`` checks: run by :func:`validate` and by the MoE layer itself, which tests and
     tools also build from a bare ``ModelConfig``."""
     _check_tables(e, "model.moe")
-    _require(e.top_k <= e.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={e.n_experts}]", e.top_k)
-    _require(e.n_experts % e.n_groups == 0, "model.moe.n_groups", f"must divide model.moe.n_experts={e.n_experts}",
-             e.n_groups)
-    _require(e.topk_groups <= e.n_groups, "model.moe.topk_groups", f"in [1, model.moe.n_groups={e.n_groups}]",
-             e.topk_groups)
-    _require(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups), "model.moe.top_k",
-             "at most topk_groups × experts per group", e.top_k)
+    e.check(None, [], _require)
+
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

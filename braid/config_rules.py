@@ -175,4 +175,6 @@ CHOICES: dict[str, Choice] = {
     "parallel.engine": Choice(("fsdp", "deepspeed")),
     "parallel.zero_stage": Choice((1, 2, 3)),
     "parallel.activation_checkpoint": Choice(("none", "full"), "every_<N>"),
+    "parallel.layout": Choice(("manual", "auto")),
+    "parallel.plan_gpu": Choice(("auto", "h100-sxm", "h200", "a100-80gb", "b200")),
 }

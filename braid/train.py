@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         if args.check_world_size is not None:
             from braid.parallel.mesh import check_world
+            from braid.plan.auto import resolve_auto_layout
 
+            cfg, _ = resolve_auto_layout(cfg, args.check_world_size)
             check_world(cfg, args.check_world_size)
             return
     except ConfigError as exc:

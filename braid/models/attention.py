@@ -27,6 +27,10 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 @register_mixer("A")
 class Attention(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention",)  # the seq.ops methods forward calls
+    s2_capable = True  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.n_heads = cfg.n_heads

@@ -13,6 +13,7 @@ Pro block options (``cfg.fox``; use with ``cfg.qk_norm``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,7 +23,19 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.models.attention import Attention, at_least_fp32
 from braid.models.layers import RMSNorm, Rotary, SeqInfo
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
+
+
+@register_options("fox")
+@dataclass
+class FoxConfig:
+    """Forgetting Transformer (letter F). The Pro block = qk_norm + output_gate + output_norm + kv_shift."""
+
+    rope: bool = False  # FoX uses no positional embedding by default
+    output_gate: bool = False  # o_proj(norm(o) * sigmoid(Linear(x)))
+    output_norm: bool = False  # RMSNorm per head on the attention output
+    kv_shift: bool = False  # k_t = a_t k_{t-1} + (1 - a_t) k_t (same for v), a = sigmoid(Linear(x))
+    forget_bias_init: Optional[float] = None  # None: default Linear init of the forget-gate bias
 
 
 def shift_mix(x: torch.Tensor, alpha_logits: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -46,6 +59,10 @@ def shift_mix(x: torch.Tensor, alpha_logits: torch.Tensor, doc_ids: Optional[tor
 
 @register_mixer("F")
 class FoX(Attention):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention", "local_mix")  # the seq.ops methods forward calls
+    s2_capable = True  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
         fox, d, hd = cfg.fox, cfg.d_model, self.head_dim

@@ -22,6 +22,10 @@ from braid.models.registry import register_mixer
 
 @register_mixer("G")
 class GatedAttention(Attention):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention",)  # the seq.ops methods forward calls
+    s2_capable = True  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
         if cfg.attn_gate not in ("headwise", "elementwise"):

@@ -23,7 +23,8 @@ meta tokens, so a packed document computes exactly what it would alone behind th
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -32,8 +33,36 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.kernels import attention, selective_scan
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
 from braid.models.visible_keys import mean_visible_keys
+
+
+@register_options("hymba")
+@dataclass
+class HymbaConfig:
+    """Hymba hybrid heads (letter H): attention heads (model.n_heads/n_kv_heads/head_dim) + Mamba-1 SSM."""
+
+    v_head_dim: Optional[int] = None  # default: ssm_inner // n_heads (the branches are summed)
+    ssm_inner: Optional[int] = None  # SSM channels; default: 2 · d_model
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: Optional[int] = None  # default: ceil(d_model / 16)
+    # Cross-layer KV sharing: in each group the first layer computes K/V, the others reuse them.
+    kv_share_groups: List[List[int]] = field(default_factory=list)
+
+    def check(self, m, layers: list, require) -> None:
+        """The checks involving other model keys; ``layers``: the indices of the H layers."""
+        inner = self.ssm_inner or 2 * m.d_model
+        v_dim = self.v_head_dim or inner // m.n_heads
+        require(m.n_heads * v_dim == inner, "model.hymba.v_head_dim",
+                f"model.n_heads × v_head_dim must equal model.hymba.ssm_inner = {inner}", self.v_head_dim)
+        seen: set = set()
+        for group in self.kv_share_groups:
+            ok = len(group) >= 1 and all(i in layers for i in group) and list(group) == sorted(group) \
+                and not seen & set(group)
+            require(ok, "model.hymba.kv_share_groups", "disjoint, ascending lists of indices of H layers",
+                    self.kv_share_groups)
+            seen |= set(group)
 
 # Mamba's dt initialisation range: dt ~ logUniform(DT_MIN, DT_MAX), floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
@@ -61,6 +90,10 @@ def _kv_producer(cfg: ModelConfig, layer_idx: int) -> Optional[int]:
 
 @register_mixer("H")
 class Hymba(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention", "local_mix", "selective_scan")  # the seq.ops methods forward calls
+    s2_capable = False  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         h = cfg.hymba

@@ -9,6 +9,7 @@ tokens, so a packed document computes exactly what it computes alone behind the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,7 +19,19 @@ import torch.nn.functional as F
 from braid.config import ModelConfig
 from braid.kernels import kda
 from braid.models.layers import RMSNorm, SeqInfo, mark_output_projection
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
+
+
+@register_options("kda")
+@dataclass
+class KDAConfig:
+    """Kimi Delta Attention (letter K)."""
+
+    n_heads: Optional[int] = None  # default: model.n_heads
+    head_dim: Optional[int] = None  # K = V head dim; default: model.d_model // heads
+    conv_size: int = 4
+    chunk_size: int = 64  # 16 | 32 | 64: the sizes the Triton kernels take and fit in a GPU block
+    gate_bias: bool = True  # bias on the output gate's g_b projection; the released Kimi Linear has none
 
 
 def conv_sources(doc_ids: torch.Tensor, meta_tokens: int, width: int) -> torch.Tensor:
@@ -111,6 +124,10 @@ def kda_behind_meta(q, k, v, g, beta, meta_tokens: int, doc_ids: Optional[torch.
 
 @register_mixer("K")
 class KDA(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("kda", "local_mix")  # the seq.ops methods forward calls
+    s2_capable = False  # applies model.s2 to its attention
+
     """Kimi Delta Attention: a gated delta-rule linear attention with per-channel decay (Kimi Linear)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):

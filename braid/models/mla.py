@@ -20,18 +20,39 @@ Training computes the full per-head K/V (the latent is only a cache-size trick a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
 from braid.kernels import attention
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
-from braid.models.registry import register_mixer
+from braid.models.registry import register_mixer, register_options
 from braid.models.visible_keys import mean_visible_keys
+
+
+@register_options("mla")
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (letter M), DeepSeek-V2/V3."""
+
+    n_heads: Optional[int] = None  # default: model.n_heads
+    q_lora_rank: Optional[int] = None  # None: full-rank q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope: bool = True  # False: NoPE (Kimi Linear), the rope slice is kept but not rotated
 
 
 @register_mixer("M")
 class MLA(nn.Module):
+    # Declarations (read without importing this module, see braid/models/registry.py).
+    cp_ops = ("attention",)  # the seq.ops methods forward calls
+    s2_capable = False  # applies model.s2 to its attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = cfg.mla

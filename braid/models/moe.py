@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,7 +42,39 @@ import torch.nn.functional as F
 from braid.config import ModelConfig, validate_moe
 from braid.kernels.grouped_gemm import grouped_mm
 from braid.models.ffn import SwiGLU, ffn_hidden_size
-from braid.models.registry import register_ffn
+from braid.models.registry import register_ffn, register_options
+
+
+@register_options("moe")
+@dataclass
+class MoEConfig:
+    """Mixture of experts (FFN letter E)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: Optional[int] = None  # default: the dense FFN hidden size
+    n_shared_experts: int = 0
+    shared_hidden: Optional[int] = None  # default: expert_hidden × n_shared_experts
+    router: str = "softmax"  # softmax (Mixtral/Qwen3) | sigmoid (DeepSeek-V3)
+    renormalize: bool = True  # renormalise the chosen weights to sum to 1
+    routed_scaling: float = 1.0
+    n_groups: int = 1  # group-limited routing: choose topk_groups of n_groups first
+    topk_groups: int = 1
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step γ (DeepSeek-V3: 1e-3); 0 = off
+    aux_loss_coef: float = 0.0  # sequence-level balance loss α
+    z_loss_coef: float = 0.0
+    capacity_factor: Optional[float] = None  # None: dropless
+
+    def check(self, m, layers: list, require) -> None:
+        """The checks involving several keys (``m``, ``layers``: the model and its E layers, unused)."""
+        require(self.top_k <= self.n_experts, "model.moe.top_k", f"in [1, model.moe.n_experts={self.n_experts}]",
+                self.top_k)
+        require(self.n_experts % self.n_groups == 0, "model.moe.n_groups",
+                f"must divide model.moe.n_experts={self.n_experts}", self.n_groups)
+        require(self.topk_groups <= self.n_groups, "model.moe.topk_groups",
+                f"in [1, model.moe.n_groups={self.n_groups}]", self.topk_groups)
+        require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), "model.moe.top_k",
+                "at most topk_groups × experts per group", self.top_k)
 
 
 @register_ffn("E")

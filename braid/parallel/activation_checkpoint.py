@@ -3,7 +3,7 @@
 ``none``: keep every activation. ``full``: every block recomputes its forward in backward.
 ``every_<N>``: blocks ``N-1, 2N-1, ...`` (every N-th) recompute, the others keep activations.
 Non-reentrant ``torch.utils.checkpoint``: it composes with FSDP2/DTensor and lets gradients enter
-a checkpointed block through side outputs (Hymba's shared K/V reach later layers that way).
+a checkpointed block through side outputs (K/V a mixer shares with later layers reach them that way).
 """
 
 from __future__ import annotations

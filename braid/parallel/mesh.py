@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 
 from braid.config import Config, ParallelConfig
 from braid.errors import ConfigError
+from braid.models.registry import mixer_declaration
 
 if TYPE_CHECKING:  # torch only in annotations: the layout checks must stay cheap to import
     import torch.distributed as dist
@@ -91,16 +92,14 @@ def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
         raise ConfigError("config key 'parallel.cpu_offload' needs parallel.engine=deepspeed")
 
 
-# Mixers with no causal softmax: their work per token does not grow along the sequence, so contiguous
-# shards are balanced and need one state hand-off per rank instead of two.
-_STATE_ONLY = set("K")
-
-
 def resolve_layout(spec: str, pattern: str) -> str:
-    """``parallel.cp_layout``: ``auto`` is zigzag (balances causal softmax) unless every mixer is KDA."""
+    """``parallel.cp_layout``: ``auto`` is zigzag (balances causal softmax) unless no mixer of the pattern
+    calls attention (its declared ``cp_ops``): then the work per token does not grow along the sequence,
+    contiguous shards are balanced and need one state hand-off per rank instead of two."""
     if spec != "auto":
         return spec
-    return "contiguous" if set(pattern) <= _STATE_ONLY else "zigzag"
+    softmax = any("attention" in mixer_declaration(ch, "cp_ops") for ch in set(pattern))
+    return "zigzag" if softmax else "contiguous"
 
 
 def layout_pieces(layout: str, cp: int) -> int:

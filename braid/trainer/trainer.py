@@ -22,6 +22,7 @@ from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from braid.parallel.fsdp import clip_grad_norm, reduce_manual_grads
 from braid.parallel.mesh import build_mesh, check_world
+from braid.plan.auto import resolve_auto_layout
 from braid.trainer.checkpoint import CheckpointManager
 from braid.trainer.checkpoint_config import check_resume, checkpoint_info, describe
 from braid.trainer.export import export_hf
@@ -41,6 +42,9 @@ class Trainer:
         t, p = cfg.train, cfg.parallel
         self.deepspeed = p.engine == "deepspeed"
         self.info = info or init_distributed(cfg.train.device, single_process_group=self.deepspeed)
+        # parallel.layout=auto: the planner's layout replaces the parallel keys before anything uses them
+        cfg, self.layout_note = resolve_auto_layout(cfg, self.info.world_size, self.info.device)
+        self.cfg, t, p = cfg, cfg.train, cfg.parallel
         self.dims = check_world(cfg, self.info.world_size)  # the checks launch/torchrun.sh runs before spawning
         # Before any data is read or file written: a resume that cannot continue this run costs one line.
         _, self.resume_change_note = check_resume(cfg)
@@ -294,7 +298,7 @@ class Trainer:
 
     def _banner(self, resumed: Optional[Path]) -> None:
         self.logger.console(banner(self.cfg, self.info, self.model_cfg, self.stats, self.train_data, self.valid_data,
-                                   self.grad_accum, self.dims))
+                                   self.grad_accum, self.dims) + (f" | {self.layout_note}" if self.layout_note else ""))
         notes = self.init_notes + self.resume_notes + ([self.resume_change_note] if self.resume_change_note else [])
         for note in notes:
             self.logger.console(note)

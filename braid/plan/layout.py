@@ -1,0 +1,74 @@
+"""A candidate layout: mesh sizes, cp kind, activation checkpointing and micro batch, and how it is
+written into a config (so the real validation, ``braid.parallel.mesh.check_world``, judges it)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+
+from braid.config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    ep: int
+    cp_kind: str  # "-" when cp == 1
+    ac: str  # none | full | every_<N>
+    micro_batch: int
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def recompute_fraction(self, n_layers: int) -> float:
+        """Share of the blocks' forward run again in backward."""
+        if self.ac == "none":
+            return 0.0
+        if self.ac == "full":
+            return 1.0
+        n = int(re.fullmatch(r"every_([1-9][0-9]*)", self.ac).group(1))
+        return (n_layers // n) / n_layers
+
+    def label(self) -> str:
+        parts = [f"dpr{self.dp_replicate}", f"dps{self.dp_shard}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}:{self.cp_kind}")
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        return " ".join(parts) + f" ac:{self.ac} mb{self.micro_batch}"
+
+    def overrides(self) -> list[str]:
+        """The ``key=value`` overrides that select this layout."""
+        out = [f"parallel.dp_replicate={self.dp_replicate}", f"parallel.dp_shard={self.dp_shard}",
+               f"parallel.cp={self.cp}", f"parallel.tp={self.tp}", f"parallel.ep={self.ep}",
+               f"parallel.activation_checkpoint={self.ac}", f"train.micro_batch_size={self.micro_batch}"]
+        if self.cp > 1:
+            out.append(f"parallel.cp_kind={self.cp_kind}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_layout(cfg: Config, lay: Layout) -> Config:
+    """A copy of ``cfg`` with the layout's keys set (``parallel.layout`` becomes manual)."""
+    out = copy.deepcopy(cfg)
+    p = out.parallel
+    p.dp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep = None, lay.dp_replicate, lay.dp_shard, lay.cp, lay.tp, lay.ep
+    if lay.cp > 1:
+        p.cp_kind = lay.cp_kind
+    p.activation_checkpoint = lay.ac
+    p.layout = "manual"
+    out.train.micro_batch_size = lay.micro_batch
+    return out

@@ -1,0 +1,97 @@
+"""Memory per GPU of a layout, in closed form. This is the one seam where the rehearsal of the real-sizes
+issue (``python -m braid.rehearse``, the real build and step under fake tensors) can replace the estimate:
+:func:`estimate_memory` is the only function the planner calls for memory.
+
+Model states (FSDP2 with a bf16 compute policy, AdamW): every parameter has an fp32 master copy, an fp32
+gradient and two fp32 moments, 16 bytes, sharded over tp × dp_shard × cp (experts over ep × tp and the
+rest of dp_shard × cp, which is the same count); dp_replicate keeps copies. DeepSpeed ZeRO-1 shards the
+moments only, ZeRO-2 also the gradients, ZeRO-3 everything; ``cpu_offload`` moves the optimizer states
+off the GPU. FSDP2 adds the unsharded bf16 parameters of two blocks (the one running and the one
+prefetched) and one block's unsharded fp32 gradient before its reduce-scatter.
+
+Activations per layer and token: the bf16 tensors each op keeps for backward, counted as Korthikanti et
+al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2) do; for a GPT block
+with dropout their count is 34·h bytes per token (s·b·h·34 + 5·a·s²·b). The flash-style attention kernels
+keep no s×s scores, so the 5·a·s/h term is absent here; dropout is not used. With tp and sequence
+parallelism every tensor is split by tp (without it, the norms' inputs are not); cp splits the tokens.
+``full`` checkpointing keeps only each block's input (2·h bytes per token) plus one block's activations
+while it recomputes; ``every_<N>`` keeps full activations of the other blocks. The LM head adds its bf16
+logits and fp32 copy for the loss (6 bytes × vocab/tp per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from braid.config import Config
+from braid.plan.layout import Layout
+from braid.plan.model_cost import ModelCost
+
+RESERVE_FRACTION = 0.08  # CUDA context, NCCL buffers, allocator fragmentation
+RESERVE_BYTES = 2 * 2**30
+
+
+@dataclass
+class Memory:
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    buffers_bytes: float  # FSDP unsharded blocks
+    activations_bytes: float
+    peak_bytes: float
+    usable_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.usable_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+
+def usable(hbm_bytes: float) -> float:
+    return hbm_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
+
+
+def activation_bytes(cfg: Config, cost: ModelCost, lay: Layout) -> float:
+    """Peak activation bytes of one micro batch on one GPU."""
+    tokens = lay.micro_batch * cfg.data.seq_len / lay.cp
+    sp = cfg.parallel.sequence_parallel and lay.tp > 1
+
+    def layer_bytes(layer) -> float:
+        inner = (layer.act_width - layer.norm_width) / lay.tp
+        norms = layer.norm_width / (lay.tp if sp else 1)
+        return 2 * tokens * (inner + norms)
+
+    from braid.parallel.activation_checkpoint import checkpointed_layers
+
+    n = len(cost.layers)
+    recomputed = set(checkpointed_layers(lay.ac, n))
+    kept = sum(2 * tokens * cost.d_model / (lay.tp if sp else 1) if i in recomputed else layer_bytes(layer)
+               for i, layer in enumerate(cost.layers))
+    working = max(layer_bytes(layer) for layer in cost.layers) if recomputed else 0.0
+    logits = 6 * tokens * cost.vocab / lay.tp
+    return kept + working + logits
+
+
+def estimate_memory(cfg: Config, cost: ModelCost, lay: Layout, hbm_bytes: float) -> Memory:
+    """Bytes per GPU of ``lay`` for ``cfg``. The rehearsal can stand in for this function."""
+    p = cfg.parallel
+    shard = lay.tp * lay.dp_shard * lay.cp
+    n = cost.params
+    if p.engine == "deepspeed":
+        dp = lay.dp
+        stage = p.zero_stage
+        params = 4 * n / (dp if stage >= 3 else 1)
+        grads = 4 * n / (dp if stage >= 2 else 1)
+        optimizer = 0.0 if p.cpu_offload else 8 * n / dp
+        buffers = 2 * 2 * cost.largest_layer_params if stage >= 3 else 0.0
+    else:
+        params, grads, optimizer = 4 * n / shard, 4 * n / shard, 8 * n / shard
+        buffers = 0.0
+        if lay.dp_shard * lay.cp > 1:
+            block = cost.largest_layer_params / lay.tp
+            buffers = 2 * 2 * block + 4 * block
+    acts = activation_bytes(cfg, cost, lay)
+    peak = params + grads + optimizer + buffers + acts
+    return Memory(params, grads, optimizer, buffers, acts, peak, usable(hbm_bytes))
