@@ -84,7 +84,7 @@ class _ModelKeys:
     global_layers: List[int] = field(default_factory=list)  # layers that ignore `window`
     attn_gate: str = "headwise"  # gated attention (letter G): headwise | elementwise
     meta_tokens: int = 0  # learned tokens prepended to every sequence, visible to all (Hymba)
-    connection: str = "residual"  # residual | hc
+    connection: str = "residual"  # residual | hc | ngpt (normalized Transformer, braid/models/ngpt.py)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -133,6 +133,16 @@ class TrainConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
     weight_decay: float = 0.1
+    # adamw | muon: Muon (Newton–Schulz orthogonalised momentum) for the blocks' weight matrices, AdamW
+    # (beta1, beta2, eps) for embeddings, head, norms, biases, router and other vectors; same lr.
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_lr_scale: str = "match_rms_adamw"  # match_rms_adamw (0.2·sqrt(max(m, n))) | original (sqrt(max(1, m/n)))
+    # Kimi K2's QK-clip: after each step, heads whose largest attention logit exceeded this have their
+    # W_q / W_k rows scaled down to bring it back to the threshold. 0 = off.
+    qk_clip: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -394,6 +404,17 @@ def validate(cfg: Config) -> None:
              or bool(re.fullmatch(r"every_[1-9][0-9]*", p.activation_checkpoint)),
              "parallel.activation_checkpoint", str(CHOICES["parallel.activation_checkpoint"]),
              p.activation_checkpoint)
+    _require(t.optimizer != "muon" or p.engine == "fsdp", "train.optimizer",
+             "muon needs parallel.engine=fsdp (ZeRO flattens the matrices Newton–Schulz works on)", t.optimizer)
+    _require(t.qk_clip == 0 or (p.engine == "fsdp" and (p.tp or 1) == 1 and (p.cp or 1) == 1), "train.qk_clip",
+             "QK-clip runs under parallel.engine=fsdp without tensor or context parallelism (tp = cp = 1)",
+             t.qk_clip)
+    if m.connection == "ngpt":
+        ffns = set(m.ffn_pattern)
+        _require(ffns <= {"S", "-"} and m.meta_tokens == 0 and p.engine == "fsdp" and (p.tp or 1) == 1,
+                 "model.connection", "ngpt takes SwiGLU or no FFNs (S, -), no meta tokens, parallel.engine=fsdp "
+                 "and tp = 1 (its weight normalisation covers neither stacked experts nor ZeRO's flat "
+                 "partitions; the vocab-parallel head has no logit scales)", m.connection)
     _require(p.cp_kind != "s2" or m.s2.enabled, "parallel.cp_kind",
              "s2 needs model.s2.enabled=true (without the S2 pattern it would run ring attention)", p.cp_kind)
     _validate_mixers(m)

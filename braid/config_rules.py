@@ -128,6 +128,9 @@ RANGES: dict[str, Range] = {
     "train.weight_decay": NON_NEGATIVE,
     "train.beta1": BETA,  # AdamW's own limits
     "train.beta2": BETA,
+    "train.muon_momentum": BETA,
+    "train.muon_ns_steps": AT_LEAST_1,
+    "train.qk_clip": Range(0, text=">= 0 (0 = off)"),
     "train.eps": POSITIVE,  # 0 divides 0 by 0 for a parameter whose gradient is zero
     "train.grad_clip": Range(0, text=">= 0 (0 disables clipping)"),
     "train.seed": Range(0, 2**32 - 1),  # numpy's seed range
@@ -152,7 +155,7 @@ RANGES: dict[str, Range] = {
 CHOICES: dict[str, Choice] = {
     "model.pos_emb": Choice(("rope", "none")),
     "model.attn_gate": Choice(("headwise", "elementwise")),
-    "model.connection": Choice(("residual", "hc")),
+    "model.connection": Choice(("residual", "hc", "ngpt")),
     # The Triton KDA kernels need a power of two >= 16 (the torch path silently takes over otherwise);
     # at 128 with 128-wide heads their state and backward kernels exceed a GPU block's shared memory.
     "model.kda.chunk_size": Choice((16, 32, 64)),
@@ -160,6 +163,8 @@ CHOICES: dict[str, Choice] = {
     "data.source": Choice(("embedded",), "a local file/dir, a dataset name, an indexed prefix or a blend"),
     "data.tokenizer": Choice(("bytes",), "an existing local tokenizer path"),
     "train.schedule": Choice(("cosine", "wsd", "constant")),
+    "train.optimizer": Choice(("adamw", "muon")),
+    "train.muon_lr_scale": Choice(("match_rms_adamw", "original")),
     "train.device": Choice(("auto", "cpu", "cuda")),
     "train.precision": Choice(("auto", "bf16", "fp32")),
     "checkpoint.resume": Choice(("auto", "none"), "an existing checkpoint directory"),

@@ -213,7 +213,8 @@ def test_every_enum_key_refuses_an_undocumented_value(key):
 # Round r types every enum key's value r (cycling) and every bool key as SPELLINGS[r]. The rounds where
 # parallel.cp_kind is s2 (1 and 5) spell booleans truthy, so model.s2.enabled is on as s2 needs.
 SPELLINGS = ["false", "on", "no", "true", "off", "yes"]
-SHIFT = {"checkpoint.export_hf": 1}  # true in even rounds: odd ones use parallel.engine=deepspeed, which refuses it
+# true / muon in even rounds: odd ones use parallel.engine=deepspeed, which refuses both
+SHIFT = {"checkpoint.export_hf": 1, "train.optimizer": 1}
 
 
 def _round(r: int) -> tuple[dict[str, str], dict]:
@@ -226,6 +227,11 @@ def _round(r: int) -> tuple[dict[str, str], dict]:
         else:
             text = str(value)
         typed[key], want[key] = text, value
+    if want["model.connection"] == "ngpt":  # nGPT takes no experts and no DeepSpeed (odd rounds)
+        if want["parallel.engine"] == "deepspeed":
+            typed["model.connection"] = want["model.connection"] = "residual"
+        else:
+            typed["model.ffn_pattern"] = want["model.ffn_pattern"] = "S"
     for key, hint in leaf_fields().items():
         if hint is bool:
             typed[key], want[key] = SPELLINGS[r], BOOL_WORDS[SPELLINGS[r]]

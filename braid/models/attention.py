@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from braid.config import ModelConfig
+from braid.kernels.attention import attention_mask
 from braid.kernels.s2 import S2Pattern
 from braid.models.caches import KVCache
 from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
@@ -47,6 +48,10 @@ class Attention(nn.Module):
         s2 = cfg.s2
         self.s2 = S2Pattern(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
                             n_heads=self.n_heads) if s2.enabled else None
+        # QK-clip (braid/trainer/qk_clip.py) turns this on: training forwards then keep the largest
+        # attention logit per query head ``[H]`` since the last optimizer step in ``max_logit``.
+        self.track_max_logit = False
+        self.max_logit: Optional[torch.Tensor] = None
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, d]`` → q ``[B, T, H, D]`` (before norm/RoPE)."""
@@ -74,8 +79,33 @@ class Attention(nn.Module):
             if self.s2 is not None:
                 raise NotImplementedError("no incremental decoding with the S2 attention pattern (model.s2.enabled)")
             return cache.attend(q, k, v, log_forget, window=self.window, sink=seq.meta_tokens)
+        if self.track_max_logit and torch.is_grad_enabled():
+            self._record_max_logit(q, k, seq)
         return seq.ops.attention(q, k, v, causal=True, window=self.window, sink=seq.meta_tokens,
                                  doc_ids=seq.doc_ids, log_forget=log_forget, s2=self.s2)
+
+    @torch.no_grad()
+    def _record_max_logit(self, q: torch.Tensor, k: torch.Tensor, seq: SeqInfo, chunk: int = 256) -> None:
+        """Running max of ``D^-½ q_i·k_j`` over the pairs the causal / window / document / sink mask lets
+        attend (the S2 pattern is not applied: its pairs are a subset, so this bounds its max from
+        above), in query chunks so no ``[T, T]`` logits per head are held at once. FoX's forget bias
+        only lowers logits and is left out."""
+        b, t, h, d = q.shape
+        kk = k.repeat_interleave(h // k.size(2), dim=2).float()
+        mask = attention_mask(t, t, causal=True, window=self.window, doc_ids=seq.doc_ids, sink=seq.meta_tokens,
+                              device=q.device)
+        best = torch.full((h,), float("-inf"), device=q.device)
+        for lo in range(0, t, chunk):
+            hi = min(lo + chunk, t)
+            s = torch.einsum("bqhd,bkhd->bhqk", q[:, lo:hi].float(), kk) * d ** -0.5
+            visible = (torch.arange(lo, hi, device=q.device)[:, None] >= torch.arange(t, device=q.device)
+                       if mask is None else mask[:, :, lo:hi])
+            best = torch.maximum(best, s.masked_fill(~visible, float("-inf")).amax(dim=(0, 2, 3)))
+        self.max_logit = best if self.max_logit is None else torch.maximum(self.max_logit, best)
+
+    def q_row_heads(self) -> torch.Tensor:
+        """The query head each output row of ``q_proj`` feeds (-1: a row that is no query channel)."""
+        return torch.arange(self.n_heads * self.head_dim) // self.head_dim
 
     def new_cache(self, stream) -> Optional[KVCache]:
         """This layer's decoding cache (None: the S2 pattern has no cached decoding yet)."""

@@ -5,6 +5,8 @@ richer schemes replace this module without touching mixers or FFNs. Every connec
 ``conn(streams, sublayer) -> streams`` where ``sublayer`` maps ``[B, T, d] -> [B, T, d]``:
 
 * ``PreNormResidual``: the stream is the plain ``[B, T, d]`` hidden state, ``h + f(norm(h))``.
+* ``NGPTConnection`` (``braid/models/ngpt.py``): the stream is a unit vector per token,
+  ``Norm(h + α ⊙ (Norm(f(h)) − h))``.
 * ``HyperConnection`` (Zhu et al., "Hyper-Connections"): ``n`` streams ``H`` of shape ``[B, T, n, d]``.
   Per sublayer, ``h = A_mᵀ H`` feeds the sublayer and ``H' = Bᵀ f(norm(h)) + A_rᵀ H``. The dynamic
   variant (DHC) adds per-token terms ``s·tanh(norm(H) W)``; mHC (Xie et al., DeepSeek) projects the
@@ -190,17 +192,21 @@ class HyperConnection(nn.Module):
 def n_streams(cfg: ModelConfig) -> int:
     """Number of residual streams the blocks carry: 0 for the plain ``[B, T, d]`` stream (residual),
     ``cfg.hc.rate`` for hyper-connections (streams ``[B, T, n, d]``)."""
-    if cfg.connection == "residual":
+    if cfg.connection in ("residual", "ngpt"):
         return 0
     if cfg.connection == "hc":
         if cfg.hc.rate < 1:
             raise ValueError(f"model.hc.rate must be >= 1, got {cfg.hc.rate}")
         return cfg.hc.rate
-    raise ValueError(f"model.connection must be residual | hc, got {cfg.connection!r}")
+    raise ValueError(f"model.connection must be residual | hc | ngpt, got {cfg.connection!r}")
 
 
 def make_connection(cfg: ModelConfig, sublayer_idx: int) -> nn.Module:
     """The connection around sublayer ``sublayer_idx`` (0, 1, ... over the model's mixers and FFNs)."""
+    if cfg.connection == "ngpt":
+        from braid.models.ngpt import NGPTConnection
+
+        return NGPTConnection(cfg, sublayer_idx)
     if n_streams(cfg) == 0:
         return PreNormResidual(cfg.d_model, cfg.norm_eps)
     return HyperConnection(cfg, sublayer_idx)

@@ -56,6 +56,13 @@ class GatedAttention(Attention):
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         return self._q_and_gate(x)[0]
 
+    def q_row_heads(self) -> torch.Tensor:
+        """Per KV head: its group's query rows (head kv·G + g), then its gate rows (-1)."""
+        block = self.group * (self.head_dim + self.gate_dim)
+        r = torch.arange(self.n_kv_heads * block)
+        kv, within = r // block, r % block
+        return torch.where(within < self.group * self.head_dim, kv * self.group + within // self.head_dim, -1)
+
     def forward(self, x: torch.Tensor, seq: SeqInfo, cache: Optional[KVCache] = None) -> torch.Tensor:
         """x ``[B, T, d]`` → ``[B, T, d]``; the gate is a sigmoid in fp32, applied in x's dtype; ``cache``:
         decoding, as ``Attention``."""

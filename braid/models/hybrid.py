@@ -52,9 +52,12 @@ class HeadLoss(nn.Module):
     ``[V, d]`` → per-token fp32 loss ``[B, T]`` (0 where ignored), or logits ``[B, T, V]`` without
     labels. Tensor parallelism swaps in a vocab-parallel one."""
 
-    def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor],
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t = h.shape[:2]
         logits = F.linear(h, weight)
+        if scale is not None:  # per-vocabulary logit scales (nGPT)
+            logits = logits * scale.to(logits.dtype)
         if labels is None:
             return logits
         loss = F.cross_entropy(
@@ -94,9 +97,15 @@ class HybridLM(nn.Module):
             sublayer += self.layers[-1].n_sublayers
         # Hymba's meta tokens: learned prefix states every query may attend to; dropped before the head.
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
+        self.ngpt = cfg.connection == "ngpt"
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_loss = HeadLoss()  # no parameters; tensor parallelism swaps in its vocab-parallel one
+        if self.ngpt:  # the hidden states stay on the sphere; per-token logit scales s_z (braid/models/ngpt.py)
+            from braid.models.ngpt import LOGIT_SCALE_INIT, ScaledParam, Sphere
+
+            self.norm = Sphere()
+            self.logit_scale = ScaledParam(cfg.vocab_size, LOGIT_SCALE_INIT, 1 / math.sqrt(cfg.d_model))
         # Set by braid.parallel.context.apply_cp: inputs are then this rank's part of each sequence.
         self.context_parallel = None
         self.reset_parameters()
@@ -117,6 +126,10 @@ class HybridLM(nn.Module):
         generic_init(self, *stds(self))
         if self.meta is not None:
             nn.init.normal_(self.meta, 0.0, 1.0)
+        if self.ngpt:
+            from braid.models.ngpt import normalize_weights_
+
+            normalize_weights_(self)
 
     def _head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -160,7 +173,9 @@ class HybridLM(nn.Module):
 
     def output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """LM head and loss: h ``[B, T, d]`` → per-token fp32 loss ``[B, T]``, or logits ``[B, T, V]``
-        without labels (``self.head_loss``)."""
+        without labels (``self.head_loss``); nGPT scales the logits per vocabulary entry."""
+        if self.ngpt:
+            return self.head_loss(h, self._head_weight(), labels, self.logit_scale())
         return self.head_loss(h, self._head_weight(), labels)
 
     def _prepend_meta(self, h: torch.Tensor, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):

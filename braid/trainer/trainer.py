@@ -70,7 +70,15 @@ class Trainer:
         self.engine, self.init_notes = build_training_model(cfg, self.model_cfg, self.mesh, self.device,
                                                             self.autocast_dtype, self.grad_accum)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        if self.model_cfg.connection == "ngpt":  # each parameter was drawn alone: put the matrices on the sphere
+            from braid.trainer.ngpt_step import normalize_weights
+
+            normalize_weights(unwrap(self.model))
         self.has_moe = "E" in self.model_cfg.ffn_pattern
+        if t.qk_clip > 0:
+            from braid.trainer import qk_clip
+
+            qk_clip.enable(unwrap(self.model))
         self._aux: Optional[float] = None
         self._moe_metrics: dict = {}
 
@@ -208,6 +216,12 @@ class Trainer:
         """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm
         and whether the weights were updated."""
         grad_norm, updated = self.engine.step(loss)
+        if self.cfg.train.qk_clip > 0:  # after the step, on every rank alike (the maxima are reduced)
+            self._qk_clip(updated)
+        if updated and self.model_cfg.connection == "ngpt":  # back onto the sphere after each step
+            from braid.trainer.ngpt_step import normalize_weights
+
+            normalize_weights(unwrap(self.model))
         if updated:
             if self.has_moe:  # aux-loss-free balancing: once per optimizer step, loads summed over ranks
                 from braid.models.moe import moe_step
@@ -221,6 +235,21 @@ class Trainer:
                     module.load_counts.zero_()
         self.engine.zero_grad()
         return grad_norm, updated
+
+    def _qk_clip(self, updated: bool) -> None:
+        from braid.trainer import qk_clip
+
+        model = unwrap(self.model)
+        if not updated:
+            qk_clip.reset(model)
+            return
+
+        def reduce_max(x: torch.Tensor) -> torch.Tensor:
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=self.loss_group)
+            return x
+
+        qk_clip.qk_clip(model, self.cfg.train.qk_clip, reduce_max)
 
     @torch.no_grad()
     def evaluate(self) -> float:
