@@ -18,6 +18,7 @@ from braid.data.tokenizer import load_tokenizer
 from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
 from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
+from braid.parallel.data_parallel import unwrap
 from braid.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from braid.parallel.mesh import build_mesh, check_world
 from braid.plan.auto import resolve_auto_layout
