@@ -62,11 +62,12 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
     """A memory tracker that also keeps the largest activation footprint seen at any moment (the tracker's own
     peak snapshot is taken at the peak total, which may fall in the optimizer step, after activations are freed)."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from torch.distributed.fsdp import FSDPModule
 
-    base = FSDPMemTracker if isinstance(model, FSDPModule) else MemTracker
+    fsdp = isinstance(model, FSDPModule)
+    base, kinds = (FSDPMemTracker, _FSDPRefType) if fsdp else (MemTracker, _MemRefType)
 
     class Tracker(base):
         activations_peak = 0
@@ -74,8 +75,9 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
         def _update_peak_stats(self, peak_state) -> None:
             super()._update_peak_stats(peak_state)
             for snap in self._curr_mem_snap.values():
-                act = sum(v for k, v in snap.items() if getattr(k, "value", None) in ("Activation", "Temp"))
-                self.activations_peak = max(self.activations_peak, act)
+                act = snap.get(kinds.ACT, 0) + snap.get(kinds.TEMP, 0)
+                if act > self.activations_peak:
+                    self.activations_peak = act
 
     if base is FSDPMemTracker:
         t = Tracker(model, optimizer)
