@@ -114,11 +114,11 @@ def test_cli_writes_the_json_and_exits_4_with_the_largest_consumer_when_it_does_
 
 
 @pytest.mark.parametrize("args, key", [
-    (["model.preset=llama-tiny", "parallel.tp=3", "model.vocab_size=384", "train.global_batch_size=64",
+    (["model.preset=llama-tiny", "parallel.tp=3", "model.vocab_size=384", "model.n_kv_heads=1", "train.global_batch_size=64",
       "--world-size", "24"], "model.n_heads"),
     (["model.preset=llama-tiny", "parallel.tp=3", "train.global_batch_size=64", "--world-size", "24"],
      "model.vocab_size"),
-    (["model.preset=moe-tiny", "parallel.ep=8", "train.global_batch_size=64", "--world-size", "8"],
+    (["model.preset=moe-tiny", "model.moe.n_experts=12", "parallel.ep=8", "train.global_batch_size=64", "--world-size", "8"],
      "model.moe.n_experts"),
     (["model.preset=llama-tiny", "parallel.cp=4", "data.seq_len=100", "train.global_batch_size=64",
       "--world-size", "8"], "data.seq_len"),
