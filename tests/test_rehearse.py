@@ -46,8 +46,9 @@ def test_llama_8b_on_8_ranks_fsdp_holds_an_eighth_of_every_byte():
     ops = {(c["op"], c["group"]) for c in r.collectives}
     assert ("_allgather_base", "dp_shard") in ops and ("_reduce_scatter_base", "dp_shard") in ops
     gathered = sum(c["bytes"] for c in r.collectives if c["op"] == "_allgather_base")
-    # Forward gathers every block and the root; backward again every block but the last: ≥ 1.9× the bf16 model.
-    assert gathered >= 1.9 * 2 * p
+    # Forward gathers the bf16 model once; backward again every block but the last (the root and the last block
+    # stay gathered): between 1.8× and 2× the bf16 model for llama's 32 blocks and 2.1 GB root.
+    assert 1.8 * 2 * p < gathered < 2 * 2 * p
 
 
 def test_llama_8b_on_tp8_dp2_shards_matrices_16_ways_and_norms_over_dp_only():
@@ -114,12 +115,12 @@ def test_cli_writes_the_json_and_exits_4_with_the_largest_consumer_when_it_does_
 
 
 @pytest.mark.parametrize("args, key", [
-    (["model.preset=llama-tiny", "parallel.tp=3", "model.vocab_size=384", "model.n_kv_heads=1", "train.global_batch_size=64",
-      "--world-size", "24"], "model.n_heads"),
+    (["model.preset=llama-tiny", "parallel.tp=3", "model.vocab_size=384", "model.n_kv_heads=1",
+      "train.global_batch_size=64", "--world-size", "24"], "model.n_heads"),
     (["model.preset=llama-tiny", "parallel.tp=3", "train.global_batch_size=64", "--world-size", "24"],
      "model.vocab_size"),
-    (["model.preset=moe-tiny", "model.moe.n_experts=12", "parallel.ep=8", "train.global_batch_size=64", "--world-size", "8"],
-     "model.moe.n_experts"),
+    (["model.preset=moe-tiny", "model.moe.n_experts=12", "parallel.ep=8", "train.global_batch_size=64",
+      "--world-size", "8"], "model.moe.n_experts"),
     (["model.preset=llama-tiny", "parallel.cp=4", "data.seq_len=100", "train.global_batch_size=64",
       "--world-size", "8"], "data.seq_len"),
 ])
@@ -155,3 +156,57 @@ def test_real_presets_rehearse_on_their_meshes(preset, world, overrides):
     _check_adamw(r, _tensors(load_config("configs/tiny.yaml", [f"model.preset={preset}"])
                      if cfg.model.vocab_size else cfg))
     assert r.activations_peak_bytes > 0 and r.peak_bytes >= r.params_bytes + r.optimizer_bytes
+
+
+_SMALL = ["model.preset=llama-tiny", "model.d_model=256", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=512",
+          "train.micro_batch_size=2", "train.global_batch_size=4", "train.precision=fp32"]
+
+
+def real_step() -> dict:
+    """On each of 2 gloo ranks: the same step for real (fp32 on CPU), measured by torch's memory tracker."""
+    import torch.distributed as dist
+
+    from braid.models.hybrid import HybridLM
+    from braid.models.stats import resolve_vocab
+    from braid.parallel.mesh import build_mesh, check_world
+    from braid.parallel.parallelize import parallelize
+    from braid.rehearse import memory
+    from braid.trainer.optim import build_optimizer
+
+    cfg = _cfg(*_SMALL)
+    dims = check_world(cfg, dist.get_world_size())
+    model_cfg = resolve_vocab(cfg.model, 257)
+    torch.manual_seed(0)
+    model = parallelize(HybridLM(model_cfg), build_mesh(dims, "cpu"), cfg.parallel, torch.device("cpu"), None)
+    optimizer = build_optimizer(model, cfg.train)
+    for group in optimizer.param_groups:
+        group["fused"] = True
+    for p in memory.unique_params(model):
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    track = memory.tracker(model, optimizer)
+    b, s = cfg.train.micro_batch_size, cfg.data.seq_len
+    ids = torch.randint(0, model_cfg.vocab_size, (b, s))
+    with track:
+        loss = model(ids, labels=ids, position_ids=torch.arange(s).expand(b, s))
+        (loss.sum() / (b * s * dims.dp * 2)).backward()
+        grads = memory.grads_bytes(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak, _ = memory.peak_breakdown(track)
+    return {"params_bytes": memory.params_bytes(model), "grads_bytes": grads,
+            "optimizer_bytes": memory.optimizer_bytes(optimizer), "activations_peak_bytes": track.activations_peak,
+            "peak_bytes": peak}
+
+
+@pytest.mark.slow
+def test_rehearsal_matches_what_two_real_gloo_ranks_allocate():
+    from spawn_group import run_group
+
+    real = run_group(2, "test_rehearse.real_step")
+    r = rehearse(_cfg(*_SMALL), 2, 0, 80 * GiB)
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        assert getattr(r, key) == real[key], key
+    for key in ("activations_peak_bytes", "peak_bytes"):
+        assert getattr(r, key) == pytest.approx(real[key], rel=0.15), (key, getattr(r, key), real[key])
