@@ -14,12 +14,13 @@ import torch
 from braid.config import load_config
 from braid.models.stats import model_stats
 from braid.rehearse import rehearse
+from conftest import ROOT
 
 GiB = 2**30
 
 
 def _cfg(*overrides: str):
-    return load_config("configs/tiny.yaml", list(overrides))
+    return load_config(str(ROOT / "configs" / "tiny.yaml"), list(overrides))
 
 
 def _tensors(cfg) -> int:
@@ -153,7 +154,7 @@ def test_real_presets_rehearse_on_their_meshes(preset, world, overrides):
     experts = moe_layers * m.moe.n_experts * 3 * m.d_model * m.moe.expert_hidden if moe_layers else 0
     assert r.expert_params_bytes == 4 * experts // ep
     assert r.params_bytes == 4 * ((stats.params - experts) // world + experts // ep)
-    _check_adamw(r, _tensors(load_config("configs/tiny.yaml", [f"model.preset={preset}"])
+    _check_adamw(r, _tensors(_cfg(f"model.preset={preset}")
                      if cfg.model.vocab_size else cfg))
     assert r.activations_peak_bytes > 0 and r.peak_bytes >= r.params_bytes + r.optimizer_bytes
 
