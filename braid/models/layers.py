@@ -26,6 +26,12 @@ class Scratch:
     def __contains__(self, key) -> bool:
         return key in self._items
 
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 @dataclass
 class SeqInfo:
