@@ -37,6 +37,7 @@ def _check_adamw(r, n_tensors: int) -> None:
     assert r.optimizer_bytes == 2 * r.params_bytes + 4 * n_tensors
 
 
+@pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 def test_llama_8b_on_8_ranks_fsdp_holds_an_eighth_of_every_byte():
     cfg = _cfg("model.preset=llama", "data.seq_len=1024", "train.micro_batch_size=1", "train.global_batch_size=8")
     r = rehearse(cfg, 8, 3, 80 * GiB)
@@ -52,6 +53,7 @@ def test_llama_8b_on_8_ranks_fsdp_holds_an_eighth_of_every_byte():
     assert 1.8 * 2 * p < gathered < 2 * 2 * p
 
 
+@pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 def test_llama_8b_on_tp8_dp2_shards_matrices_16_ways_and_norms_over_dp_only():
     cfg = _cfg("model.preset=llama", "parallel.tp=8", "data.seq_len=1024", "train.micro_batch_size=1",
                "train.global_batch_size=2")
@@ -65,17 +67,21 @@ def test_llama_8b_on_tp8_dp2_shards_matrices_16_ways_and_norms_over_dp_only():
     assert any(c["group"] == "tp" for c in r.collectives)
 
 
+@pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 def test_cp4_at_32k_tokens_rehearses_a_quarter_of_each_sequence():
-    cfg = _cfg("model.preset=llama", "parallel.cp=4", "data.seq_len=32768", "parallel.activation_checkpoint=full",
-               "train.micro_batch_size=1", "train.global_batch_size=2")
+    cfg = _cfg("model.preset=llama-1b", "parallel.cp=4", "data.seq_len=32768", "train.micro_batch_size=1",
+               "train.global_batch_size=2")
     r = rehearse(cfg, 8, 1, 80 * GiB)
     assert r.micro_batch == [1, 8192] and r.layout["cp"] == 4
-    p = model_stats(cfg.model, 32768).params
+    from braid.models.stats import resolve_vocab
+
+    p = model_stats(resolve_vocab(cfg.model, 257), 32768).params
     assert r.params_bytes == 4 * p // 8  # FSDP2 shards over dp_shard × cp
     assert any(c["group"] == "cp" for c in r.collectives)  # the ring's K/V passes
     assert r.fits
 
 
+@pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 @pytest.mark.xfail(strict=True, reason="braid's llama layer stores ~104·s·b·h bytes (rehearsed), 3× the Korthikanti "
                    "estimate: see the issue report; strict, so this turns red once the stores shrink to it")
 def test_dense_llama_activations_per_layer_match_korthikanti():
