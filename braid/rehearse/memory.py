@@ -82,6 +82,11 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
     if base is FSDPMemTracker:
         t = Tracker(model, optimizer)
         t.track_inputs(())
+        # FSDP2 leaves the ep-sharded experts (and 0-d parameters) alone, so its tracker would not see them.
+        from braid.parallel.fsdp import expert_sharded_params, scalar_params
+
+        for p in expert_sharded_params(model) + scalar_params(model):
+            t._update_and_maybe_create_winfos(p.to_local() if isinstance(p, DTensor) else p, kinds.SHARDED_PARAM)
     else:
         t = Tracker()
         t.track_external(model, optimizer)
