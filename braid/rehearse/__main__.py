@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device-memory", type=parse_bytes, default=parse_bytes("80GiB"), metavar="SIZE",
                         help="memory of one accelerator (default 80GiB)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
 
     from braid.config import load_config
 
