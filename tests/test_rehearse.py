@@ -69,7 +69,8 @@ def test_llama_8b_on_tp8_dp2_shards_matrices_16_ways_and_norms_over_dp_only():
 
 @pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 def test_cp4_at_32k_tokens_rehearses_a_quarter_of_each_sequence():
-    cfg = _cfg("model.preset=llama-1b", "parallel.cp=4", "data.seq_len=32768", "train.micro_batch_size=1",
+    cfg = _cfg("model.preset=llama-1b", "parallel.cp=4", "parallel.cp_kind=ulysses", "data.seq_len=32768",
+               "train.micro_batch_size=1",
                "train.global_batch_size=2")
     r = rehearse(cfg, 8, 1, 80 * GiB)
     assert r.micro_batch == [1, 8192] and r.layout["cp"] == 4
@@ -77,7 +78,7 @@ def test_cp4_at_32k_tokens_rehearses_a_quarter_of_each_sequence():
 
     p = model_stats(resolve_vocab(cfg.model, 257), 32768).params
     assert r.params_bytes == 4 * p // 8  # FSDP2 shards over dp_shard × cp
-    assert any(c["group"] == "cp" for c in r.collectives)  # the ring's K/V passes
+    assert any(c["group"] == "cp" and c["op"] == "alltoall_base" for c in r.collectives)  # heads ↔ sequence
     assert r.fits
 
 
