@@ -67,7 +67,6 @@ def test_llama_8b_on_tp8_dp2_shards_matrices_16_ways_and_norms_over_dp_only():
     assert any(c["group"] == "tp" for c in r.collectives)
 
 
-@pytest.mark.slow  # real size: 2-5 minutes each on 2 shared, loaded cores (fake-tensor dispatch)
 def test_cp4_at_32k_tokens_rehearses_a_quarter_of_each_sequence():
     cfg = _cfg("model.preset=llama-1b", "parallel.cp=4", "parallel.cp_kind=ulysses", "data.seq_len=32768",
                "train.micro_batch_size=1",
