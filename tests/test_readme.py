@@ -294,6 +294,18 @@ def _eval(argv, run):
     return [*argv, "--ppl-samples", "2", "--limit", "2"]
 
 
+def _rehearse(argv, run):
+    """The real preset on 64 ranks takes minutes on fake tensors: its tiny flavour on 8, same command shape."""
+    argv = [a.replace("model.preset=kimi-linear", "model.preset=kimi-linear-tiny") for a in argv]
+    argv = [a for a in argv if not a.startswith(("data.seq_len=", "train.global_batch_size=", "parallel.ep="))]
+    return [*_set(argv, "--world-size", "8"), "parallel.ep=8", "train.global_batch_size=8", "data.seq_len=256"]
+
+
+def _rehearse_after(run, argv, res):
+    data = json.loads(res.stdout)
+    assert data["fits"] is True and data["world_size"] == 8 and data["layout"]["ep"] == 8, data
+
+
 RULES = [
     Rule("make train", r"^make train\b", _make_train, after=_make_train_after),
     Rule("make test", r"^make test\b", _make_test, after=_make_test_after),
@@ -307,6 +319,7 @@ RULES = [
     Rule("braid.convert from-hf", r"^python -m braid\.convert from-hf ", _from_hf, edit=_stock_hf),
     Rule("braid.generate", r"^python -m braid\.generate ", _generate),
     Rule("braid.eval", r"^python -m braid\.eval ", _eval, edit=_eval_line),
+    Rule("braid.rehearse", r"^python -m braid\.rehearse ", _rehearse, after=_rehearse_after),
 ]
 
 

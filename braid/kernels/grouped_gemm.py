@@ -25,9 +25,17 @@ def grouped_mm(x_sorted: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tenso
         raise ValueError(f"grouped_mm: x {tuple(x_sorted.shape)} and w {tuple(w.shape)} do not fit")
     if group_sizes.shape != (w.shape[0],):
         raise ValueError(f"grouped_mm: group_sizes {tuple(group_sizes.shape)} must be [{w.shape[0]}]")
-    if _native_applicable(x_sorted, w):
+    if _native_applicable(x_sorted, w) or _shapes_only(x_sorted):
         return grouped_mm_native(x_sorted, w, group_sizes)
     return grouped_mm_loop(x_sorted, w, group_sizes)
+
+
+def _shapes_only(x: torch.Tensor) -> bool:
+    """A fake tensor (``python -m braid.rehearse``): the loop cannot read its group sizes, the native
+    op's shape rule needs none."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return hasattr(torch, "_grouped_mm") and is_fake(x)
 
 
 def _native_applicable(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -12,6 +12,30 @@ from braid.kernels.precision import at_least_fp32, compute_dtype
 from braid.models.seq_ops import LocalOps
 
 
+class Scratch:
+    """A per-forward mapping that every block sees as the same object. Not a dict: FSDP2's mixed precision
+    rebuilds the dicts (and dataclasses) among a module's inputs when it casts them, so a plain dict would
+    give each block its own copy and lose what an earlier block stored."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._items[key] = value
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class SeqInfo:
     """What mixers may need besides the hidden states.
@@ -31,7 +55,7 @@ class SeqInfo:
     position_ids: torch.Tensor
     doc_ids: Optional[torch.Tensor] = None
     meta_tokens: int = 0
-    shared: dict = field(default_factory=dict)
+    shared: Scratch = field(default_factory=Scratch)
     ops: Optional[object] = None
 
     def __post_init__(self):

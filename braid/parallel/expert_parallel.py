@@ -34,6 +34,19 @@ from braid.errors import ConfigError
 from braid.parallel.collectives import all_to_all_rows
 
 
+def _split_sizes(xs, group_sizes, recv_sizes, ep: int, e_local: int) -> tuple[list, list]:
+    """Rows sent to and received from each ep rank. On fake tensors (``python -m braid.rehearse``) there
+    are no counts to read: the rehearsal assumes balanced routing, every rank sending and receiving
+    ``P / ep`` of its P pairs (dropless routing keeps P fixed)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(group_sizes):
+        rows = xs.shape[0]
+        even = [rows // ep + (r < rows % ep) for r in range(ep)]
+        return even, even
+    return group_sizes.view(ep, e_local).sum(1).tolist(), recv_sizes.sum(1).tolist()
+
+
 class ExpertParallelExperts(nn.Module):
     """``MoE.experts`` (same contract) on an ep group of ``ep`` ranks: dispatch, local experts, combine."""
 
@@ -47,12 +60,11 @@ class ExpertParallelExperts(nn.Module):
         recv_sizes = torch.empty_like(group_sizes)
         dist.all_to_all_single(recv_sizes, group_sizes.contiguous(), group=group)
         recv_sizes = recv_sizes.view(ep, e_local)  # [source rank, local expert]
-        in_splits = group_sizes.view(ep, e_local).sum(1).tolist()
-        out_splits = recv_sizes.sum(1).tolist()
+        in_splits, out_splits = _split_sizes(xs, group_sizes, recv_sizes, ep, e_local)
         recv = all_to_all_rows(xs, out_splits, in_splits, group)
         # Received rows are source-major; the grouped GEMM needs them local-expert-major.
         local_expert = torch.arange(e_local, device=xs.device).repeat(ep)
-        row_expert = torch.repeat_interleave(local_expert, recv_sizes.flatten())
+        row_expert = torch.repeat_interleave(local_expert, recv_sizes.flatten(), output_size=sum(out_splits))
         order = torch.argsort(row_expert, stable=True)
         w1 = moe.gate_up.to_local() if isinstance(moe.gate_up, DTensor) else moe.gate_up
         w2 = moe.down.to_local() if isinstance(moe.down, DTensor) else moe.down

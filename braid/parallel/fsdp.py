@@ -64,6 +64,12 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     DTensors on several meshes (FSDP, TP, EP): each mesh's norm is reduced over that mesh (the
     DTensor norm knows Shard from Replicate), then the per-mesh norms are combined.
     """
+    return float(clip_grad_norm_tensor(params, max_norm))
+
+
+def clip_grad_norm_tensor(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """:func:`clip_grad_norm` without reading the norm back to the host (a 0-d tensor): what
+    ``python -m braid.rehearse`` runs, whose fake tensors have no value to read."""
     by_mesh: dict = defaultdict(list)
     for p in params:
         if p.grad is not None:
@@ -73,11 +79,11 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
-        return 0.0
+        return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
     for group in by_mesh.values():  # one foreach scaling per mesh (foreach ops need a common mesh)
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return float(total)
+    return total
 
 
 def reduce_manual_grads(params: list[nn.Parameter], replica_group, divide: float) -> None:
@@ -102,4 +108,5 @@ def grad_divide_factor(mesh) -> float:
 
 
 __all__ = ["apply_fsdp", "expert_sharded_params", "scalar_params", "reduce_manual_grads", "clip_grad_norm",
+           "clip_grad_norm_tensor",
            "grad_divide_factor"]
