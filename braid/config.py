@@ -244,6 +244,15 @@ class ParallelConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Triton kernels (GPU)."""
+
+    # Before a Triton kernel serves a new call signature, compare it once with torch on a small
+    # random case; a mismatch or launch failure sends that op to torch (braid/kernels/self_check.py).
+    self_check: bool = True
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -252,6 +261,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def run_dir(self) -> Path:

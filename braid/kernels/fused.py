@@ -28,7 +28,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backen
     """
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be [D] = [{x.shape[-1]}]")
-    if resolve_backend(backend, x, "rms_norm") == "triton":
+    if resolve_backend(backend, x, "rms_norm", (x.dtype, x.shape[-1])) == "triton":
         from braid.kernels.triton import load
 
         return load("fused_norm", interpret=not x.is_cuda).RMSNormTriton.apply(x, weight, eps)
@@ -46,7 +46,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-    if resolve_backend(backend, gate, "swiglu") == "triton":
+    if resolve_backend(backend, gate, "swiglu", (gate.dtype,)) == "triton":
         from braid.kernels.triton import load
 
         return load("fused_norm", interpret=not gate.is_cuda).SwiGLUTriton.apply(gate, up)
