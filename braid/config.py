@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from braid.config_rules import CHOICES, RANGES, Choice, Range
 from braid.config_yaml import BOOL_WORDS, load_yaml_file, parse_value
 from braid.errors import ConfigError
@@ -305,6 +302,9 @@ def _check_keys(tree: Any, schema: Any, where: str) -> None:
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf  # imported here: the GPU image lacks it, and only loading needs it
+    from omegaconf.errors import OmegaConfBaseException
+
     tree = OmegaConf.create({})
     for item in overrides:
         key, eq, text = item.partition("=")
@@ -337,6 +337,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     The preset named by ``model.preset`` (command line first, then file) supplies the whole model
     section; other ``model.*`` keys in the file or overrides adjust it.
     """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     file_tree = _load_yaml(path) if path is not None else {}
     cli_tree = _parse_overrides(overrides or [])
     _check_keys(file_tree, Config, "")
@@ -486,4 +489,10 @@ def validate_moe(e: MoEConfig) -> None:
              "at most topk_groups × experts per group", e.top_k)
 
 def to_yaml(cfg: Config) -> str:
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # the GPU image: plain PyYAML writes the same mapping (it loads back the same)
+        import yaml
+
+        return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
