@@ -7,9 +7,12 @@
 Every run: a synthetic corpus made here from a seeded generator (``corpus``: the same bytes on any
 machine and Python; the embedded one is the running Python's own stdlib and takes a minute to
 tokenize), byte tokenizer, ``STEPS`` steps of the same small batches and seed. A run
-passes when its curve stays within ``MEAN_TOL`` (mean |Δloss| over the steps) and ``MAX_TOL`` (largest
-|Δloss| at one step) of the reference: bf16 rounding moves a 30-step curve by ~0.01–0.05 on these
-models, a dtype bug (a softmax in bf16, a lost fp32 accumulation) by far more. Results are written
+passes when its curve is finite and stays within ``MEAN_TOL`` (mean |Δloss| over the steps) and
+``TAIL_TOL`` (|Δ| of the mean loss of the last ``TAIL`` steps) of the reference. On CPU, bf16 autocast
+moved these 30-step curves by 0.001–0.05 on average and by under 0.02 at the end; a single step can
+differ by up to ~0.5 where one run has a loss spike the other has not (``tiny`` in fp32 at step 10),
+so the largest per-step |Δ| is reported but not judged. A dtype bug (a softmax or an accumulation in
+bf16) shows as a curve that stays higher, which the tail mean catches. Results are written
 after each preset, so a run cut off by a timeout keeps the presets it finished.
 
 Needs no omegaconf (the GPU image has none): the run's config is built from the preset YAML and the
@@ -33,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STEPS = 30
-MEAN_TOL, MAX_TOL = 0.05, 0.15
+MEAN_TOL, TAIL_TOL, TAIL = 0.08, 0.08, 10
 SETTINGS = {  # small enough for 2 CPU cores: ~0.1-0.5 s a step
     "data.seq_len": 64, "train.steps": STEPS, "train.micro_batch_size": 4, "train.global_batch_size": 4,
     "train.lr": 3e-3, "train.warmup_steps": 5, "train.eval_interval": 10**6, "train.seed": 1234,
@@ -149,8 +152,10 @@ def compare(curve: list[float], ref: list[float]) -> dict:
     diffs = [abs(a - b) for a, b in zip(curve[:n], ref[:n])]
     finite = all(math.isfinite(x) for x in curve)
     mean, worst = (sum(diffs) / n, max(diffs)) if n and finite else (math.inf, math.inf)
-    ok = finite and n == len(ref) and mean <= MEAN_TOL and worst <= MAX_TOL
-    return dict(mean_abs_diff=mean, max_abs_diff=worst, steps=len(curve), passed=ok,
+    k = min(TAIL, n)
+    tail = abs(sum(curve[n - k:n]) - sum(ref[n - k:n])) / k if k and finite else math.inf
+    ok = finite and n == len(ref) and mean <= MEAN_TOL and tail <= TAIL_TOL
+    return dict(mean_abs_diff=mean, tail_mean_diff=tail, max_abs_diff=worst, steps=len(curve), passed=ok,
                 first=curve[0] if curve else None, last=curve[-1] if curve else None,
                 ref_first=ref[0] if ref else None, ref_last=ref[-1] if ref else None)
 
@@ -173,7 +178,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     ref = {} if args.write else json.loads(Path(args.reference).read_text())["curves"]
     out: dict = dict(device=args.device, precision=args.precision, steps=args.steps,
-                     tolerance=dict(mean_abs_diff=MEAN_TOL, max_abs_diff=MAX_TOL), torch=torch.__version__,
+                     tolerance=dict(mean_abs_diff=MEAN_TOL, tail_mean_diff=TAIL_TOL, tail_steps=TAIL),
+                     torch=torch.__version__,
                      results={}, curves={})
     status = 0
     for preset in args.presets or tiny_presets():
