@@ -57,7 +57,8 @@ $(COMPAT_VENV)/.installed:
 	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0
 	$(COMPAT_VENV)/bin/pip install -q -e ".[dev]" --no-deps
-	$(COMPAT_VENV)/bin/pip install -q omegaconf pyyaml numpy pytest pytest-timeout ruff safetensors xxhash tqdm
+	# numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to ints, which later numpy refuses
+	$(COMPAT_VENV)/bin/pip install -q omegaconf pyyaml "numpy<2.3" pytest pytest-timeout ruff safetensors xxhash tqdm
 	touch $@
 
 compat: $(COMPAT_VENV)/.installed

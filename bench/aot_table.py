@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--out", default=None, help="path without suffix (.json and .md are written)")
+    p.add_argument("--modules", nargs="*", default=None, help="only these kernel modules (attention, kda_intra, ...)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_table: unset TRITON_INTERPRET (compiling needs Triton in compiled mode)", file=sys.stderr)
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     out = Path(args.out or f"bench/results/aot_sm{args.capability}_triton{triton.__version__}")
     rows, failed = [], 0
     for module, kw in VARIANTS:
+        if args.modules and module not in args.modules:
+            continue
         t0 = time.time()
         try:
             stats = importlib.import_module(f"braid.kernels.triton.{module}").compile_for_gpu(
@@ -68,12 +71,20 @@ def main(argv=None) -> int:
             rows.append(dict(module=module, variant=kw, kernel=kernel, ok=ok, seconds=round(time.time() - t0, 1), **s))
             print(f"{'OK  ' if ok else 'FAIL'} {module:10s} {kernel:22s} {json.dumps(kw):60s} "
                   + " ".join(f"{k}={v}" for k, v in s.items()), flush=True)
-    meta = dict(triton=triton.__version__, torch=torch.__version__, python=sys.version.split()[0],
-                capability=args.capability, failed=failed)
+        write(out, rows, dict(triton=triton.__version__, torch=torch.__version__, python=sys.version.split()[0],
+                              capability=args.capability, failed=failed, done=f"{len(rows)} kernels so far"))
+    write(out, rows, dict(triton=triton.__version__, torch=torch.__version__, python=sys.version.split()[0],
+                          capability=args.capability, failed=failed, done="all variants"))
+    print(f"{len(rows) - failed}/{len(rows)} kernels ok; wrote {out}.json and {out}.md")
+    return 1 if failed else 0
+
+
+def write(out: Path, rows: list, meta: dict) -> None:
+    """The JSON and the Markdown table, rewritten after every variant (a cut-off run keeps what it did)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
-    lines = [f"# Triton {meta['triton']} ahead-of-time compile for sm_{args.capability} (torch {meta['torch']}, "
-             f"Python {meta['python']})", "",
+    lines = [f"# Triton {meta['triton']} ahead-of-time compile for sm_{meta['capability']} (torch {meta['torch']}, "
+             f"Python {meta['python']}): {meta['done']}, {meta['failed']} failed", "",
              "Written by `bench/aot_table.py`. shared: bytes per block (limit 232448 on sm_90); regs: per "
              "thread; local: local-memory bytes per thread (spills/stack, want 0); wgmma/mma: tensor-core "
              "instructions in the PTX.", "",
@@ -87,8 +98,6 @@ def main(argv=None) -> int:
         lines.append(f"| {r['module']} | {variant} | {r['kernel']} | {'yes' if r['ok'] else '**no**'} | "
                      f"{r['threads']} | {r['shared']} | {r['regs']} | {r['local_bytes']} | {r['wgmma']} | {r['mma']} |")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print(f"{len(rows) - failed}/{len(rows)} kernels ok; wrote {out}.json and {out}.md")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
