@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: install train test test-slow lint clean gpu-wheels
+.PHONY: install train test test-slow lint clean gpu-wheels compat
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,28 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+
+# The GPU image's versions, checked on CPU: Python 3.12, torch 2.11.0 (PyPI's CUDA build: it runs on CPU,
+# but imports only with its CUDA libraries, ~3 GB of wheels), triton 3.6.0, transformers 5.17.0.
+# Runs the Triton interpreter tests, a few quick test files, and the ahead-of-time sm_90 compile of every
+# kernel backend="auto" uses (bench/aot_table.py, table under bench/results/). COMPAT_TESTS=tests runs
+# the whole quick suite instead of the few files.
+COMPAT_PYTHON ?= $(shell command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)
+COMPAT_VENV ?= .venv-compat
+COMPAT_TESTS ?= tests/test_config.py tests/test_model.py tests/test_fused_wiring.py tests/test_self_check.py \
+	tests/test_bf16_cpu.py tests/test_gpu_check.py
+$(COMPAT_VENV)/.installed:
+	test -n "$(COMPAT_PYTHON)" || { echo "make compat: no python3.12 found (set COMPAT_PYTHON=...)"; exit 2; }
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0
+	$(COMPAT_VENV)/bin/pip install -q -e ".[dev]" --no-deps
+	# numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to ints, which later numpy refuses
+	$(COMPAT_VENV)/bin/pip install -q omegaconf pyyaml "numpy<2.3" pytest pytest-timeout ruff safetensors xxhash tqdm
+	touch $@
+
+compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__)"
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -x -q -p no:cacheprovider tests/test_triton_attention.py \
+		tests/test_triton_kda.py tests/test_triton_scan.py tests/test_fused.py
+	$(COMPAT_VENV)/bin/python -m pytest -x -q -p no:cacheprovider $(COMPAT_TESTS)
+	env -u TRITON_INTERPRET $(COMPAT_VENV)/bin/python bench/aot_table.py --out bench/results/aot_sm90_triton3.6

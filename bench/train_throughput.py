@@ -11,21 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from braid.config import load_config
-from braid.models.hybrid import HybridLM
-from braid.models.stats import model_stats, resolve_vocab
-from braid.trainer.metrics import peak_flops
-from braid.trainer.optim import build_optimizer
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from train_curves import preset_config  # noqa: E402
+
+from braid.models.hybrid import HybridLM  # noqa: E402
+from braid.models.stats import model_stats, resolve_vocab  # noqa: E402
+from braid.trainer.metrics import peak_flops  # noqa: E402
+from braid.trainer.optim import build_optimizer  # noqa: E402
 
 
 def bench(preset: str, seq_len: int, micro_batch: int, steps: int, warmup: int, device: torch.device,
           vocab: int, overrides: list[str]) -> dict:
-    cfg = load_config(None, [f"model.preset={preset}", *overrides])
+    cfg = preset_config(preset, dict(o.split("=", 1) for o in overrides))  # no omegaconf on the GPU image
     model_cfg = resolve_vocab(cfg.model, vocab)
     stats = model_stats(model_cfg, seq_len)
     torch.manual_seed(0)

@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from braid.config_rules import CHOICES, RANGES, Choice, Range
 from braid.config_yaml import BOOL_WORDS, load_yaml_file, parse_value
 from braid.errors import ConfigError
@@ -213,6 +210,15 @@ class ParallelConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Triton kernels (GPU)."""
+
+    # Before a Triton kernel serves a new call signature, compare it once with torch on a small
+    # random case; a mismatch or launch failure sends that op to torch (braid/kernels/self_check.py).
+    self_check: bool = True
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -221,6 +227,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -264,6 +271,9 @@ def _check_keys(tree: Any, schema: Any, where: str) -> None:
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf  # imported here: the GPU image lacks it, and only loading needs it
+    from omegaconf.errors import OmegaConfBaseException
+
     tree = OmegaConf.create({})
     for item in overrides:
         key, eq, text = item.partition("=")
@@ -298,6 +308,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     The preset named by ``model.preset`` (command line first, then file) supplies the whole model
     section; other ``model.*`` keys in the file or overrides adjust it.
     """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     file_tree = _load_yaml(path) if path is not None else {}
     cli_tree = _parse_overrides(overrides or [])
     _check_keys(file_tree, Config, "")
@@ -451,4 +464,10 @@ def validate_moe(e: Any) -> None:
 
 
 def to_yaml(cfg: Config) -> str:
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # the GPU image: plain PyYAML writes the same mapping (it loads back the same)
+        import yaml
+
+        return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -30,6 +30,7 @@ from braid.kernels import attention_blocked
 from braid.kernels.attention_blocked import visibility
 from braid.kernels.backend import BACKENDS, resolve_backend  # noqa: F401 (both re-exported)
 from braid.kernels.s2 import S2Pattern
+from braid.kernels.self_check import attention_signature
 
 # Above this many (query, key) pairs per (batch row, head) an explicit SDPA mask costs too much memory
 # (it grows as T·S), so masked attention takes the blocked path. Plain causal/full attention needs no
@@ -138,7 +139,9 @@ def attention(
         # SDPA's flash backend is the measured baseline; our Triton kernel takes over plain attention
         # only once bench/kernels.py shows it ahead on the GPU (not measured yet).
         return _sdpa(q, k, v, causal=causal, scale=scale, window=window, sink=sink, doc_ids=doc_ids)
-    use = resolve_backend(backend, q)
+    use = resolve_backend(backend, q, "attention", attention_signature(
+        q, k, v, causal=causal, window=window, sink=sink, doc_ids=doc_ids, log_forget=log_forget, s2=s2,
+        return_lse=return_lse))
     if use == "torch" and _use_sdpa(t, s, causal=causal, log_forget=log_forget, window=window, sink=sink,
                                     doc_ids=doc_ids, return_lse=return_lse, s2=s2):
         return _sdpa(q, k, v, causal=causal, scale=scale, window=window, sink=sink, doc_ids=doc_ids)

@@ -1,13 +1,15 @@
-"""Fused generic ops: RMSNorm, SwiGLU and a chunked LM-head cross-entropy, with backend dispatch.
+"""Fused generic ops: RMSNorm, SwiGLU and the LM-head cross-entropy, with backend dispatch.
 
 ``rms_norm`` and ``swiglu`` have a torch path (any device) and a Triton path (``braid.kernels.triton
-.fused_norm``); ``cross_entropy_chunked`` is torch only (its cost is the LM-head matmuls, which torch
-already runs at cuBLAS speed; its point is memory). None of them is wired into the models yet: the
-choice waits for GPU measurements (``bench/kernels_linear.py``).
+.fused_norm``); the models' ``RMSNorm`` and ``SwiGLU`` call them, so their torch paths are exactly the
+models' former arithmetic (a CPU run does not change by a bit). ``lm_head_cross_entropy`` is the
+models' loss: on CPU the full-logits loss it always was, on CUDA ``cross_entropy_chunked``, which never
+holds more than one chunk of fp32 logits (a 160k vocabulary at 8k tokens would be 5 GiB otherwise).
 
 Backends (``backend=``): ``"torch"``; ``"triton"`` (CUDA tensors, or CPU tensors in Triton's
-interpreter, for tests: see ``braid.kernels.triton``); ``"auto"`` = Triton on CUDA tensors, torch
-otherwise.
+interpreter, for tests: see ``braid.kernels.triton``); ``"auto"`` = Triton on CUDA tensors (after the
+start-up self-check, ``braid.kernels.self_check``), torch otherwise. Tensor subclasses (DTensor) stay
+on torch under ``"auto"``: the kernels take plain tensors.
 """
 
 from __future__ import annotations
@@ -18,22 +20,28 @@ import torch.nn.functional as F
 from braid.kernels.backend import BACKENDS, resolve_backend  # noqa: F401 (BACKENDS re-exported)
 
 
+def _auto_plain(backend: str, *tensors: torch.Tensor) -> bool:
+    """False when ``"auto"`` must stay on torch because an input is a tensor subclass (DTensor)."""
+    return backend != "auto" or all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim: ``x · rsqrt(mean(x²) + eps) · weight``.
 
     Args:
         x: ``[..., D]`` any float dtype; weight: ``[D]``; eps: added to the mean square.
     Returns:
-        ``[..., D]`` in x's dtype; the statistic is computed in fp32 (fp64 for fp64 input).
+        ``[..., D]`` in x's dtype; the statistic is computed in fp32 (fp64 for fp64 input); torch scales
+        by the weight in x's dtype, Triton in fp32 before its one rounding.
     """
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be [D] = [{x.shape[-1]}]")
-    if resolve_backend(backend, x, "rms_norm") == "triton":
+    if _auto_plain(backend, x, weight) and resolve_backend(backend, x, "rms_norm", (x.dtype, x.shape[-1])) == "triton":
         from braid.kernels.triton import load
 
         return load("fused_norm", interpret=not x.is_cuda).RMSNormTriton.apply(x, weight, eps)
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)).to(x.dtype)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradchecks)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -46,7 +54,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-    if resolve_backend(backend, gate, "swiglu") == "triton":
+    if _auto_plain(backend, gate, up) and resolve_backend(backend, gate, "swiglu", (gate.dtype,)) == "triton":
         from braid.kernels.triton import load
 
         return load("fused_norm", interpret=not gate.is_cuda).SwiGLUTriton.apply(gate, up)
@@ -132,8 +140,15 @@ def cross_entropy_chunked(
         raise ValueError(f"cross_entropy_chunked: chunk_size must be > 0, got {chunk_size}")
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"cross_entropy_chunked: reduction={reduction!r} is unknown (allowed: none, sum, mean)")
-    loss = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                      ignore_index, chunk_size).view(labels.shape)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Autocast does not reach inside an autograd.Function's backward: cast once here, so that the
+        # forward and the recomputing backward both run their matmuls in the autocast dtype.
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+    with torch.autocast(dev, enabled=False):
+        loss = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                          ignore_index, chunk_size).view(labels.shape)
     if reduction == "none":
         return loss
     total = loss.sum()
@@ -146,3 +161,28 @@ def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
                            reduction="none").view(labels.shape)
+
+
+def lm_head_chunk(vocab: int) -> int:
+    """Tokens per chunk: about 2²⁷ logits (512 MiB in fp32) at a time, 64 to 8192 tokens."""
+    return max(64, min(8192, 2**27 // max(1, vocab)))
+
+
+def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+    """The models' loss: per-token fp32 cross-entropy of ``hidden @ weightᵀ`` against ``labels``.
+
+    Args:
+        hidden: ``[N, D]``; weight: ``[V, D]``; labels: ``[N]`` (``ignore_index``: no loss, 0 there).
+        backend: ``"full"`` (the logits ``[N, V]`` in fp32, then ``F.cross_entropy``), ``"chunked"``
+            (``cross_entropy_chunked``) or ``"auto"`` = chunked on CUDA tensors, full elsewhere.
+    Returns:
+        ``[N]`` fp32 losses (fp64 for fp64 input on the chunked path).
+    """
+    if backend not in ("auto", "full", "chunked"):
+        raise ValueError(f"lm_head_cross_entropy: backend={backend!r} is unknown (allowed: auto, full, chunked)")
+    if backend == "chunked" or (backend == "auto" and hidden.is_cuda):
+        return cross_entropy_chunked(hidden, weight, labels, ignore_index=ignore_index,
+                                     chunk_size=lm_head_chunk(weight.shape[0]))
+    logits = F.linear(hidden, weight)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")

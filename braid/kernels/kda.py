@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from braid.kernels.backend import resolve_backend
+from braid.kernels.backend import checked, resolve_backend
 from braid.kernels.kda_chunk import kda_chunk
 from braid.kernels.precision import compute_dtype
+from braid.kernels.self_check import kda_signature
 
 # Sub-chunk size of the chunked path: pairs inside one sub-chunk form exponent differences explicitly
 # (memory T·8·K), pairs further apart use matmuls.
@@ -88,6 +89,9 @@ def kda(
     if state_backend == "triton" and not pow2_chunk:
         raise ValueError(f"kda: chunk_size must be a power of two ≥ 16 for backend='triton', got {chunk_size}")
     _check_shapes(q, k, v, g, beta, initial_state, doc_ids, restart_state)
+    if backend == "auto" and state_backend == "triton":
+        state_backend = checked("kda", kda_signature(q, v, chunk_size=chunk_size, doc_ids=doc_ids,
+                                                     initial_state=initial_state, restart_state=restart_state), k)
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     return kda_chunk(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, chunk_size=chunk_size, sub_chunk=SUB_CHUNK,

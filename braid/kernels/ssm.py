@@ -36,8 +36,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from braid.kernels.backend import resolve_backend
+from braid.kernels.backend import checked, resolve_backend
 from braid.kernels.precision import compute_dtype
+from braid.kernels.self_check import scan_signature
 
 DEFAULT_CHUNK = 64
 
@@ -240,6 +241,9 @@ def selective_scan(
     use_triton = resolve_backend(backend, u, "selective_scan") == "triton"
     if backend == "auto" and u.dtype == torch.float64:
         use_triton = False  # the kernels compute in fp32; fp64 (gradcheck) stays on torch
+    if backend == "auto" and use_triton:
+        use_triton = checked("selective_scan", scan_signature(u, A, D=D, z=z, initial_state=initial_state,
+                                                              reset=reset, chunk_size=chunk_size), u) == "triton"
     if use_triton:
         from braid.kernels.triton import load
 

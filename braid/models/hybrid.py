@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from braid.config import ModelConfig
+from braid.kernels.fused import lm_head_cross_entropy
 from braid.models.connections import expand_streams, make_connection, merge_streams, n_streams
 from braid.models.ffn import NoFFN
 from braid.models.layers import RMSNorm, SeqInfo
@@ -56,15 +57,19 @@ class HeadLoss(nn.Module):
     def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor],
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t = h.shape[:2]
-        logits = F.linear(h, weight)
-        if scale is not None:  # per-vocabulary logit scales (nGPT)
-            logits = logits * scale.to(logits.dtype)
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        # cross_entropy wants rows [B·T, V]; its [B·T] result reshaped by .view would be a view, which
+        if labels is None or scale is not None:
+            logits = F.linear(h, weight)
+            if scale is not None:  # per-vocabulary logit scales (nGPT)
+                logits = logits * scale.to(logits.dtype)
+            if labels is None:
+                return logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+        else:
+            # On CUDA the loss never holds all [B·T, V] fp32 logits (braid.kernels.fused: chunked); on CPU
+            # it is the full-logits F.cross_entropy.
+            loss = lm_head_cross_entropy(h.flatten(0, 1), weight, labels.flatten(), ignore_index=IGNORE_INDEX)
+        # The loss works on rows [B·T]; its [B·T] result reshaped by .view would be a view, which
         # FSDP2 warns about for a module output (an in-place op on a view bypasses its pre-backward
         # hook). _unsafe_view is the reshape autograd does not track as a view (torch's matmul uses it).
         return torch.ops.aten._unsafe_view(loss, (b, t))

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from braid.kernels.precision import at_least_fp32, compute_dtype
+from braid.kernels.fused import rms_norm
+from braid.kernels.precision import compute_dtype
 from braid.models.seq_ops import LocalOps
 
 
@@ -77,9 +78,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = at_least_fp32(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # torch on CPU, Triton on CUDA (braid.kernels.fused)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

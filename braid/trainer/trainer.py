@@ -16,6 +16,7 @@ from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
 from braid.errors import NonFiniteLossError  # noqa: F401  re-exported: callers import it from here
+from braid.kernels import self_check
 from braid.models.hybrid import IGNORE_INDEX, aux_loss
 from braid.models.stats import ModelStats, model_stats, resolve_vocab
 from braid.parallel.data_parallel import unwrap
@@ -54,6 +55,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.device = self.info.device
         self.autocast_dtype = autocast_dtype(t.precision, self.device)
+        self_check.configure(cfg.kernels.self_check)
 
         # Data before any file is written: a bad source fails with nothing on disk.
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -21,7 +21,8 @@ def compile_stats(fn, constexprs: dict, arg_type: Callable[[str], str], options:
 
     ``arg_type(name)`` gives every other argument's Triton type (``"*fp32"``, ``"i32"``, ...).
     Returns ``{"shared": bytes, "wgmma": Hopper MMA instructions, "mma": other tensor-core MMAs,
-    "local": spill references, "fits": shared within the block limit of ``capability``}``.
+    "local": spill references, "fits": shared within the block limit of ``capability``, "threads" per
+    block, "regs" per thread, "local_bytes": local memory (spills, stack) per thread}``.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -35,4 +36,25 @@ def compile_stats(fn, constexprs: dict, arg_type: Callable[[str], str], options:
     shared = kernel.metadata.shared
     return dict(shared=shared, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                 mma=len(re.findall(r"\bmma\.sync", ptx)), local=len(re.findall(r"\.local", ptx)),
-                fits=shared <= SHARED_LIMIT.get(capability, SHARED_LIMIT[80]))
+                fits=shared <= SHARED_LIMIT.get(capability, SHARED_LIMIT[80]),
+                threads=kernel.metadata.num_warps * 32, **cubin_usage(kernel.asm["cubin"]))
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory (spills and stack) bytes per thread of a compiled kernel,
+    from ``cuobjdump -res-usage`` on its cubin (the cuobjdump Triton ships)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=120)
+    regs = re.search(r"REG:(\d+)", r.stdout)
+    local = re.search(r"LOCAL:(\d+)", r.stdout)
+    return dict(regs=int(regs.group(1)) if regs else None, local_bytes=int(local.group(1)) if local else None)

@@ -178,7 +178,8 @@ def triton_attention(
                                   int(sink), s2)
 
 
-def compile_for_gpu(capability: int = 90, dtype: str = "bf16", d: int = 128, **flags) -> dict[str, dict]:
+def compile_for_gpu(capability: int = 90, dtype: str = "bf16", d: int = 128, dv: Optional[int] = None,
+                    **flags) -> dict[str, dict]:
     """Compile the three kernels ahead of time for ``cuda`` compute capability ``capability`` (no GPU
     needed, see ``triton.aot``), with every option on unless ``flags`` (``CAUSAL``, ``HAS_WINDOW``,
     ``HAS_DOC``, ``HAS_S2``, ``HAS_C``) turn some off. Catches compile errors that the interpreter
@@ -189,10 +190,11 @@ def compile_for_gpu(capability: int = 90, dtype: str = "bf16", d: int = 128, **f
     from braid.kernels.triton.aot import compile_stats
 
     mod = load("attention_kernels", interpret=False)
-    consts = dict(D=d, DV=d, BD=_pow2(d), BDV=_pow2(d), CAUSAL=True, HAS_WINDOW=True, HAS_DOC=True, HAS_S2=True,
+    dv = d if dv is None else dv  # value head dim (MLA: 128 values under 192-wide queries and keys)
+    consts = dict(D=d, DV=dv, BD=_pow2(d), BDV=_pow2(dv), CAUSAL=True, HAS_WINDOW=True, HAS_DOC=True, HAS_S2=True,
                   HAS_C=True, PREC="ieee" if dtype == "fp32" else "tf32")
     consts.update(flags)
-    cfg = _config(torch.device("cuda"), d)  # only reads the device type
+    cfg = _config(torch.device("cuda"), max(d, dv))  # as the launch picks it (only the device type is read)
     (fwd_bm, fwd_bn, fwd_opts), (bwd_bm, bwd_bn, bwd_opts) = cfg["fwd"], cfg["bwd"]
 
     def arg_type(name: str) -> str:

@@ -123,3 +123,23 @@ class SwiGLUTriton(torch.autograd.Function):
         n = g.numel()
         _swiglu_bwd[(triton.cdiv(n, _SWIGLU_BLOCK),)](g, u, dy.contiguous(), dg, du, n, BLOCK=_SWIGLU_BLOCK)
         return dg, du
+
+
+def compile_for_gpu(dim: int = 4096, dtype: str = "bf16", capability: int = 90) -> dict[str, dict]:
+    """The four kernels compiled ahead of time with the launch sizes ``dim`` gets (see ``triton.aot``);
+    needs a process without ``TRITON_INTERPRET=1``."""
+    from braid.kernels.triton.aot import compile_stats
+
+    rows, block = _row_blocks(dim)
+    fp32 = {"rstd_ptr", "dw_part_ptr"}
+
+    def arg_type(name: str) -> str:
+        if name.endswith("_ptr"):
+            return "*fp32" if name in fp32 else f"*{dtype}"
+        return "fp32" if name == "eps" else "i32"
+
+    out = {fn.__name__: compile_stats(fn, dict(ROWS=rows, BLOCK=block), arg_type, {}, capability)
+           for fn in (_rms_norm_fwd, _rms_norm_bwd)}
+    out.update({fn.__name__: compile_stats(fn, dict(BLOCK=_SWIGLU_BLOCK), arg_type, {}, capability)
+                for fn in (_swiglu_fwd, _swiglu_bwd)})
+    return out

@@ -123,6 +123,13 @@ def _blocks(k: int, v: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(k)), max(16, min(64, triton.next_power_of_2(v)))
 
 
+def _bwd_blocks(k: int, v: int) -> tuple[int, int]:
+    # The backward holds more [K, BV] tiles than the forward: at K = 128, C = 64 and BV = 64 Triton 3.6
+    # gives it 272 KiB of shared memory (over sm_90's 227 KiB; 3.9 fits it), at BV = 32 208 KiB.
+    bk, bv = _blocks(k, v)
+    return bk, min(bv, 32) if bk >= 128 else bv
+
+
 def _launch_options(bk: int) -> dict:
     # Software pipelining keeps num_stages copies of each chunk's w, q̃, k̃ [C, K], u and P tiles in
     # shared memory: with C = 64, Triton's default 3 stages need 442 KB at K = 128 and 262 KB at
@@ -137,10 +144,11 @@ def compile_for_gpu(k: int = 128, v: int = 128, c: int = 64, capability: int = 9
     from braid.kernels.triton.aot import compile_stats
 
     bk, bv = _blocks(k, v)
-    consts = dict(C=c, BK=bk, BV=bv, HAS_RESTART=True, HAS_DFINAL=True)
-    return {fn.__name__: compile_stats(fn, consts, lambda name: "*fp32" if name.endswith("_ptr") else "i32",
+    bwd_bv = _bwd_blocks(k, v)[1]
+    return {fn.__name__: compile_stats(fn, dict(C=c, BK=bk, BV=blk_v, HAS_RESTART=True, HAS_DFINAL=True),
+                                       lambda name: "*fp32" if name.endswith("_ptr") else "i32",
                                        _launch_options(bk), capability)
-            for fn in (_kda_state_fwd, _kda_state_bwd)}
+            for fn, blk_v in ((_kda_state_fwd, bv), (_kda_state_bwd, bwd_bv))}
 
 
 class _KDAStateRecurrence(torch.autograd.Function):
@@ -166,7 +174,7 @@ class _KDAStateRecurrence(torch.autograd.Function):
         w, qi, u, p, dec, ko, dr, sr, states = ctx.saved_tensors
         b, h, nc, c, k = w.shape
         v = u.shape[-1]
-        bk, bv = _blocks(k, v)
+        bk, bv = _bwd_blocks(k, v)
         nv = triton.cdiv(v, bv)
         f32 = dict(dtype=torch.float32, device=w.device)
         du = torch.empty(b, h, nc, c, v, **f32)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 _DIR = Path(__file__).parent
 
 
@@ -17,4 +15,6 @@ def load_preset(name: str) -> dict:
     path = _DIR / f"{name}.yaml"
     if not path.is_file():
         raise KeyError(f"unknown model preset {name!r} (known: {', '.join(preset_names())})")
+    from omegaconf import OmegaConf  # here: models import this module, and the GPU image has no omegaconf
+
     return OmegaConf.to_container(OmegaConf.load(path)) or {}

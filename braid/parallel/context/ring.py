@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from braid.kernels.attention import resolve_backend
+from braid.kernels.self_check import cp_attention_signature
 from braid.parallel.context.comm import RingP2P
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.pairs import (
@@ -119,7 +120,8 @@ def ring_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
                    backend: str = "auto") -> torch.Tensor:
     """Causal attention of the local queries over the global sequence (see ``CPSeq.attention``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q))
+    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q, "attention", cp_attention_signature(
+        q, k, v, window, doc_ids, log_forget, s2)))
     cfg.ring = RingP2P(cps.group)
     cfg.grad_ring = RingP2P(cps.group)  # a second channel: gradients travel while K/V do
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)

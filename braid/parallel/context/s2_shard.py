@@ -31,6 +31,7 @@ import torch
 
 from braid.kernels.attention import resolve_backend
 from braid.kernels.s2 import S2Pattern
+from braid.kernels.self_check import cp_attention_signature
 from braid.parallel.context.comm import AllToAllV
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.layout import CPLayout
@@ -363,7 +364,8 @@ def s2_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_for
         return ring_attention(cps, q, k, v, scale=scale, window=window, doc_ids=doc_ids, log_forget=log_forget,
                               backend=backend)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q))
+    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q, "attention", cp_attention_signature(
+        q, k, v, window, doc_ids, log_forget, s2)))
     lay = cps.layout
     plan = _rank_plan(lay.seq_len, lay.size, lay.kind, lay.rank, cps.meta, s2, window, q.shape[2], k.shape[2])
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)

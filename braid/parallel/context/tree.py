@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from braid.kernels.attention import attention, resolve_backend
+from braid.kernels.self_check import cp_attention_signature
 from braid.parallel.collectives import all_gather, all_gather_raw, all_reduce_, all_reduce_max_, reduce_to_owner
 from braid.parallel.context.fox import global_forget_cumsum
 from braid.parallel.context.pairs import PairAttention, Seg
@@ -127,7 +128,8 @@ def tree_attention(cps, q, k, v, *, scale=None, window=None, doc_ids=None, log_f
     log_forget ``[B, M+T_loc, Hq]`` → ``[B, M+T_loc, Hq, Dv]`` in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q))
+    cfg = PairAttention(cps, scale, window, s2, resolve_backend(backend, q, "attention", cp_attention_signature(
+        q, k, v, window, doc_ids, log_forget, s2)))
     n, m, group = cps.size, cps.meta, cps.group
     levels = reduction_levels(group, cps.cp.node_size, _group_cache(cps.cp))
     c = None if log_forget is None else global_forget_cumsum(cps, log_forget)
