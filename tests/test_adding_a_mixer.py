@@ -11,12 +11,21 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
+from braid.config import ModelConfig
+from braid.models.caches import KVCache
 from braid.models.hybrid import HybridLM
+from braid.models.layers import SeqInfo, mark_output_projection
+from braid.models.registry import register_mixer
+from braid.models.tp_plan import Heads, Rows, Split, TPPlan
+from braid.models.visible_keys import mean_visible_keys
 from helpers import rel_rms, tiny_model_config
 from spawn_group import run_group
 
@@ -24,19 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "adding_a_mixer.md"
 
 # --- docs/adding_a_mixer.md: begin
-from typing import Optional
-
-import torch.nn as nn
-import torch.nn.functional as F
-
-from braid.config import ModelConfig
-from braid.models.caches import KVCache
-from braid.models.layers import SeqInfo, mark_output_projection
-from braid.models.registry import register_mixer
-from braid.models.tp_plan import Heads, Rows, Split, TPPlan
-from braid.models.visible_keys import mean_visible_keys
-
-
 def token_shift(x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """Row t of the result is row t−1 of ``x [B, T, C]`` (zeros for t = 0 and at document starts)."""
     prev = F.pad(x[:, :-1], (0, 0, 1, 0))
@@ -301,11 +297,18 @@ def test_flops_in_the_model_stats():
 
 
 def test_doc_block_is_this_files_mixer():
-    """docs/adding_a_mixer.md's first python block is this file's mixer, character for character."""
+    """docs/adding_a_mixer.md's first python block is this file's mixer: its imports (each one this file
+    makes too), then the code between this file's doc markers, character for character; it compiles."""
     source = Path(__file__).read_text()
     mixer = source.split("# --- docs/adding_a_mixer.md: begin\n")[1].split("# --- docs/adding_a_mixer.md: end\n")[0]
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks and blocks[0] == mixer, "docs/adding_a_mixer.md's mixer block differs from this test's mixer"
+    assert blocks, "docs/adding_a_mixer.md has no python block"
+    head, sep, body = blocks[0].partition(mixer.split("\n", 1)[0] + "\n")
+    assert sep and sep + body == mixer, "docs/adding_a_mixer.md's mixer block differs from this test's mixer"
+    ours = {line for line in source.splitlines() if line.startswith(("import ", "from "))}
+    theirs = [line for line in head.splitlines() if line.strip()]
+    assert theirs and all(line in ours for line in theirs), "the doc's imports are not this file's"
+    compile(blocks[0], str(DOC), "exec")
 
 
 # ---------------------------------------------------------------------------- 2 ranks
