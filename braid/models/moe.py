@@ -96,6 +96,10 @@ class MoE(nn.Module):
     :func:`moe_step`).
     """
 
+    # The trainer asks the modules, not the pattern letters, whether to reduce and log aux losses and
+    # call moe_step once per optimizer step.
+    step_statistics = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         m = cfg.moe

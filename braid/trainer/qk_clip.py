@@ -6,7 +6,7 @@ Kimi splits γ evenly (√γ on W_q, √γ on W_k) for its per-head keys. With g
 is shared by G query heads, so the KV head takes √(min γ over its group) and each query head the rest,
 γ_h / √(min γ): every head's logits scale by exactly its own γ_h, heads under the threshold included.
 
-The max logits come from the softmax-attention mixers' forward (``Attention._record_max_logit``),
+The max logits come from the forward of the mixers that track them (``track_max_logit``: softmax attention),
 recomputed in fp32 alongside the fused kernel (an extra QKᵀ per attention layer and micro-batch; the
 kernels do not return their row maxima). Layers with QK-norm are left alone: normalised q and k do
 not scale with W_q / W_k, their logits are bounded by the norm weights. Not under tensor or context
@@ -21,12 +21,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from braid.models.attention import Attention
 from braid.trainer.muon import shard_like
 
 
-def clipped_modules(model: nn.Module) -> list[Attention]:
-    return [m for m in model.modules() if isinstance(m, Attention) and m.q_norm is None]
+def clipped_modules(model: nn.Module) -> list[nn.Module]:
+    """The mixers that record their max logits (they define ``track_max_logit``), without QK-norm."""
+    return [m for m in model.modules() if hasattr(m, "track_max_logit") and m.q_norm is None]
 
 
 def enable(model: nn.Module) -> int:

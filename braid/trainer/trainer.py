@@ -77,7 +77,8 @@ class Trainer:
             from braid.trainer.ngpt_step import normalize_weights
 
             normalize_weights(unwrap(self.model))
-        self.has_moe = "E" in self.model_cfg.ffn_pattern
+        # Modules with per-step routing statistics (MoE) declare it; their aux losses and loads are logged.
+        self.has_moe = any(getattr(m, "step_statistics", False) for m in unwrap(self.model).modules())
         if t.qk_clip > 0:
             from braid.trainer import qk_clip
 

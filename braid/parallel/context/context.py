@@ -77,7 +77,7 @@ class CPSeq:
         """``braid.kernels.attention`` over the global sequence, for the local queries.
 
         q ``[B, M+T_loc, Hq, D]``, k/v ``[B, M+T_loc, Hkv, D/Dv]``, doc_ids ``[B, M+T_loc]`` (meta: −1),
-        log_forget ``[B, M+T_loc, Hq]`` (FoX, local gates; the global cumulative sum is built here).
+        log_forget ``[B, M+T_loc, Hq]`` (forget gates, local; the global cumulative sum is built here).
         ``sink`` must be the meta tokens (the only sinks braid has)."""
         if not causal:
             raise ValueError("context parallelism supports causal attention only")
@@ -112,7 +112,7 @@ class CPSeq:
 
     def selective_scan(self, u, dt, A, B, C, D=None, z=None, *, doc_ids=None, chunk_size: int = 64,
                        backend: str = "auto") -> torch.Tensor:
-        """Hymba's Mamba-1 scan over ``[meta, text]`` for the local rows: one scan from zeros without
+        """The Mamba-1 selective scan over ``[meta, text]`` for the local rows: one scan from zeros without
         doc_ids; with doc_ids every document start restarts from the state after the meta tokens
         (zeros without meta). u/dt/z ``[B, M+T_loc, C]``, B/C ``[B, M+T_loc, N]``, A ``[C, N]``, D
         ``[C]`` → y ``[B, M+T_loc, C]`` in u's dtype."""

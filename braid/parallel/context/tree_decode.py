@@ -118,7 +118,7 @@ def _append(st: dict, key: str, new: torch.Tensor, dim: int = 1) -> None:
 
 def sharded_decode_cache(group, block: int = 64, node_size: Optional[int] = None) -> DecodeCache:
     """An empty ``DecodeCache`` whose attention KV is sharded over ``group`` (every rank must call
-    ``decode_step`` with the same tokens). Recurrent states (KDA, Mamba) stay whole on every rank."""
+    ``decode_step`` with the same tokens). Recurrent states stay whole on every rank."""
     return DecodeCache(attend=ShardedKV(group, block, node_size))
 
 
