@@ -28,9 +28,9 @@ CP2_DP2 = {"parallel.cp": 2, "parallel.dp_shard": 2}
 FAST = ["llama-tiny", "hybrid-tiny"]
 
 
-def _check(tmp: Path, preset: str, name: str) -> None:
+def _check(tmp: Path, preset: str, name: str, norm_rtol: float = NORM_RTOL) -> None:
     ref = train_records(tmp / f"ref_{preset}")
-    assert_same_trajectory(train_records(tmp / f"{preset}_{name}"), ref, f"{preset} {name}")
+    assert_same_trajectory(train_records(tmp / f"{preset}_{name}"), ref, f"{preset} {name}", norm_rtol)
     # The evaluation follows one more AdamW update than any training loss checked above, and Adam's
     # normalised steps amplify reduction-order noise in near-zero gradients (tiny-swa with S2 under
     # cp_kind=s2: training losses within 2e-7, eval 1.2e-5; an 8-step run's evals within 3e-6): held to
@@ -56,6 +56,10 @@ def test_cp2_ring_matches_one_process(fast_runs, preset):
 # cp_kind=s2 is for S2 models: S2 (4-token blocks, so each rank's 8-token zigzag chunks hold whole
 # blocks) on the presets whose softmax mixers S2 applies to (A, G, F; not M or H).
 S2_MODEL = {"model.s2.enabled": "true", "model.s2.block": 4, "model.s2.local_blocks": 3, "model.s2.vert_stride": 3}
+# Gradient norms under S2 drift by reduction order and grow step by step from a first step that is
+# identical: fox-pro-tiny (per-name init) at cp 2 differs by 3e-6 at step 2, 2e-5 at step 4 and 1.9e-4 at
+# step 5, its losses within 2e-6 throughout (its step-1 gradient norm is 21: the first updates amplify).
+S2_NORM_RTOL = 5e-4
 S2_PRESETS = ["tiny", "tiny-swa", "llama-tiny", "gated-attn-tiny", "gated-attn-moe-tiny", "moe-tiny", "fox-pro-tiny",
               "hybrid-tiny"]
 
@@ -71,8 +75,8 @@ def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
     launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
                          for p in presets])
     for preset in presets:
-        _check(tmp_path, preset, "cp2")
-        _check(tmp_path, preset, "cp2dp2")
+        _check(tmp_path, preset, "cp2", S2_NORM_RTOL if kind == "s2" else NORM_RTOL)
+        _check(tmp_path, preset, "cp2dp2", S2_NORM_RTOL if kind == "s2" else NORM_RTOL)
 
 
 def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):
