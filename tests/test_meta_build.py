@@ -177,6 +177,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak-RSS counter (VmHWM) from the current RSS, so the peak is the build's and not an
+    earlier moment's (imports, the process group's set-up); older kernels keep the lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 MEMORY_MODEL = {"model.preset": "tiny", "model.d_model": 768, "model.n_heads": 8, "model.n_kv_heads": 8,
                 "model.pattern": "AAAAAAAAAAAA"}
 
@@ -194,8 +212,9 @@ def build_memory(layout: dict) -> dict:
         sizes = [p.numel() * 4 for p in HybridLM(model_cfg).parameters()]
     mesh = build_mesh(check_world(cfg, dist.get_world_size()), "cpu")
     before = _rss_bytes()
+    _reset_peak_rss()
     model = build_parallel_model(model_cfg, mesh, cfg.parallel, torch.device("cpu"), None, cfg.train.seed)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     from torch.distributed.tensor import DTensor
 
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
