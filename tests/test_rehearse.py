@@ -26,9 +26,34 @@ def _cfg(*overrides: str):
 def _tensors(cfg) -> int:
     """Parameter tensors of the model (AdamW keeps one 4-byte step counter for each)."""
     from braid.models.hybrid import HybridLM
+    from braid.models.stats import resolve_vocab
 
     with torch.device("meta"):
-        return sum(1 for _ in HybridLM(cfg.model).parameters())
+        return sum(1 for _ in HybridLM(resolve_vocab(cfg.model, 257)).parameters())
+
+
+def _last_rank_fsdp_elements(cfg, world: int, ep: int) -> tuple[int, int]:
+    """(all, expert) parameter elements that the last of ``world`` FSDP2 ranks holds, from the full shapes.
+
+    FSDP2 splits each parameter's dim 0 as ``torch.chunk`` does: ceil(d0 / world) rows per rank, the last
+    ranks taking what remains (possibly nothing). Routed experts are split over ep along their expert dim
+    instead (FSDP2 leaves them alone)."""
+    from braid.models.hybrid import HybridLM
+    from braid.models.moe import MoE
+    from braid.models.stats import resolve_vocab
+
+    with torch.device("meta"):
+        model = HybridLM(resolve_vocab(cfg.model, 257))
+    experts = {id(getattr(m, n)) for m in model.modules() if isinstance(m, MoE) for n in ("gate_up", "down")}
+    total = expert = 0
+    for p in model.parameters():
+        if id(p) in experts:
+            expert += p.numel() // ep
+            continue
+        rows = -(-p.shape[0] // world)
+        mine = max(0, min(rows, p.shape[0] - (world - 1) * rows))
+        total += mine * (p.numel() // p.shape[0])
+    return total + expert, expert
 
 
 def _check_adamw(r, n_tensors: int) -> None:
@@ -150,18 +175,13 @@ def test_real_presets_rehearse_on_their_meshes(preset, world, overrides):
     cfg = _cfg(f"model.preset={preset}", "data.seq_len=512", "train.micro_batch_size=1",
                f"train.global_batch_size={world}", *overrides)
     r = rehearse(cfg, world, world - 1, 80 * GiB)
-    from braid.models.stats import resolve_vocab
-
-    stats = model_stats(resolve_vocab(cfg.model, 257), 512)
     ep = r.layout["ep"]
-    # Routed experts are sharded over ep only (FSDP2 leaves them alone); everything else over all ranks.
-    m = cfg.model
-    moe_layers = sum(f == "E" for f in (m.ffn_pattern * len(m.pattern) if len(m.ffn_pattern) == 1 else m.ffn_pattern))
-    experts = moe_layers * m.moe.n_experts * 3 * m.d_model * m.moe.expert_hidden if moe_layers else 0
-    assert r.expert_params_bytes == 4 * experts // ep
-    assert r.params_bytes == 4 * ((stats.params - experts) // world + experts // ep)
-    _check_adamw(r, _tensors(_cfg(f"model.preset={preset}")
-                     if cfg.model.vocab_size else cfg))
+    assert r.layout["dp_shard"] * r.layout["cp"] == world  # one FSDP2 group of every rank
+    held, experts = _last_rank_fsdp_elements(cfg, world, ep)
+    assert (experts > 0) == (ep > 1)  # every preset given ep here has routed experts
+    assert r.expert_params_bytes == 4 * experts
+    assert r.params_bytes == 4 * held
+    _check_adamw(r, _tensors(cfg))
     assert r.activations_peak_bytes > 0 and r.peak_bytes >= r.params_bytes + r.optimizer_bytes
 
 
