@@ -10,6 +10,7 @@ import datetime
 import importlib
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,6 +45,19 @@ def join_group(rank: int, n: int, port: int) -> None:
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
+def leave_group() -> None:
+    """End a spawned rank whose work is done: destroy its groups, then exit without interpreter teardown.
+
+    Teardown destroys gloo's C++ objects in an order of its own; a worker thread still joinable then ends the
+    process in ``std::terminate`` ("terminate called without an active exception", SIGABRT), which CI once
+    hit after a test's results were already written. Called only on success, so a failing rank still
+    exits through its exception."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _entry(rank: int, n: int, port: int, target: str, args: tuple, out_path: str) -> None:
     import torch
 
@@ -55,8 +69,10 @@ def _entry(rank: int, n: int, port: int, target: str, args: tuple, out_path: str
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(result, f)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()
 
 
 def run_group(n: int, target: str, *args) -> dict:

@@ -19,7 +19,7 @@ from braid.config import ModelConfig, MoEConfig
 from braid.errors import ConfigError
 from braid.models.moe import MoE
 from helpers import rel_rms
-from spawn_group import join_group, rendezvous
+from spawn_group import join_group, leave_group, rendezvous
 
 TOL = 1e-5
 B, T, D = 2, 12, 16
@@ -119,7 +119,7 @@ def _worker(rank: int, world: int, port: int, tp: int, sp: bool, out_path: str) 
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 _CACHE: dict = {}

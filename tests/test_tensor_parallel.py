@@ -22,7 +22,7 @@ from braid.config import FoxConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig
 from braid.errors import ConfigError
 from braid.models.hybrid import HybridLM, aux_loss
 from helpers import rel_rms, tiny_model_config
-from spawn_group import join_group, rendezvous
+from spawn_group import join_group, leave_group, rendezvous
 
 TOL = 1e-5
 B, T = 2, 16
@@ -193,7 +193,7 @@ def _worker(rank: int, world: int, port: int, sp: bool, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 _CACHE: dict = {}
@@ -263,7 +263,7 @@ def _loss_worker(rank: int, world: int, port: int, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(t.tolist(), f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_vocab_parallel_cross_entropy_equals_full_loss():
