@@ -1,6 +1,7 @@
 """The meta-device build (braid.trainer.training_model.build_parallel_model): step-0 weights are the
 same bits under every layout, every init rule keeps its distribution, and a sharded build never holds
-the whole model (gloo ranks on CPU; larger layouts under the fake process group)."""
+the whole model, nor does loading a HF directory into it (gloo ranks on CPU; larger layouts under the fake
+process group)."""
 
 from __future__ import annotations
 
@@ -230,3 +231,61 @@ def test_a_dp_shard2_build_never_holds_the_whole_model():
     # Its shard, one full parameter being drawn, and allocator slack: well under the whole model.
     assert got["growth"] <= got["local"] + 2 * got["largest"] + 32 * 2**20, got
     assert got["growth"] < 0.8 * got["full"], got
+
+
+def _export(preset: str, overrides: dict, out) -> dict[str, str]:
+    """A HF export of a seeded plain model of ``preset``; returns its weights' digests."""
+    from braid.convert.hf_export import export_hf
+
+    cfg = _cfg(preset, overrides)
+    cfg.model = resolve_vocab(cfg.model, 256)
+    torch.manual_seed(1)
+    model = HybridLM(cfg.model)
+    export_hf(model, cfg, out)
+    return _full_digests(model)
+
+
+def init_from_hf_on_ranks(preset: str, overrides: dict, hf_dir: str) -> dict:
+    """Spawned rank: a parallel build, then checkpoint.init_from's HF load; its peak-RSS growth and digests."""
+    import torch.distributed as dist
+
+    from braid.convert.init_weights import load_init_weights
+    from braid.parallel.mesh import build_mesh, check_world
+    from braid.trainer.training_model import build_parallel_model
+
+    cfg = _cfg(preset, overrides)
+    model_cfg = resolve_vocab(cfg.model, 256)
+    with torch.device("meta"):
+        sizes = [p.numel() * 4 for p in HybridLM(model_cfg).parameters()]
+    mesh = build_mesh(check_world(cfg, dist.get_world_size()), "cpu")
+    model = build_parallel_model(model_cfg, mesh, cfg.parallel, torch.device("cpu"), None, cfg.train.seed)
+    before = _rss_bytes()
+    _reset_peak_rss()
+    load_init_weights(model, hf_dir)
+    growth = _peak_rss_bytes() - before
+    return {"growth": growth, "full": sum(sizes), "largest": max(sizes), "digests": _full_digests(model)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, layout", [
+    ("kimi-linear-tiny", {"parallel.dp_shard": 2, "parallel.tp": 2}),
+    ("moe-tiny", {"parallel.dp_shard": 4, "parallel.ep": 2}),
+])
+def test_init_from_a_hf_dir_fills_every_shard_with_the_exported_weights(tmp_path, preset, layout):
+    from tests.spawn_group import run_group
+
+    want = _export(preset, {}, tmp_path / "hf")
+    got = run_group(4, "tests.test_meta_build.init_from_hf_on_ranks", preset, layout, str(tmp_path / "hf"))
+    assert got["digests"] == want
+
+
+@pytest.mark.slow
+def test_init_from_a_hf_dir_reads_one_parameter_at_a_time(tmp_path):
+    from tests.spawn_group import run_group
+
+    _export("tiny", MEMORY_MODEL, tmp_path / "hf")
+    got = run_group(2, "tests.test_meta_build.init_from_hf_on_ranks", "tiny", {**MEMORY_MODEL, "parallel.dp_shard": 2},
+                    str(tmp_path / "hf"))
+    # The shards exist already: a read adds one full tensor, its conversion and allocator slack, not the model.
+    assert got["growth"] <= 3 * got["largest"] + 48 * 2**20, {k: v for k, v in got.items() if k != "digests"}
+    assert got["growth"] < 0.3 * got["full"], {k: v for k, v in got.items() if k != "digests"}

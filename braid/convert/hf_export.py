@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -60,6 +62,75 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path,
     return names
 
 
+def _safetensors_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    return []
+
+
+def weight_files(path: Path) -> list[str]:
+    """The safetensors files of a HF directory; a clear error when it has none (or only pickles)."""
+    from braid.trainer.safe_load import PICKLED_HF_WEIGHTS
+
+    files = _safetensors_files(path)
+    if files:
+        return files
+    if any((path / name).is_file() for name in PICKLED_HF_WEIGHTS):
+        raise CheckpointError(f"'{path}' holds its weights as pytorch_model.bin, a pickle that can run code when "
+                              "loaded; braid reads safetensors only (braid.convert from-hf --allow-pickle reads "
+                              "it with weights_only=True)")
+    raise FileNotFoundError(f"'{path}' has no model.safetensors or model.safetensors.index.json")
+
+
+class LazySafetensors(Mapping):
+    """The tensors of a HF directory's safetensors files, each read only when asked for.
+
+    A file is memory-mapped only while a read of it runs (or while a :meth:`reading` block is open),
+    so a process that reads parameter after parameter holds one of them at a time, not every page of
+    the files it has touched (mapped pages count towards its resident memory until unmapped)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file_of: dict[str, str] = {}
+        for name in weight_files(self.path):
+            with safe_open(str(self.path / name), framework="pt") as f:
+                self._file_of.update((k, name) for k in f.keys())
+        self._open: Optional[dict] = None
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        name = self._file_of[key]
+        if self._open is None:
+            with safe_open(str(self.path / name), framework="pt") as f:
+                return f.get_tensor(key)
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.path / name), framework="pt").__enter__()
+        return self._open[name].get_tensor(key)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep the files opened inside the block open until it ends (one braid tensor read from many)."""
+        self._open = {}
+        try:
+            yield
+        finally:
+            handles, self._open = self._open, None
+            for handle in handles.values():
+                handle.__exit__(None, None, None)
+
+
 def read_safetensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a HF directory (single file or sharded with an index). ``pytorch_model.bin``
     weights are pickles, which can run code when loaded: refused, or with ``allow_pickle`` read with
@@ -68,19 +139,9 @@ def read_safetensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.
 
     from braid.trainer.safe_load import PICKLED_HF_WEIGHTS, read_pickled_hf_weights
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif any((path / name).is_file() for name in PICKLED_HF_WEIGHTS):
-        if allow_pickle:
-            return read_pickled_hf_weights(path)
-        raise CheckpointError(f"'{path}' holds its weights as pytorch_model.bin, a pickle that can run code when "
-                              "loaded; braid reads safetensors only (braid.convert from-hf --allow-pickle reads "
-                              "it with weights_only=True)")
-    else:
-        raise FileNotFoundError(f"'{path}' has no model.safetensors or model.safetensors.index.json")
+    if allow_pickle and not _safetensors_files(path) and any((path / n).is_file() for n in PICKLED_HF_WEIGHTS):
+        return read_pickled_hf_weights(path)
+    files = weight_files(path)
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(path / name)))
@@ -156,6 +217,20 @@ def hf_model_config(path: Path) -> tuple[dict, ModelConfig]:
     return hf, stock.model_config_from_hf(hf)
 
 
+def braid_state_thunks(hf: dict, m: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, Callable]:
+    """braid state-dict key → a function returning that full tensor, computed from the HF tensors it needs
+    (read from ``tensors`` only when called). ``hf``/``m``: the directory's config.json and its braid config."""
+    if "braid_model" in hf:
+        state = {k[len("braid."):]: (lambda k=k: tensors[k]) for k in tensors if k.startswith("braid.")}
+    elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:
+        state = stock_kimi.from_hf_lazy(tensors, n_experts=m.moe.n_experts)
+    else:
+        state = stock.from_hf_lazy(tensors, n_experts=m.moe.n_experts if "E" in m.ffn_pattern else 0)
+    if m.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
 def load_hf_dir(path: str | Path, allow_pickle: bool = False):
     """A braid-exported or supported stock HF directory → (HybridLM eval fp32 CPU, ModelConfig, config dict);
     ``allow_pickle``: see :func:`read_safetensors`."""
@@ -164,14 +239,7 @@ def load_hf_dir(path: str | Path, allow_pickle: bool = False):
     path = Path(path)
     hf, m = hf_model_config(path)
     tensors = read_safetensors(path, allow_pickle)
-    if "braid_model" in hf:
-        state = {k[len("braid."):]: v for k, v in tensors.items() if k.startswith("braid.")}
-    elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:
-        state = stock_kimi.from_hf_state(tensors, n_experts=m.moe.n_experts)
-    else:
-        state = stock.from_hf_state(tensors, n_experts=m.moe.n_experts if "E" in m.ffn_pattern else 0)
-    if m.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    state = {k: value() for k, value in braid_state_thunks(hf, m, tensors).items()}
     model = HybridLM(m)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,8 +1,8 @@
 """``checkpoint.init_from``: fill a freshly built model with another run's or a HF directory's weights.
 
 Used by the trainer after the model is parallelised and its shards allocated: a braid checkpoint is
-read shard by shard (DCP reads only the chunks this rank holds); a HF directory is converted on
-each rank and each rank keeps its shard of every tensor.
+read shard by shard (DCP reads only the chunks this rank holds); a HF directory is read parameter by
+parameter, each rank keeping its shard of each before reading the next.
 """
 
 from __future__ import annotations
@@ -16,29 +16,61 @@ from braid.errors import BraidError, ConfigError
 KEY = "checkpoint.init_from"
 
 
-def _check_same(path: Path, model: torch.nn.Module, saved: dict[str, tuple]) -> None:
-    """One line naming the config key when the saved weights do not fit ``model`` exactly."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_keys(path: Path, want: dict, saved) -> None:
     missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
     if missing or extra:
         raise ConfigError(f"config key '{KEY}' = '{path}': another architecture (missing {missing[:3]}, "
                           f"unexpected {extra[:3]})")
+
+
+def _check_shape(path: Path, key: str, saved: tuple, want: tuple) -> None:
+    if tuple(saved) != tuple(want):
+        raise ConfigError(f"config key '{KEY}' = '{path}': {key} has shape {list(saved)}, "
+                          f"this model's is {list(want)}")
+
+
+def _check_same(path: Path, model: torch.nn.Module, saved: dict[str, tuple]) -> None:
+    """One line naming the config key when the saved weights do not fit ``model`` exactly."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(path, want, saved)
     for k, shape in want.items():
-        if saved[k] != shape:
-            raise ConfigError(f"config key '{KEY}' = '{path}': {k} has shape {list(saved[k])}, "
-                              f"this model's is {list(shape)}")
+        _check_shape(path, k, saved[k], shape)
 
 
-def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a full (unsharded) state dict into ``model``, which may be parallelised: each rank keeps
-    its own shard of every parameter."""
+def _load_hf_per_shard(model: torch.nn.Module, path: Path) -> str:
+    """A HF directory, one parameter at a time: each full tensor is read (converted to braid's layout if
+    the directory is a stock class), this rank keeps its shard, and the tensor is dropped before the next;
+    the files are mapped only while one is read. So no rank ever holds the whole model."""
+    from braid.convert.hf_export import LazySafetensors, braid_state_thunks, hf_model_config
     from braid.parallel.materialize import fill_local, plain_name
 
-    fill_local(model, lambda name, p: state[name])
+    def bad(exc: Exception) -> ConfigError:
+        return ConfigError(f"config key '{KEY}' = '{path}': {str(exc).splitlines()[0]}")
+
+    try:
+        hf, m = hf_model_config(path)
+        tensors = LazySafetensors(path)
+        thunks = braid_state_thunks(hf, m, tensors)
+    except (BraidError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        raise bad(exc) from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(path, want, thunks)
+
+    def full(name: str) -> torch.Tensor:
+        try:
+            with tensors.reading():
+                value = thunks[name]()
+        except (KeyError, ValueError, OSError, RuntimeError) as exc:  # a damaged or truncated file
+            raise bad(exc) from None
+        _check_shape(path, name, value.shape, want[name])
+        return value
+
     with torch.no_grad():
+        fill_local(model, lambda name, _: full(name))
         for name, b in model.named_buffers():
-            if plain_name(name) in state:
-                b.copy_(state[plain_name(name)])
+            if plain_name(name) in thunks:
+                b.copy_(full(plain_name(name)))
+    return f"{path} ({(hf.get('architectures') or ['?'])[0]})"
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
@@ -50,16 +82,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
     """
     p = Path(path)
     if (p / "config.json").is_file():
-        from braid.convert.hf_export import load_hf_dir
-
-        try:
-            source, _, hf = load_hf_dir(p)
-        except (BraidError, ValueError, KeyError, FileNotFoundError) as exc:
-            raise ConfigError(f"config key '{KEY}' = '{path}': {str(exc).splitlines()[0]}") from None
-        state = source.state_dict()
-        _check_same(p, model, {k: tuple(v.shape) for k, v in state.items()})
-        load_full_state(model, state)
-        return f"{p} ({(hf.get('architectures') or ['?'])[0]})"
+        return _load_hf_per_shard(model, p)
     from braid.convert.braid_checkpoint import load_state_dict_into, read_checkpoint_metadata, resolve_checkpoint_dir
 
     try:

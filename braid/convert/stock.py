@@ -13,7 +13,9 @@ published per-expert layout (``mlp.experts.<e>.{gate,up,down}_proj.weight``); br
 from __future__ import annotations
 
 import re
-from typing import Optional
+from collections.abc import Mapping
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 
@@ -186,44 +188,65 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], n_experts: int = 0) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_hf_state` (HF's fused ``mlp.experts.gate_up_proj [E, 2h, d]`` /
-    ``down_proj [E, d, h]`` layout is accepted too). Rotary ``inv_freq`` buffers are ignored."""
+def from_hf_lazy(hf: Mapping[str, torch.Tensor], n_experts: int = 0) -> dict[str, Callable[[], torch.Tensor]]:
+    """Inverse of :func:`to_hf_state`, one braid tensor at a time: braid key → a function computing it from
+    the HF tensors it needs (``hf`` is only indexed inside those functions, so a lazy mapping reads one
+    parameter's worth at a time). HF's fused ``mlp.experts.gate_up_proj [E, 2h, d]`` / ``down_proj [E, d, h]``
+    layout is accepted too; rotary ``inv_freq`` buffers are ignored."""
     inv_layer = {v: k for k, v in _LAYER_KEYS.items()}
     inv_top = {v: k for k, v in _TOP_KEYS.items()}
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key, value in hf.items():
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    experts: dict[tuple[str, str], dict[int, str]] = {}
+    for key in hf:
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if key in inv_top:
-            out[inv_top[key]] = value
+            out[inv_top[key]] = partial(hf.__getitem__, key)
             continue
         match = _HF_LAYER_RE.match(key)
         if match is None:
             raise KeyError(f"from-hf: unexpected weight {key!r}")
         i, rest = match.groups()
         if rest in inv_layer:
-            out[f"layers.{i}.{inv_layer[rest]}"] = value
+            out[f"layers.{i}.{inv_layer[rest]}"] = partial(hf.__getitem__, key)
             continue
         em = re.match(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
         if em:
-            experts.setdefault((i, em.group(2)), {})[int(em.group(1))] = value
-        elif rest == "mlp.experts.gate_up_proj":  # [E, 2h, d] (gate rows first)
-            out[f"layers.{i}.ffn.gate_up"] = value.transpose(1, 2).contiguous()
-        elif rest == "mlp.experts.down_proj":  # [E, d, h]
-            out[f"layers.{i}.ffn.down"] = value.transpose(1, 2).contiguous()
+            experts.setdefault((i, em.group(2)), {})[int(em.group(1))] = key
+        elif rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # [E, 2h, d] (gate rows first), [E, d, h]
+            name = "gate_up" if rest.endswith("gate_up_proj") else "down"
+            out[f"layers.{i}.ffn.{name}"] = partial(input_major, hf, key)
         else:
             raise KeyError(f"from-hf: unexpected weight {key!r}")
-    layers = sorted({i for i, _ in experts})
-    for i in layers:
-        def stack(name: str) -> torch.Tensor:
-            got = experts.get((i, name), {})
-            if sorted(got) != list(range(n_experts)):
-                raise KeyError(f"from-hf: layer {i} has {name} for experts {sorted(got)}, expected 0..{n_experts - 1}")
-            return torch.stack([got[e].t() for e in range(n_experts)])  # [E, in, out]
-        out[f"layers.{i}.ffn.gate_up"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=-1).contiguous()
-        out[f"layers.{i}.ffn.down"] = stack("down_proj").contiguous()
+    for i in sorted({i for i, _ in experts}):
+        gate, up, down = (expert_keys(experts, i, name, n_experts) for name in ("gate_proj", "up_proj", "down_proj"))
+        out[f"layers.{i}.ffn.gate_up"] = partial(stack_experts, hf, gate, up)
+        out[f"layers.{i}.ffn.down"] = partial(stack_experts, hf, down)
     for i in {m.group(1) for m in map(_LAYER_RE.match, out) if m and m.group(2) == "ffn.router.weight"}:
-        out[f"layers.{i}.ffn.expert_bias"] = torch.zeros(n_experts, dtype=torch.float32)
+        out[f"layers.{i}.ffn.expert_bias"] = partial(torch.zeros, n_experts, dtype=torch.float32)
     return out
+
+
+def input_major(hf: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """braid's input-major expert stack [E, in, out] from HF's fused [E, out, in]."""
+    return hf[key].transpose(1, 2).contiguous()
+
+
+def expert_keys(experts: dict, layer: str, name: str, n_experts: int) -> list[str]:
+    """The HF keys of ``name`` for experts 0..n-1 of ``layer``; a clear error when some are missing."""
+    got = experts.get((layer, name), {})
+    if sorted(got) != list(range(n_experts)):
+        raise KeyError(f"from-hf: layer {layer} has {name} for experts {sorted(got)}, expected 0..{n_experts - 1}")
+    return [got[e] for e in range(n_experts)]
+
+
+def stack_experts(hf: Mapping[str, torch.Tensor], *parts: list[str]) -> torch.Tensor:
+    """braid's stacked ``[E, in, out]`` from per-expert HF ``[out, in]`` weights; several parts (gate, up)
+    are concatenated along ``out``."""
+    stacked = [torch.stack([hf[k].t() for k in keys]) for keys in parts]
+    return (stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-1)).contiguous()
+
+
+def from_hf_state(hf: Mapping[str, torch.Tensor], n_experts: int = 0) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state` (see :func:`from_hf_lazy`)."""
+    return {k: value() for k, value in from_hf_lazy(hf, n_experts).items()}

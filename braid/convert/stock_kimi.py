@@ -16,10 +16,14 @@ to ~1e-5 otherwise (tested).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from functools import partial
+from typing import Callable
 
 import torch
 
 from braid.config import ModelConfig
+from braid.convert.stock import expert_keys, input_major, stack_experts
 
 KIMI = "KimiLinearForCausalLM"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -181,18 +185,19 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """Released (or transformers' fused) KimiLinear weights → braid state dict."""
+def from_hf_lazy(hf: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """Released (or transformers' fused) KimiLinear weights → braid key → a function computing that tensor
+    (``hf`` is indexed only inside those functions; see :func:`braid.convert.stock.from_hf_lazy`)."""
     inv = {v: k for k, v in _NAMES.items()}
     # transformers renames block_sparse_moe ↔ mlp both ways: accept either prefix for every FFN weight
     inv.update({k.replace("block_sparse_moe.", "mlp."): v for k, v in list(inv.items()) if "block_sparse_moe." in k})
     inv.update({k.replace("mlp.", "block_sparse_moe."): v for k, v in list(inv.items()) if k.startswith("mlp.")})
     inv_top = {v: k for k, v in _TOP.items()}
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key, value in hf.items():
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    experts: dict[tuple[str, str], dict[int, str]] = {}
+    for key in hf:
         if key in inv_top:
-            out[inv_top[key]] = value
+            out[inv_top[key]] = partial(hf.__getitem__, key)
             continue
         match = _HF_LAYER.match(key)
         if match is None:
@@ -201,26 +206,35 @@ def from_hf_state(hf: dict[str, torch.Tensor], n_experts: int) -> dict[str, torc
         rest = _HF_NATIVE.get(rest, rest)
         em = re.match(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3)\.weight$", rest)
         if rest in inv:
-            out[f"layers.{i}.{inv[rest]}"] = value
+            out[f"layers.{i}.{inv[rest]}"] = partial(hf.__getitem__, key)
         elif rest == "self_attn.A_log":
-            out[f"layers.{i}.mixer.A_log"] = value.reshape(-1)
+            out[f"layers.{i}.mixer.A_log"] = partial(_flat, hf, key)
         elif em:
-            experts.setdefault((i, em.group(2)), {})[int(em.group(1))] = value
+            experts.setdefault((i, em.group(2)), {})[int(em.group(1))] = key
         elif rest == "self_attn.conv1d.weight":  # transformers' fused [3·C, 1, k] = q | k | v
-            for c, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"layers.{i}.mixer.{c}_conv.conv.weight"] = part.contiguous()
+            for j, c in enumerate("qkv"):
+                out[f"layers.{i}.mixer.{c}_conv.conv.weight"] = partial(_third, hf, key, j)
         elif rest in ("mlp.experts.gate_up_proj", "block_sparse_moe.experts.gate_up_proj"):  # [E, 2h, d]
-            out[f"layers.{i}.ffn.gate_up"] = value.transpose(1, 2).contiguous()
+            out[f"layers.{i}.ffn.gate_up"] = partial(input_major, hf, key)
         elif rest in ("mlp.experts.down_proj", "block_sparse_moe.experts.down_proj"):  # [E, d, h]
-            out[f"layers.{i}.ffn.down"] = value.transpose(1, 2).contiguous()
+            out[f"layers.{i}.ffn.down"] = partial(input_major, hf, key)
         else:
             raise KeyError(f"from-hf: unexpected weight {key!r}")
     for i in sorted({i for i, _ in experts}):
-        def stack(name: str) -> torch.Tensor:
-            got = experts.get((i, name), {})
-            if sorted(got) != list(range(n_experts)):
-                raise KeyError(f"from-hf: layer {i} has {name} for experts {sorted(got)}, expected 0..{n_experts - 1}")
-            return torch.stack([got[e].t() for e in range(n_experts)])  # [E, in, out]
-        out[f"layers.{i}.ffn.gate_up"] = torch.cat([stack("w1"), stack("w3")], dim=-1).contiguous()
-        out[f"layers.{i}.ffn.down"] = stack("w2").contiguous()
+        w1, w2, w3 = (expert_keys(experts, i, name, n_experts) for name in ("w1", "w2", "w3"))
+        out[f"layers.{i}.ffn.gate_up"] = partial(stack_experts, hf, w1, w3)
+        out[f"layers.{i}.ffn.down"] = partial(stack_experts, hf, w2)
     return out
+
+
+def _flat(hf: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    return hf[key].reshape(-1)
+
+
+def _third(hf: Mapping[str, torch.Tensor], key: str, j: int) -> torch.Tensor:
+    return hf[key].chunk(3, dim=0)[j].contiguous()
+
+
+def from_hf_state(hf: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+    """Released (or transformers' fused) KimiLinear weights → braid state dict."""
+    return {k: value() for k, value in from_hf_lazy(hf, n_experts).items()}
