@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,27 @@ def cp_gather(x, lay, m: int, group):
     dist.all_gather(parts, x.contiguous(), group=group)
     meta = sum(p[:, :m] for p in parts)
     return torch.cat([meta, lay.unshard([p[:, m:] for p in parts], 1)], 1)
+
+
+# Memory of this process, for the tests that bound what a build or a load holds.
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-RSS counter (VmHWM) from the current RSS, so the peak is the build's and not an
+    earlier moment's (imports, the process group's set-up); older kernels keep the lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -6,7 +6,6 @@ process group)."""
 from __future__ import annotations
 
 import hashlib
-import resource
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from braid.config import load_config
 from braid.models.hybrid import HybridLM
 from braid.models.stats import resolve_vocab
+from helpers import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 PRESETS = ["moe-tiny", "kimi-linear-tiny", "hymba-tiny", "fox-pro-tiny", "hybrid-tiny"]
 
@@ -173,29 +173,6 @@ def test_each_rank_of_a_large_layout_draws_its_own_shard(preset, layout, world):
 
 # ------------------------------------------------------------------ memory
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak_rss() -> None:
-    """Start the peak-RSS counter (VmHWM) from the current RSS, so the peak is the build's and not an
-    earlier moment's (imports, the process group's set-up); older kernels keep the lifetime peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 MEMORY_MODEL = {"model.preset": "tiny", "model.d_model": 768, "model.n_heads": 8, "model.n_kv_heads": 8,
                 "model.pattern": "AAAAAAAAAAAA"}
 
@@ -212,10 +189,10 @@ def build_memory(layout: dict) -> dict:
     with torch.device("meta"):
         sizes = [p.numel() * 4 for p in HybridLM(model_cfg).parameters()]
     mesh = build_mesh(check_world(cfg, dist.get_world_size()), "cpu")
-    before = _rss_bytes()
-    _reset_peak_rss()
+    before = rss_bytes()
+    reset_peak_rss()
     model = build_parallel_model(model_cfg, mesh, cfg.parallel, torch.device("cpu"), None, cfg.train.seed)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     from torch.distributed.tensor import DTensor
 
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
@@ -259,10 +236,10 @@ def init_from_hf_on_ranks(preset: str, overrides: dict, hf_dir: str) -> dict:
         sizes = [p.numel() * 4 for p in HybridLM(model_cfg).parameters()]
     mesh = build_mesh(check_world(cfg, dist.get_world_size()), "cpu")
     model = build_parallel_model(model_cfg, mesh, cfg.parallel, torch.device("cpu"), None, cfg.train.seed)
-    before = _rss_bytes()
-    _reset_peak_rss()
+    before = rss_bytes()
+    reset_peak_rss()
     load_init_weights(model, hf_dir)
-    growth = _peak_rss_bytes() - before
+    growth = peak_rss_bytes() - before
     return {"growth": growth, "full": sum(sizes), "largest": max(sizes), "digests": _full_digests(model)}
 
 

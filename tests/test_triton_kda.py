@@ -104,6 +104,7 @@ def test_state_kernels_fit_the_gpu(k, capability):
         assert st["fits"] and st["local"] == 0, (name, st)
 
 
+@pytest.mark.slow  # ~75 s of ahead-of-time compiles on 2 cores
 def test_intra_chunk_kernels_fit_the_gpu():
     # sm_90 only: compiling these for sm_80 takes minutes (ptxas), longer than the test's budget.
     (stats,) = compile_in_subprocess("kda_intra", [dict(k=128, v=128, c=64, capability=90)])
