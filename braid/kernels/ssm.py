@@ -35,6 +35,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from braid.kernels.backend import checked, resolve_backend
 from braid.kernels.precision import compute_dtype
@@ -67,6 +68,8 @@ def _scan_within_chunks(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     with the recurrence's own arithmetic; the loop length is the chunk size, never T.
     """
     a_cum, h = torch.empty_like(a), torch.empty_like(b)
+    if is_fake(a):  # a rehearsal (braid.rehearse): no values, and the in-place loop allocates nothing more
+        return a_cum, h
     a_cum[:, :, 0], h[:, :, 0] = a[:, :, 0], b[:, :, 0]
     for i in range(1, a.shape[2]):  # (in-place on slices: `out=` slices are far slower on CPU)
         a_cum[:, :, i].copy_(a_cum[:, :, i - 1]).mul_(a[:, :, i])

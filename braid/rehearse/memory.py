@@ -87,10 +87,16 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
 
         for p in expert_sharded_params(model) + scalar_params(model):
             t._update_and_maybe_create_winfos(p.to_local() if isinstance(p, DTensor) else p, kinds.SHARDED_PARAM)
+            # Their gradients are made in backward as any temporary is: file each as a gradient once accumulated.
+            p.register_post_accumulate_grad_hook(lambda q: _file_as_gradient(t, q, kinds.SHARDED_GRAD))
     else:
         t = Tracker()
         t.track_external(model, optimizer)
     return t
+
+
+def _file_as_gradient(t, p: torch.Tensor, kind) -> None:
+    t._update_and_maybe_create_winfos(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, kind)
 
 
 def peak_breakdown(t) -> tuple[int, dict[str, int]]:
