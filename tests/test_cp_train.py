@@ -64,19 +64,49 @@ S2_PRESETS = ["tiny", "tiny-swa", "llama-tiny", "gated-attn-tiny", "gated-attn-m
               "hybrid-tiny"]
 
 
+KINDS = ["ring", "s2", "tree", "ulysses"]
+_REFS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def refs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cp_refs")
+
+
+def _ref(refs_dir: Path, preset: str, model: dict) -> Path:
+    """One one-process reference per (preset, S2 or not), shared by the kinds."""
+    key = (preset, bool(model))
+    if key not in _REFS:
+        run_dir = refs_dir / f"ref_{preset}{'_s2' if model else ''}"
+        run_one_process(run_dir, preset, **model)
+        _REFS[key] = run_dir
+    return _REFS[key]
+
+
+def _groups(presets: list[str], size: int = 3) -> list[tuple[str, ...]]:
+    return [tuple(presets[i:i + size]) for i in range(0, len(presets), size)]
+
+
+# Up to 3 presets per test: a preset costs ~35 s (its reference and its two launches' runs) and a launch ~6 s
+# more; all presets of a kind in one test came within seconds of pytest's 300 s limit.
+CASES = [(k, g) for k in KINDS for g in _groups(S2_PRESETS if k == "s2" else PRESETS)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ring", "s2", "tree", "ulysses"])
-def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, kind):
-    presets, model = (S2_PRESETS, S2_MODEL) if kind == "s2" else (PRESETS, {})
-    for preset in presets:
-        run_one_process(tmp_path / f"ref_{preset}", preset, **model)
+@pytest.mark.parametrize("kind, presets", CASES, ids=[f"{k}-{'+'.join(g)}" for k, g in CASES])
+def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, refs_dir, kind, presets):
+    model = S2_MODEL if kind == "s2" else {}
+    rtol = S2_NORM_RTOL if kind == "s2" else NORM_RTOL
+    refs = {p: _ref(refs_dir, p, model) for p in presets}
     launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **{"parallel.cp_kind": kind})
                          for p in presets])
     launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
                          for p in presets])
-    for preset in presets:
-        _check(tmp_path, preset, "cp2", S2_NORM_RTOL if kind == "s2" else NORM_RTOL)
-        _check(tmp_path, preset, "cp2dp2", S2_NORM_RTOL if kind == "s2" else NORM_RTOL)
+    for p in presets:
+        for name in ("cp2", "cp2dp2"):
+            assert_same_trajectory(train_records(tmp_path / f"{p}_{name}"), train_records(refs[p]), f"{p} {name}", rtol)
+            assert eval_losses(tmp_path / f"{p}_{name}") == pytest.approx(eval_losses(refs[p]), rel=NORM_RTOL), \
+                f"{p} {name} eval"
 
 
 def test_seq_len_not_divisible_is_a_one_line_error(tmp_path):

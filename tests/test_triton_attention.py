@@ -134,6 +134,7 @@ def test_public_op_dispatch():
         attention(q, k, v, s2=(64, 32, 8))
 
 
+@pytest.mark.slow  # ahead-of-time compiles of every variant: ~9 s on 2 cores
 def test_kernels_compile_for_h100_with_every_option():
     """The interpreter does not type-check like the compiler: compile the real kernels for sm_90
     (no GPU needed) and check they use Hopper tensor-core MMAs without register spills."""
