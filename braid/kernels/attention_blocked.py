@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from braid.kernels.s2 import S2Pattern
 
@@ -158,13 +159,20 @@ def _grouped_c(lay: _Layout, c_q, c_k):
     return cq, ck
 
 
+def _tiles(lay: _Layout, q: torch.Tensor):
+    """The (query block, key blocks) tiles to loop over; none in a rehearsal (``braid.rehearse``): fake tensors
+    hold no values, and what the loop allocates lives one tile at a time, as in the GPU's fused kernel, which
+    keeps it on chip. The outputs and accumulators allocated around the loop are what a rank holds."""
+    return () if is_fake(q) else lay.blocks()
+
+
 def _forward(lay: _Layout, q, k, v, c_q, c_k) -> tuple[torch.Tensor, torch.Tensor]:
     """Online softmax over key blocks → o ``[B, T, Hq, D]`` (q's dtype), lse ``[B, Hq, T]`` (acc dtype)."""
     qg, kh, vh = lay.q_heads(q), k.transpose(1, 2), v.transpose(1, 2)
     cq, ck = _grouped_c(lay, c_q, c_k)
     o = torch.zeros(lay.b, lay.hkv, lay.t, lay.g, lay.dv, dtype=lay.acc, device=lay.device)
     lse = torch.full((lay.b, lay.hkv, lay.t, lay.g), float("-inf"), dtype=lay.acc, device=lay.device)
-    for t0, t1, kblocks in lay.blocks():
+    for t0, t1, kblocks in _tiles(lay, q):
         qb = qg[:, :, t0:t1].to(lay.acc)
         m = torch.full(qb.shape[:-1], float("-inf"), dtype=lay.acc, device=lay.device)
         den = torch.zeros_like(m)
@@ -208,7 +216,7 @@ def _backward(lay: _Layout, q, k, v, out, lse, c_q, c_k, d_out, d_lse, want_c: b
     dv = torch.zeros(vh.shape, dtype=lay.acc, device=lay.device)
     dcq = torch.zeros_like(cq) if want_c else None
     dck = torch.zeros_like(ck) if want_c else None
-    for t0, t1, kblocks in lay.blocks():
+    for t0, t1, kblocks in _tiles(lay, q):
         bt = t1 - t0
         qb = qg[:, :, t0:t1].to(lay.acc)
         dob = dog[:, :, t0:t1].to(lay.acc).flatten(2, 3)  # [B, Hkv, bt·G, D]
