@@ -366,8 +366,10 @@ if mode == "rank 1 only":
     if rank == 1:
         _fail("train.max_nan_iterations = 3 non-finite steps in a row", 3)
     time.sleep(60)  # torchrun must stop this rank once rank 1 has failed
-if mode == "crash":
-    raise RuntimeError("a bug, not bad input")
+if mode == "crash":  # one rank, so torchrun's first observed failure is that traceback, not a rank it stopped
+    if rank == 0:
+        raise RuntimeError("a bug, not bad input")
+    time.sleep(60)
 """
 
 
