@@ -77,6 +77,7 @@ def test_cuda_device_without_cuda_is_refused_before_writing(run_dir):
                         "'train.device' = 'cuda' is invalid here"), guard=run_dir)
 
 
+@pytest.mark.slow  # ~11 s, most of it importing lm-eval in a fresh process
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the [eval] extra (lm-eval)")
 def test_eval_task_that_needs_a_download_offline(run_dir, tmp_path):
     # Offline mode fails at once (without it the Hub client retries for ~30 s before the same error);
