@@ -129,7 +129,8 @@ FAST_CASES = [("llama-tiny", "fsdp_dp_shard2"), ("moe-tiny", "fsdp_dp_shard2_ac"
               ("moe-tiny", "zero1"), ("moe-tiny", "ep2")]
 # DeepSpeed is optional (the GPU image has none, `make compat` checks that image's versions): its layouts skip.
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED,
+                                     reason="deepspeed is not installed (optional; the GPU image lacks it)")
 
 
 def _runnable(layout: str) -> bool:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -221,7 +222,7 @@ def braid_state_thunks(hf: dict, m: ModelConfig, tensors: Mapping[str, torch.Ten
     """braid state-dict key → a function returning that full tensor, computed from the HF tensors it needs
     (read from ``tensors`` only when called). ``hf``/``m``: the directory's config.json and its braid config."""
     if "braid_model" in hf:
-        state = {k[len("braid."):]: (lambda k=k: tensors[k]) for k in tensors if k.startswith("braid.")}
+        state = {k[len("braid."):]: partial(tensors.__getitem__, k) for k in tensors if k.startswith("braid.")}
     elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:
         state = stock_kimi.from_hf_lazy(tensors, n_experts=m.moe.n_experts)
     else:
