@@ -173,6 +173,7 @@ def test_each_rank_of_a_large_layout_draws_its_own_shard(preset, layout, world):
 
 # ------------------------------------------------------------------ memory
 
+ZERO3 = {"parallel.engine": "deepspeed", "parallel.zero_stage": 3}
 MEMORY_MODEL = {"model.preset": "tiny", "model.d_model": 768, "model.n_heads": 8, "model.n_kv_heads": 8,
                 "model.pattern": "AAAAAAAAAAAA"}
 
@@ -184,30 +185,96 @@ def build_memory(layout: dict) -> dict:
     from braid.parallel.mesh import build_mesh, check_world
     from braid.trainer.training_model import build_parallel_model
 
+    _local_rank()
     cfg = _cfg("tiny", {**MEMORY_MODEL, **layout})
     model_cfg = resolve_vocab(cfg.model, 256)
     with torch.device("meta"):
         sizes = [p.numel() * 4 for p in HybridLM(model_cfg).parameters()]
     mesh = build_mesh(check_world(cfg, dist.get_world_size()), "cpu")
+    if cfg.parallel.engine == "deepspeed":  # its import and communication set-up are not the model's
+        from braid.parallel.deepspeed_engine import import_deepspeed
+
+        import_deepspeed().init_distributed(dist_backend="gloo")
     before = rss_bytes()
     reset_peak_rss()
     model = build_parallel_model(model_cfg, mesh, cfg.parallel, torch.device("cpu"), None, cfg.train.seed)
     peak = peak_rss_bytes()
     from torch.distributed.tensor import DTensor
 
-    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in model.parameters())
+    from braid.parallel.zero3 import is_partitioned
+
+    def local_numel(p):
+        return p.ds_tensor.numel() if is_partitioned(p) else (p.to_local() if isinstance(p, DTensor) else p).numel()
+
+    local = sum(local_numel(p) * 4 for p in model.parameters())
     return {"growth": peak - before, "full": sum(sizes), "largest": max(sizes), "local": local}
 
 
 @pytest.mark.slow
-def test_a_dp_shard2_build_never_holds_the_whole_model():
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_a_dp_shard2_build_never_holds_the_whole_model(engine):
     from tests.spawn_group import run_group
 
-    got = run_group(2, "tests.test_meta_build.build_memory", {"parallel.dp_shard": 2})
+    layout = {"parallel.dp_shard": 2, **(ZERO3 if engine == "zero3" else {})}
+    got = run_group(2, "tests.test_meta_build.build_memory", layout)
     assert got["local"] <= got["full"] // 2 + got["largest"]
     # Its shard, one full parameter being drawn, and allocator slack: well under the whole model.
     assert got["growth"] <= got["local"] + 2 * got["largest"] + 32 * 2**20, got
     assert got["growth"] < 0.8 * got["full"], got
+
+
+def _local_rank() -> None:
+    """In a spawned rank: set what torchrun sets and deepspeed.zero.Init reads."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())
+
+
+
+
+def _gathered_digests(model) -> dict[str, str]:
+    """A ZeRO-3 model's full weights (gathered on every rank for the digest) and buffers."""
+    from braid.parallel.deepspeed_engine import import_deepspeed
+
+    with import_deepspeed().zero.GatheredParameters(list(model.parameters())):
+        return _full_digests(model)
+
+
+def zero3_on_ranks(presets: list[str]) -> dict:
+    """Spawned rank: per preset, the full weights' digests of a ZeRO-3 build and of a dp_shard build, and
+    the ZeRO-3 partitions' sizes against the model's."""
+    import torch.distributed as dist
+
+    _local_rank()
+    out = {}
+    for preset in presets:
+        world = dist.get_world_size()
+        model = _build(preset, {**ZERO3, "parallel.dp_shard": world}, world)
+        from braid.parallel.zero3 import is_partitioned
+
+        assert all(is_partitioned(p) and p.numel() == 0 for p in model.parameters())
+        local = sum(p.ds_tensor.numel() for p in model.parameters())
+        full = sum(p.ds_numel for p in model.parameters())
+        fsdp = _build(preset, {"parallel.dp_shard": world}, world)
+        out[preset] = {"zero3": _gathered_digests(model), "fsdp": _full_digests(fsdp), "local": local, "full": full,
+                       "n": len(list(model.parameters()))}
+    return out
+
+
+@pytest.mark.slow
+def test_zero3_builds_each_rank_s_partitions_with_the_weights_of_every_other_layout():
+    """ZeRO-3 starts from the meta device too: every parameter is a DeepSpeed partition from the start
+    (never whole on a rank), holding the same step-0 weights as FSDP2's shards (Hymba included, whose
+    modules initialise themselves in ``__init__``, which deepspeed.zero.Init construction cannot take)."""
+    from tests.spawn_group import run_group
+
+    got = run_group(2, "tests.test_meta_build.zero3_on_ranks", PRESETS)
+    for preset, r in got.items():
+        assert r["zero3"].keys() == r["fsdp"].keys(), preset
+        assert [k for k in r["fsdp"] if r["zero3"][k] != r["fsdp"][k]] == [], preset
+        assert r["local"] <= r["full"] // 2 + r["n"], preset  # half of each flat parameter, padded
 
 
 def _export(preset: str, overrides: dict, out) -> dict[str, str]:
@@ -230,6 +297,7 @@ def init_from_hf_on_ranks(preset: str, overrides: dict, hf_dir: str) -> dict:
     from braid.parallel.mesh import build_mesh, check_world
     from braid.trainer.training_model import build_parallel_model
 
+    _local_rank()
     cfg = _cfg(preset, overrides)
     model_cfg = resolve_vocab(cfg.model, 256)
     with torch.device("meta"):
@@ -240,7 +308,8 @@ def init_from_hf_on_ranks(preset: str, overrides: dict, hf_dir: str) -> dict:
     reset_peak_rss()
     load_init_weights(model, hf_dir)
     growth = peak_rss_bytes() - before
-    return {"growth": growth, "full": sum(sizes), "largest": max(sizes), "digests": _full_digests(model)}
+    digests = _gathered_digests(model) if cfg.parallel.engine == "deepspeed" else _full_digests(model)
+    return {"growth": growth, "full": sum(sizes), "largest": max(sizes), "digests": digests}
 
 
 @pytest.mark.slow
@@ -253,6 +322,28 @@ def test_init_from_a_hf_dir_fills_every_shard_with_the_exported_weights(tmp_path
 
     want = _export(preset, {}, tmp_path / "hf")
     got = run_group(4, "tests.test_meta_build.init_from_hf_on_ranks", preset, layout, str(tmp_path / "hf"))
+    assert got["digests"] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hf", "braid"])
+def test_init_from_fills_zero3_partitions_with_the_saved_weights(tmp_path, source):
+    """checkpoint.init_from under DeepSpeed ZeRO-3: a HF directory or a braid DCP checkpoint is read one
+    full tensor at a time into each rank's partitions (hymba-tiny: buffers, tags and self-initialising
+    modules)."""
+    from braid.convert.braid_checkpoint import save_braid_checkpoint
+    from tests.spawn_group import run_group
+
+    preset = "hymba-tiny"
+    want = _export(preset, {}, tmp_path / "hf")
+    if source == "braid":
+        cfg = _cfg(preset, {})
+        cfg.model = resolve_vocab(cfg.model, 256)
+        torch.manual_seed(1)
+        save_braid_checkpoint(HybridLM(cfg.model), cfg, tmp_path / "run")
+    path = tmp_path / ("hf" if source == "hf" else "run")
+    got = run_group(2, "tests.test_meta_build.init_from_hf_on_ranks", preset, {**ZERO3, "parallel.dp_shard": 2},
+                    str(path))
     assert got["digests"] == want
 
 

@@ -97,14 +97,40 @@ def load_state_dict_into(model: torch.nn.Module, ckpt_dir: Path) -> None:
     # Only the shards holding weights are read (and so verified), not the RNG or trainer-only files.
     shards = {info.relative_path for index, info in (meta.storage_data or {}).items() if index.fqn.startswith("model.")}
     _verified(ckpt_dir, sorted(shards))
+    from braid.parallel.zero3 import is_partitioned
+
+    if any(is_partitioned(p) for p in model.parameters()):
+        _load_into_partitions(model, ckpt_dir, meta.state_dict_metadata)
+        return
     state = {"model": get_model_state_dict(model)}
+    _read(state, ckpt_dir)
+    set_model_state_dict(model, state["model"])
+
+
+def _read(state: dict, ckpt_dir: Path) -> None:
     # no_dist: this process reads alone, also inside a process group (rank 0 exporting at the end of
     # training, every rank reading checkpoint.init_from) — a collective load would wait for the others.
     try:
         dcp_load(state, ckpt_dir, no_dist=True)
     except UnsafeCheckpointFile as exc:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' is damaged: {exc}") from None
-    set_model_state_dict(model, state["model"])
+
+
+def _load_into_partitions(model: torch.nn.Module, ckpt_dir: Path, saved: dict) -> None:
+    """A DeepSpeed ZeRO-3 model (no DCP layout of its own): one full tensor is read at a time and each
+    rank keeps its partition of it, so no rank holds the whole model."""
+    from braid.parallel.materialize import fill_local, plain_name
+
+    def full(name: str, _) -> torch.Tensor:
+        entry = saved[f"model.{name}"]
+        value = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        _read({"model": {name: value}}, ckpt_dir)
+        return value
+
+    fill_local(model, full)
+    buffers = {plain_name(n): b for n, b in model.named_buffers() if f"model.{plain_name(n)}" in saved}
+    if buffers:
+        _read({"model": buffers}, ckpt_dir)
 
 
 def load_braid_checkpoint(path: str | Path):

@@ -29,9 +29,21 @@ def _check_shape(path: Path, key: str, saved: tuple, want: tuple) -> None:
                           f"this model's is {list(want)}")
 
 
+def _shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    """The full shape of each entry of ``model``'s state dict (a ZeRO-3 parameter's own data is empty)."""
+    from braid.parallel.materialize import plain_name
+    from braid.parallel.zero3 import full_shape
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        if plain_name(name) in shapes:
+            shapes[plain_name(name)] = tuple(full_shape(p))
+    return shapes
+
+
 def _check_same(path: Path, model: torch.nn.Module, saved: dict[str, tuple]) -> None:
     """One line naming the config key when the saved weights do not fit ``model`` exactly."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = _shapes(model)
     _check_keys(path, want, saved)
     for k, shape in want.items():
         _check_shape(path, k, saved[k], shape)
@@ -53,7 +65,7 @@ def _load_hf_per_shard(model: torch.nn.Module, path: Path) -> str:
         thunks = braid_state_thunks(hf, m, tensors)
     except (BraidError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
         raise bad(exc) from None
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = _shapes(model)
     _check_keys(path, want, thunks)
 
     def full(name: str) -> torch.Tensor:

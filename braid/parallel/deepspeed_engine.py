@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from braid.config import Config
+from braid.config import Config, ParallelConfig
 from braid.errors import CheckpointError, ConfigError
 
 TAG = "deepspeed"  # the sub-directory of a step_<N> checkpoint that DeepSpeed writes
@@ -33,20 +33,25 @@ def import_deepspeed():
     return deepspeed
 
 
-def ds_config(cfg: Config, dp: int, grad_accum: int, bf16: bool) -> dict:
-    """The DeepSpeed JSON config equivalent of ours for ``dp`` data-parallel ranks."""
-    t, p = cfg.train, cfg.parallel
+def zero_section(p: ParallelConfig) -> dict:
+    """The ``zero_optimization`` section of the DeepSpeed config: stage and offload."""
     zero: dict = {"stage": p.zero_stage}
     if p.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
+    return zero
+
+
+def ds_config(cfg: Config, dp: int, grad_accum: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON config equivalent of ours for ``dp`` data-parallel ranks."""
+    t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(t.grad_clip),  # 0 disables, as ours
-        "zero_optimization": zero,
+        "zero_optimization": zero_section(cfg.parallel),
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
         "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload
@@ -55,13 +60,20 @@ def ds_config(cfg: Config, dp: int, grad_accum: int, bf16: bool) -> dict:
     }
 
 
+def check_flattenable(model: nn.Module) -> None:
+    """ZeRO flattens every parameter through a byte view, which 0-d tensors do not allow."""
+    from braid.parallel.zero3 import full_shape
+
+    scalars = [n for n, p in model.named_parameters() if len(full_shape(p)) == 0]
+    if scalars:
+        raise ConfigError(f"config key 'parallel.engine' = 'deepspeed' cannot flatten 0-d parameters "
+                          f"({scalars[0]}, ...); use parallel.engine=fsdp")
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dp: int, grad_accum: int,
                  bf16: bool):
     """Wrap ``model``/``optimizer`` in a DeepSpeed engine (needs an initialised process group)."""
-    scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
-    if scalars:  # ZeRO flattens every parameter through a byte view, which 0-d tensors do not allow
-        raise ConfigError(f"config key 'parallel.engine' = 'deepspeed' cannot flatten 0-d parameters "
-                          f"({scalars[0]}, ...); use parallel.engine=fsdp")
+    check_flattenable(model)
     deepspeed = import_deepspeed()
     if cfg.parallel.zero_stage == 3 and getattr(model, "lm_head", True) is None:
         # Tied head: the root's forward reads embed.weight after the embedding's own forward, so
@@ -138,5 +150,5 @@ def global_grad_norm(engine) -> Optional[float]:
     return None if norm is None else float(norm)
 
 
-__all__ = ["ds_config", "build_engine", "save", "load", "checkpoint_globals", "global_grad_norm", "import_deepspeed",
-           "skip_non_finite_steps"]
+__all__ = ["check_flattenable", "zero_section", "ds_config", "build_engine", "save", "load", "checkpoint_globals",
+           "global_grad_norm", "import_deepspeed", "skip_non_finite_steps"]

@@ -37,9 +37,15 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def fill_local(model: nn.Module, full_value: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> None:
     """Copy, parameter by parameter, this rank's part of ``full_value(plain name, parameter)`` into
     ``model``'s local shards (``None``: leave that parameter as it is). One full tensor lives at a time."""
+    from braid.parallel.zero3 import fill_partition, is_partitioned
+
     for name, p in model.named_parameters():
         full = full_value(plain_name(name), p)
         if full is None:
+            continue
+        if is_partitioned(p):  # ZeRO-3: the rank's piece of the flat parameter
+            fill_partition(p, full.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype))
+            del full
             continue
         local = p.to_local() if isinstance(p, DTensor) else p.data
         part = local_part(full.to(device=local.device, dtype=local.dtype), p)

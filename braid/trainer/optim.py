@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from braid.config import TrainConfig
+from braid.parallel.zero3 import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,7 +19,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        exempt = p.ndim < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False)
+        exempt = len(full_shape(p)) < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False)
         (no_decay if exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},

@@ -29,11 +29,16 @@ def build_parallel_model(model_cfg: ModelConfig, mesh: Mesh, p: ParallelConfig, 
                          param_dtype: Optional[torch.dtype], seed: int) -> torch.nn.Module:
     """The meta-device lifecycle: build on the meta device (no memory), parallelize (TP → CP → EP → AC →
     compile → FSDP2), allocate this rank's shards on ``device`` and draw their initial values, which
-    depend on ``seed`` and each parameter's name only (not on the layout)."""
+    depend on ``seed`` and each parameter's name only (not on the layout). Under DeepSpeed ZeRO-3 the
+    shards are DeepSpeed's partitions (:mod:`braid.parallel.zero3`), stored in ``param_dtype``."""
     with torch.device("meta"):
         model = HybridLM(model_cfg)
     template = copy.deepcopy(model)  # the unparallelised structure the init rules run on (stays on meta)
     model = parallelize(model, mesh, p, device, param_dtype)
+    if p.engine == "deepspeed" and p.zero_stage == 3:
+        from braid.parallel.zero3 import partition_from_meta
+
+        return partition_from_meta(model, template, device, seed, p, param_dtype)
     return materialize(model, template, device, seed)
 
 
@@ -43,7 +48,9 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
     ``checkpoint.init_from`` did (lines for the log). Initial weights from ``cfg.train.seed`` (see
     :func:`build_parallel_model`)."""
     p, dims = cfg.parallel, mesh.dims
-    model = build_parallel_model(model_cfg, mesh, p, device, dtype if device.type == "cuda" else None, cfg.train.seed)
+    # FSDP2 computes in bf16 on GPU only; DeepSpeed's bf16 (on CPU too) wants its ZeRO-3 partitions in it.
+    param_dtype = dtype if device.type == "cuda" or p.engine == "deepspeed" else None
+    model = build_parallel_model(model_cfg, mesh, p, device, param_dtype, cfg.train.seed)
     from braid.convert.init_weights import init_from_config
 
     init_notes = init_from_config(model, cfg)  # into the local shards: every layout loads only its own part
