@@ -11,13 +11,12 @@ After a change that moves the fp32 curves on purpose, regenerate the reference:
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import train_curves  # noqa: E402
+from helpers import load_bench
+
+train_curves = load_bench("train_curves")
 
 
 def test_curve_comparison_judges_level_not_single_steps():

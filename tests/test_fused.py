@@ -92,3 +92,31 @@ def test_cross_entropy_chunked_reductions_and_errors():
         cross_entropy_chunked(h, w, labels, chunk_size=0)
     with pytest.raises(ValueError, match="labels"):
         cross_entropy_chunked(h, w, labels[:, :-1])
+
+
+def test_rehearsal_paths_are_exact_gradients_and_save_only_what_the_kernels_save():
+    """The torch RMSNorm and SwiGLU autograd functions that fake tensors (the rehearsal) take: gradcheck in
+    fp64, and the tensors kept for backward are x (its dtype) with the fp32 per-row rsqrt, and gate with
+    up, as the Triton kernels keep: no fp32 copy, no normalised output, no silu(gate)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from braid.kernels.fused import _RMSNormTorch, _SwiGLUTorch
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormTorch.apply(a, b, 1e-5), (x, w))
+    g = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLUTorch.apply, (g, u))
+
+    saved = []
+    with FakeTensorMode(), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        xb = torch.randn(2, 8, 32, dtype=torch.bfloat16, requires_grad=True)
+        rms_norm(xb, torch.ones(32, dtype=torch.bfloat16, requires_grad=True), 1e-5, backend="torch")
+        assert sorted(s for s in saved if s[0] != (32,)) == [((2, 8, 1), torch.float32), ((2, 8, 32), torch.bfloat16)]
+        saved.clear()
+        gb, ub = (torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        swiglu(gb, ub, backend="torch")
+        assert saved == [((2, 8, 64), torch.bfloat16)] * 2

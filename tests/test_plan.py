@@ -20,6 +20,7 @@ from braid.plan.layout import Layout, apply_layout
 from braid.plan.model_cost import layer_costs
 from braid.plan.planner import enumerate_layouts, load_efficiency, model_cost, plan
 from conftest import ROOT, tiny_overrides
+from helpers import load_bench
 
 SMALL = ["model.preset=hybrid-tiny", "data.seq_len=256", "train.global_batch_size=32", "train.micro_batch_size=1"]
 
@@ -53,7 +54,8 @@ def test_every_enumerated_layout_passes_config_validation():
         assert cfg.train.micro_batch_size == lay.micro_batch and cfg.parallel.activation_checkpoint == lay.ac
 
 
-@pytest.mark.parametrize("preset", ["llama", "moe", "kimi-linear", "hymba", "fox-pro", "hybrid-tiny", "gated-attn"])
+@pytest.mark.parametrize("preset", ["llama", "moe", "kimi-linear", "hymba", "fox-pro", "hybrid-tiny", "gated-attn",
+                                    "qwen3-next"])
 def test_model_flops_equal_braid_params(preset):
     model = resolve_vocab(load_config(None, [f"model.preset={preset}"]).model, 257)
     cost = layer_costs(model, 4096)
@@ -61,6 +63,19 @@ def test_model_flops_equal_braid_params(preset):
     assert 3 * sum(cost.fwd_flops.values()) == pytest.approx(want.flops_per_token, rel=1e-12)
     assert cost.flops_per_token == want.flops_per_token and cost.params == want.params
     assert all(v >= 0 for layer in cost.layers for v in layer.flops.values())
+
+
+def test_gated_deltanet_layers_cost_as_the_kda_op():
+    """D layers run the KDA op: its FLOP class, a state handed over under cp and conv halos."""
+    model = resolve_vocab(load_config(None, ["model.preset=gdn-tiny"]).model, 257)
+    cost = layer_costs(model, 4096)
+    g = model.gdn
+    for letter, layer in zip(model.pattern, cost.layers):
+        if letter == "D":
+            assert layer.flops["kda"] > 0 and layer.kda_state == g.n_v_heads * g.head_k_dim * 2 * g.head_v_dim
+            assert layer.conv_halo == (g.conv_size - 1, 2 * g.n_k_heads * g.head_k_dim + g.n_v_heads * g.head_v_dim)
+        else:
+            assert layer.kda_state == 0 and layer.flops["kda"] == 0
 
 
 def _one(cfg, lay: Layout, kind: str = "h100-sxm"):
@@ -255,8 +270,7 @@ def test_unknown_gpu_kind_is_one_line():
 
 @pytest.mark.slow
 def test_anchor_table_is_what_the_planner_projects():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import plan_anchors
+    plan_anchors = load_bench("plan_anchors")
 
     stored = json.loads((ROOT / "bench" / "results" / "plan_anchors.json").read_text())
     fresh = [plan_anchors.run(a) for a in plan_anchors.anchors()]
@@ -266,8 +280,7 @@ def test_anchor_table_is_what_the_planner_projects():
 
 
 def test_calibration_replaces_only_the_measured_factors():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import calibrate_plan
+    calibrate_plan = load_bench("calibrate_plan")
 
     doc = json.loads((ROOT / "bench" / "results" / "efficiency.json").read_text())
     kernels = {"rows": [{"section": "attention", "impl": "braid", "status": "ok", "case": "causal T=8192",

@@ -105,8 +105,6 @@ def test_cp4_at_32k_tokens_rehearses_a_quarter_of_each_sequence():
     assert r.fits
 
 
-@pytest.mark.xfail(strict=True, reason="braid's llama layer stores ~104·s·b·h bytes (rehearsed), 3× the Korthikanti "
-                   "estimate: see the issue report; strict, so this turns red once the stores shrink to it")
 def test_dense_llama_activations_per_layer_match_korthikanti():
     """Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit without recomputation. braid's
     attention is SDPA's flash kernel here (and the Triton flash kernel on GPUs): it keeps no s² scores,
@@ -217,6 +215,7 @@ def real_step() -> dict:
     with track:
         loss = model(ids, labels=ids, position_ids=torch.arange(s).expand(b, s))
         (loss.sum() / (b * s * dims.dp * 2)).backward()
+        track.in_step = True
         grads = memory.grads_bytes(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

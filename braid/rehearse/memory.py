@@ -71,6 +71,9 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
 
     class Tracker(base):
         activations_peak = 0
+        # Off once backward is done: clipping and the optimizer step allocate outside any module, which the
+        # tracker files as activations, and there (on DTensor gradients) at the global shape, not the local.
+        in_step = False
 
         def _update_peak_stats(self, peak_state) -> None:
             # The rank's peak only: torch's own version also updates every tracked module's peak, a loop over
@@ -79,8 +82,8 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
                     self._peak_mem[dev] = snap["Total"]
                     self._peak_mem_snap[dev] = dict(snap)
-                act = snap.get(kinds.ACT, 0) + snap.get(kinds.TEMP, 0)
-                if act > self.activations_peak:
+                act = snap.get(kinds.ACT, 0)
+                if not self.in_step and act > self.activations_peak:
                     self.activations_peak = act
 
     if base is FSDPMemTracker:

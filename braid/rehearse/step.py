@@ -171,6 +171,7 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
                     objective = objective + aux * (tokens / global_tokens)
                 (objective * loss_factor).backward()
                 counter.phase = "step"
+                track.in_step = True
                 all_reduce_sum(micro_sum.detach().to(torch.float64), loss_group)
                 grads = memory.grads_bytes(model)
                 for group_params, group in manual:
