@@ -87,6 +87,11 @@ RANGES: dict[str, Range] = {
     "model.kda.n_heads": POSITIVE,
     "model.kda.head_dim": POSITIVE,
     "model.kda.conv_size": AT_LEAST_1,
+    "model.gdn.n_k_heads": POSITIVE,
+    "model.gdn.n_v_heads": POSITIVE,
+    "model.gdn.head_k_dim": POSITIVE,
+    "model.gdn.head_v_dim": POSITIVE,
+    "model.gdn.conv_size": AT_LEAST_1,
     "model.mla.n_heads": POSITIVE,
     "model.mla.q_lora_rank": POSITIVE,
     "model.mla.kv_lora_rank": POSITIVE,
@@ -159,6 +164,7 @@ CHOICES: dict[str, Choice] = {
     # The Triton KDA kernels need a power of two >= 16 (the torch path silently takes over otherwise);
     # at 128 with 128-wide heads their state and backward kernels exceed a GPU block's shared memory.
     "model.kda.chunk_size": Choice((16, 32, 64)),
+    "model.gdn.chunk_size": Choice((16, 32, 64)),  # it runs the KDA kernels
     "model.moe.router": Choice(("softmax", "sigmoid")),
     "data.source": Choice(("embedded",), "a local file/dir, a dataset name, an indexed prefix or a blend"),
     "data.tokenizer": Choice(("bytes",), "an existing local tokenizer path"),

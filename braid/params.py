@@ -43,6 +43,9 @@ PUBLISHED: dict[str, Union[Published, NoFigure]] = {
     "llama": Published(8.03e9, None, "Llama-3-8B"),
     "llama-1b": Published(1.23e9, None, "Llama-3.2-1B model card", vocab=128256),
     "moe": Published(30.5e9, 3.3e9, "Qwen3-30B-A3B model card"),
+    "qwen3-next": Published(80e9, None, "Qwen3-Next-80B-A3B model card: 80B total, '3B activated' is a rounded "
+                                        "label without the 2 × 311M vocabulary matrices (3.25B here); the 48 "
+                                        "shared-expert gates (98K) are not in this shape"),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from braid.config import load_config
-from braid.convert import load_model, stock_kimi
+from braid.convert import load_model, stock_kimi, stock_qwen3_next
 from braid.convert.braid_checkpoint import save_braid_checkpoint
 from braid.convert.hf_export import export_hf
 from braid.models.hybrid import HybridLM
@@ -24,6 +24,8 @@ STOCK = {"llama-tiny": "LlamaForCausalLM", "tiny": "LlamaForCausalLM", "tiny-swa
 HAS_KIMI = stock_kimi.available()
 if HAS_KIMI:  # older transformers: the kimi-linear presets go out as remote code
     STOCK["kimi-linear-tiny"] = stock_kimi.KIMI
+if stock_qwen3_next.available():
+    STOCK["gdn-tiny"] = stock_qwen3_next.QWEN3_NEXT
 needs_kimi = pytest.mark.skipif(not HAS_KIMI, reason="this transformers has no KimiLinearForCausalLM")
 # The default run covers each stock class and the remote code on Hymba (meta tokens, windows, KV
 # sharing, SSM); every other preset runs with -m slow.

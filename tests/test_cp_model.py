@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from braid.config import FoxConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig, S2Config
+from braid.config import FoxConfig, GatedDeltaNetConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig, S2Config
 from braid.models.hybrid import HybridLM
 from helpers import rel_rms, tiny_model_config
 from spawn_group import run_group
@@ -33,6 +33,9 @@ CASES = {
                                                             forget_bias_init=2.0)),
     "K": dict(pattern="KK", kda=KDAConfig(head_dim=8, chunk_size=4)),
     "K-meta": dict(pattern="KK", meta_tokens=3, kda=KDAConfig(head_dim=8, chunk_size=4)),  # docs restart behind meta
+    # Grouped value heads (2 q/k heads, 4 value heads) and documents restarting behind meta tokens.
+    "D-meta": dict(pattern="DA", meta_tokens=2, gdn=GatedDeltaNetConfig(n_k_heads=2, n_v_heads=4, head_k_dim=8,
+                                                                        head_v_dim=8, chunk_size=4)),
     "M": dict(pattern="MM", mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)),
     "H-meta-window-kvshare": dict(pattern="HH", qk_norm=True, meta_tokens=4, window=6, global_layers=[0],
                                   hymba=HymbaConfig(ssm_inner=32, d_state=4, dt_rank=4, kv_share_groups=[[0, 1]])),

@@ -29,7 +29,7 @@ def loss_and_grads(model: HybridLM, ids: torch.Tensor) -> tuple[torch.Tensor, di
 
 
 @pytest.mark.parametrize("preset,spec", [("hymba-tiny", "full"), ("gated-attn-moe-tiny", "every_2"),
-                                         ("kimi-linear-tiny", "full")])
+                                         ("kimi-linear-tiny", "full"), ("gdn-tiny", "every_2")])
 def test_checkpointed_blocks_give_the_same_loss_and_gradients(preset, spec):
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (2, 17))

@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:  # when run by torchrun as the worker
     sys.path.insert(0, str(ROOT))
 
 PRESETS = ["tiny", "tiny-swa", "llama-tiny", "gated-attn-tiny", "gated-attn-moe-tiny", "moe-tiny",
-           "fox-pro-tiny", "kimi-linear-tiny", "hymba-tiny", "hybrid-tiny"]
-MOE_PRESETS = ["gated-attn-moe-tiny", "moe-tiny", "kimi-linear-tiny", "hybrid-tiny"]
+           "fox-pro-tiny", "kimi-linear-tiny", "hymba-tiny", "hybrid-tiny", "gdn-tiny"]
+MOE_PRESETS = ["gated-attn-moe-tiny", "moe-tiny", "kimi-linear-tiny", "hybrid-tiny", "gdn-tiny"]
 LOSS_RTOL = 1e-5
 NORM_RTOL = 1e-4
 

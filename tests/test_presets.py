@@ -90,3 +90,26 @@ def test_kimi_linear_matches_the_reference_implementation_size():
     assert abs(stats.params / reference - 1) < 1e-5, (stats.params, reference)
     assert abs(stats.params / 48e9 - 1) < 0.025  # the rounded label
     assert 2.5e9 < stats.active_params - stats.embedding_params < 3.5e9  # "A3B"
+
+
+def test_qwen3_next_matches_the_reference_implementation_size():
+    """The exact reference is transformers' Qwen3NextForCausalLM at its default config (the released
+    80B-A3B one): braid has all its parameters but the shared experts' sigmoid gates (one
+    Linear(d, 1) per layer). Then the model card's rounded labels: 80B total within 1 %, and "A3B"
+    (activated, without the embedding and the untied LM head) within 10 % of 3B."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3NextConfig"):
+        pytest.skip("this transformers has no Qwen3-Next implementation to compare with")
+    cfg = _model_cfg("qwen3-next")
+    hf_cfg = transformers.Qwen3NextConfig()
+    assert (hf_cfg.num_hidden_layers, hf_cfg.hidden_size, hf_cfg.num_experts) == (len(cfg.pattern), cfg.d_model,
+                                                                                  cfg.moe.n_experts)
+    with torch.device("meta"):
+        reference = sum(p.numel() for p in transformers.Qwen3NextForCausalLM(hf_cfg).parameters())
+    stats = model_stats(cfg, seq_len=4096)
+    shared_gates = len(cfg.pattern) * cfg.d_model
+    assert stats.params == reference - shared_gates, (stats.params, reference)
+    assert abs(stats.params / 80e9 - 1) < 0.01, stats.params
+    vocab_matrices = 2 * cfg.vocab_size * cfg.d_model  # embedding + untied head
+    assert stats.embedding_params == vocab_matrices // 2
+    assert abs((stats.active_params - vocab_matrices) / 3e9 - 1) < 0.10, stats.active_params

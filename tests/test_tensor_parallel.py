@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from braid.config import FoxConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig, S2Config
+from braid.config import FoxConfig, GatedDeltaNetConfig, HymbaConfig, KDAConfig, MLAConfig, MoEConfig, S2Config
 from braid.errors import ConfigError
 from braid.models.hybrid import HybridLM, aux_loss
 from helpers import rel_rms, tiny_model_config
@@ -37,6 +37,7 @@ CASES = {
     "F-pro": dict(pattern="FF", qk_norm=True, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True,
                                                             forget_bias_init=2.0)),
     "K": dict(pattern="KK", kda=KDAConfig(head_dim=8, chunk_size=8)),
+    "D": dict(pattern="DD", gdn=GatedDeltaNetConfig(n_k_heads=2, n_v_heads=4, head_k_dim=8, chunk_size=8)),
     "M": dict(pattern="MM", mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)),
     "M-qlora-nope": dict(pattern="M", mla=MLAConfig(q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
                                                     qk_rope_head_dim=4, v_head_dim=8, rope=False)),
@@ -287,6 +288,9 @@ def test_plan_rejects_heads_not_divisible_by_tp():
     kda = HybridLM(tiny_model_config(pattern="K", kda=KDAConfig(n_heads=3, head_dim=8)))
     with pytest.raises(ConfigError, match="model.kda.n_heads"):
         mixer_plan(kda.layers[0].mixer, 2)
+    gdn = HybridLM(tiny_model_config(pattern="D", gdn=GatedDeltaNetConfig(n_k_heads=3, n_v_heads=6, head_k_dim=8)))
+    with pytest.raises(ConfigError, match="model.gdn.n_k_heads"):
+        mixer_plan(gdn.layers[0].mixer, 2)  # value heads split with their key head's group, never alone
 
 
 def _reduce_scatter_paths() -> dict:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from braid.config import Config, ModelConfig
-from braid.convert import stock, stock_kimi
+from braid.convert import stock, stock_kimi, stock_qwen3_next
 from braid.convert.remote_code import modeling_source
 from braid.errors import CheckpointError
 
@@ -174,7 +174,12 @@ def export_hf(model: torch.nn.Module, cfg: Config, out: str | Path, *, max_shard
     bos, eos = _tokenizer_ids(cfg)
     if arch is not None:
         hf_cfg = stock.hf_config(m, arch)
-        weights = stock_kimi.to_hf_state(state) if arch == stock_kimi.KIMI else stock.to_hf_state(state)
+        if arch == stock_kimi.KIMI:
+            weights = stock_kimi.to_hf_state(state)
+        elif arch == stock_qwen3_next.QWEN3_NEXT:
+            weights = stock_qwen3_next.to_hf_state(state, m)
+        else:
+            weights = stock.to_hf_state(state)
     else:
         arch = BRAID_ARCH
         hf_cfg = dict(architectures=[arch], model_type="braid", vocab_size=m.vocab_size,
@@ -225,6 +230,8 @@ def braid_state_thunks(hf: dict, m: ModelConfig, tensors: Mapping[str, torch.Ten
         state = {k[len("braid."):]: partial(tensors.__getitem__, k) for k in tensors if k.startswith("braid.")}
     elif (hf.get("architectures") or [None])[0] == stock_kimi.KIMI:
         state = stock_kimi.from_hf_lazy(tensors, n_experts=m.moe.n_experts)
+    elif (hf.get("architectures") or [None])[0] == stock_qwen3_next.QWEN3_NEXT:
+        state = stock_qwen3_next.from_hf_lazy(tensors, m)
     else:
         state = stock.from_hf_lazy(tensors, n_experts=m.moe.n_experts if "E" in m.ffn_pattern else 0)
     if m.tie_embeddings:

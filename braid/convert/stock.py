@@ -4,6 +4,7 @@
 * ``Qwen3ForCausalLM``: the same with QK-norm, optionally sliding windows (``global_layers`` full).
 * ``Qwen3MoeForCausalLM``: all layers ``A`` + ``E`` with QK-norm, softmax routing, no shared experts,
   no groups, no capacity, ``routed_scaling = 1`` and a zero expert bias (checked on the weights).
+* ``KimiLinearForCausalLM`` and ``Qwen3NextForCausalLM``: see ``stock_kimi`` and ``stock_qwen3_next``.
 
 Both sides use rotate-half RoPE, so q/k rows need no permutation. MoE experts are written in the
 published per-expert layout (``mlp.experts.<e>.{gate,up,down}_proj.weight``); braid stacks them as
@@ -31,10 +32,13 @@ def _ffn_letters(m: ModelConfig) -> str:
 
 def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional[str]:
     """The stock class that computes exactly what braid computes for ``m`` (and its weights), or None."""
-    from braid.convert import stock_kimi
+    from braid.convert import stock_kimi, stock_qwen3_next
 
     if stock_kimi.matches(m):  # the kimi-linear presets; older transformers lack the class
         return stock_kimi.KIMI if stock_kimi.available() else None
+    if stock_qwen3_next.matches(m):  # Gated DeltaNet + gated attention
+        ok = stock_qwen3_next.available() and (state is None or stock_qwen3_next.weights_match(state))
+        return stock_qwen3_next.QWEN3_NEXT if ok else None
     ffn = _ffn_letters(m)
     if set(m.pattern) != {"A"} or m.connection != "residual" or m.meta_tokens or m.pos_emb != "rope":
         return None
@@ -59,11 +63,13 @@ def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional
 
 def hf_config(m: ModelConfig, arch: str) -> dict:
     """config.json fields of the stock class ``arch`` for braid's model section ``m``."""
-    from braid.convert import stock_kimi
+    from braid.convert import stock_kimi, stock_qwen3_next
     from braid.models.ffn import ffn_hidden_size
 
     if arch == stock_kimi.KIMI:
         return stock_kimi.hf_config(m)
+    if arch == stock_qwen3_next.QWEN3_NEXT:
+        return stock_qwen3_next.hf_config(m)
 
     head_dim = m.head_dim or m.d_model // m.n_heads
     cfg = dict(
@@ -98,13 +104,16 @@ def hf_config(m: ModelConfig, arch: str) -> dict:
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """Inverse of :func:`hf_config` for the supported stock classes (others raise ValueError)."""
-    from braid.convert import stock_kimi
+    from braid.convert import stock_kimi, stock_qwen3_next
 
     arch = (hf.get("architectures") or [None])[0]
     if arch == stock_kimi.KIMI:
         return stock_kimi.model_config_from_hf(hf)
+    if arch == stock_qwen3_next.QWEN3_NEXT:
+        return stock_qwen3_next.model_config_from_hf(hf)
     if arch not in MODEL_TYPES:
-        raise ValueError(f"from-hf supports {', '.join([*MODEL_TYPES, stock_kimi.KIMI])}; this checkpoint is "
+        raise ValueError(f"from-hf supports {', '.join([*MODEL_TYPES, stock_kimi.KIMI, stock_qwen3_next.QWEN3_NEXT])}; "
+                         f"this checkpoint is "
                          f"{arch!r}")
     n = hf["num_hidden_layers"]
     rope = hf.get("rope_parameters") or {}

@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "braid.models.hymba",  # H Hymba hybrid attention + SSM heads
     "braid.models.ffn",  # S SwiGLU, - no FFN
     "braid.models.moe",  # E mixture of experts
+    "braid.models.gated_deltanet",  # D Gated DeltaNet; after the FFNs so the older sections keep their order
 )
 # Declarations a mixer class may make, with the value a class that makes none has.
 MIXER_DECLARATIONS: dict[str, Any] = {"cp_ops": (), "s2_capable": False}

@@ -108,7 +108,7 @@ def cp_layer_bytes(cfg: Config, layer, lay: Layout, gpus_per_node: int, dtype_by
     if layer.kda_state:
         from braid.parallel.context.state import state_comm_bytes
 
-        tag = "kda.state" if layer.letter == "K" else "ssm.state"
+        tag = "kda.state" if layer.letter in "KD" else "ssm.state"  # D runs the KDA op
         for suffix, nbytes in state_comm_bytes(lay.cp, b, n_seg, layer.kda_state // lay.tp).items():
             out[tag + suffix] = nbytes
     rows, channels = layer.conv_halo

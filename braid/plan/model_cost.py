@@ -116,6 +116,14 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> ModelCost:
             width += 3 * inner + 2 * mixer.n_heads * mixer.head_dim ** 2 / mixer.chunk_size
             state = mixer.n_heads * mixer.head_dim * 2 * mixer.head_dim
             halo = (mixer.conv_size - 1, 3 * inner)
+        elif letter == "D":  # Gated DeltaNet: KDA's op on value heads (q, k repeated per group)
+            flops["kda"] += rest
+            hv, dk, dv = mixer.n_v_heads, mixer.head_k_dim, mixer.head_v_dim
+            conv = 2 * mixer.n_k_heads * dk + hv * dv
+            repeated = 2 * hv * dk if mixer.group > 1 else 0  # the op's own copies of q and k
+            width += conv + repeated + 2 * hv * dk * dv / mixer.chunk_size
+            state = hv * dk * 2 * dv
+            halo = (mixer.conv_size - 1, conv)
         elif letter == "H":
             from braid.models.attention import mean_visible_keys
 
