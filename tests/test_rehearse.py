@@ -187,9 +187,12 @@ _SMALL = ["model.preset=llama-tiny", "model.d_model=256", "model.n_heads=4", "mo
 
 
 def real_step() -> dict:
-    """On each of 2 gloo ranks: the same step for real (fp32 on CPU), measured by torch's memory tracker."""
+    """On each of 2 gloo ranks: the same step for real (fp32 on CPU), measured by torch's memory tracker.
+    The rehearsal stands in for a GPU rank, whose RMSNorm and SwiGLU kernels save less than autograd through
+    the CPU composites: the real step takes the same lean autograd functions."""
     import torch.distributed as dist
 
+    from braid.kernels import fused
     from braid.models.hybrid import HybridLM
     from braid.models.stats import resolve_vocab
     from braid.parallel.mesh import build_mesh, check_world
@@ -197,6 +200,7 @@ def real_step() -> dict:
     from braid.rehearse import memory
     from braid.trainer.optim import build_optimizer
 
+    fused._lean = lambda *tensors: torch.is_grad_enabled()
     cfg = _cfg(*_SMALL)
     dims = check_world(cfg, dist.get_world_size())
     model_cfg = resolve_vocab(cfg.model, 257)
@@ -233,7 +237,7 @@ def test_rehearsal_matches_what_two_real_gloo_ranks_allocate():
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
         assert getattr(r, key) == real[key], key
     for key in ("activations_peak_bytes", "peak_bytes"):
-        assert getattr(r, key) == pytest.approx(real[key], rel=0.15), (key, getattr(r, key), real[key])
+        assert getattr(r, key) == pytest.approx(real[key], rel=0.02), (key, getattr(r, key), real[key])
 
 
 def test_expert_gradients_are_counted_as_gradients_not_activations():
