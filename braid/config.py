@@ -189,12 +189,15 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. dp_replicate × dp_shard × cp × tp = world size; ep divides dp_shard × cp."""
+    """Parallel layout. pp × dp_replicate × dp_shard × cp × tp = world size; ep divides dp_shard × cp."""
 
     dp: Optional[int] = None  # data-parallel size (alias of dp_shard when the others are 1); default: world
     dp_replicate: int = 1  # HSDP replicas (FSDP2 shards within a replica)
     dp_shard: Optional[int] = None  # FSDP2 shard size; default: world / (dp_replicate × cp × tp)
     tp: int = 1  # tensor parallel (DTensor plans per mixer)
+    pp: int = 1  # pipeline stages ranks (outermost mesh dim; stage split: `|` in model.pattern, else balanced)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv (zero-bubble V) | gpipe
+    pp_virtual_stages: int = 0  # stages per pipeline rank; 0 = the schedule's (2 for interleaved_1f1b and zbv, else 1)
     cp: int = 1  # context parallel
     cp_kind: str = "ring"  # ring | s2 (needs model.s2.enabled) | tree | ulysses
     cp_layout: str = "auto"  # auto (zigzag unless no mixer calls attention: its cp_ops) | zigzag | contiguous
@@ -371,6 +374,11 @@ def _check_tables(section: Any, where: str) -> None:
         _require(ok, key, f"must be {allowed}" if isinstance(rule, Range) else allowed, value)
 
 
+def virtual_stages(p: "ParallelConfig") -> int:
+    """Pipeline stages per pp rank: ``parallel.pp_virtual_stages``, or the schedule's when it is 0."""
+    return p.pp_virtual_stages or (2 if p.pp_schedule in ("interleaved_1f1b", "zbv") else 1)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each failure names its key."""
     # Single-key ranges first: the checks below divide by sizes.
@@ -419,6 +427,22 @@ def validate(cfg: Config) -> None:
              p.activation_checkpoint)
     _require(t.optimizer != "muon" or p.engine == "fsdp", "train.optimizer",
              "muon needs parallel.engine=fsdp (ZeRO flattens the matrices Newton–Schulz works on)", t.optimizer)
+    _require(p.pp >= 1, "parallel.pp", "a positive number of pipeline ranks", p.pp)
+    _require(p.pp == 1 or p.engine == "fsdp", "parallel.pp",
+             "pipeline parallelism runs under parallel.engine=fsdp (DeepSpeed's pipeline engine is not used)", p.pp)
+    _require(p.pp == 1 or not m.tie_embeddings, "model.tie_embeddings",
+             "false with parallel.pp > 1 (the embedding and the head live on different stages)", m.tie_embeddings)
+    virtual = virtual_stages(p)
+    _require(virtual == {"gpipe": 1, "1f1b": 1, "zbv": 2}.get(p.pp_schedule, virtual)
+             and virtual >= (2 if p.pp_schedule == "interleaved_1f1b" else 1),
+             "parallel.pp_virtual_stages", f"1 for gpipe and 1f1b, 2 for zbv, >= 2 for interleaved_1f1b "
+             f"(parallel.pp_schedule = {p.pp_schedule})", p.pp_virtual_stages)
+    _require(p.pp * virtual <= len(m.pattern), "parallel.pp",
+             f"pipeline stages (pp × pp_virtual_stages = {p.pp * virtual}) at most the "
+             f"{len(m.pattern)} layers", p.pp)
+    _require(not m.stage_layers or p.pp == 1 or len(m.stage_layers) + 1 == p.pp * virtual,
+             "model.pattern", f"{len(m.stage_layers) + 1} stages marked with '|' but parallel.pp × "
+             f"pp_virtual_stages = {p.pp * virtual}", m.pattern)
     _require(t.qk_clip == 0 or (p.engine == "fsdp" and (p.tp or 1) == 1 and (p.cp or 1) == 1), "train.qk_clip",
              "QK-clip runs under parallel.engine=fsdp without tensor or context parallelism (tp = cp = 1)",
              t.qk_clip)

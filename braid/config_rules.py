@@ -154,6 +154,8 @@ RANGES: dict[str, Range] = {
     "parallel.dp_shard": AT_LEAST_1,
     "parallel.tp": AT_LEAST_1,
     "parallel.cp": AT_LEAST_1,
+    "parallel.pp": AT_LEAST_1,
+    "parallel.pp_virtual_stages": NON_NEGATIVE,
     "parallel.ep": AT_LEAST_1,
 }
 
@@ -179,6 +181,7 @@ CHOICES: dict[str, Choice] = {
     "parallel.cp_kind": Choice(("ring", "s2", "tree", "ulysses")),
     "parallel.cp_layout": Choice(("auto", "zigzag", "contiguous")),
     "parallel.engine": Choice(("fsdp", "deepspeed")),
+    "parallel.pp_schedule": Choice(("1f1b", "interleaved_1f1b", "zbv", "gpipe")),
     "parallel.zero_stage": Choice((1, 2, 3)),
     "parallel.activation_checkpoint": Choice(("none", "full"), "every_<N>"),
     "parallel.layout": Choice(("manual", "auto")),

@@ -149,7 +149,9 @@ class HybridLM(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            input_ids: ``[B, T]`` token ids.
+            input_ids: ``[B, T]`` token ids; for a pipeline stage without the embedding
+                (:func:`braid.parallel.pipeline.prune`), the previous stage's hidden states. A stage
+                without the final norm returns its hidden states.
             labels: ``[B, T]`` next-token targets (``-100`` = ignored), or None.
             position_ids: ``[B, T]`` positions; default ``0..T-1`` (under context parallelism: this
                 rank's global positions, see ``braid.parallel.context``).
@@ -158,20 +160,28 @@ class HybridLM(nn.Module):
             per-token loss ``[B, T]`` in fp32 (0 where ignored) when labels are given, else logits
             ``[B, T, V]``.
         """
-        b, t = input_ids.shape
-        m = 0 if self.meta is None else self.meta.shape[0]
+        first, last = self.embed is not None, self.norm is not None  # a pipeline stage holds a part
+        m = self.cfg.meta_tokens
+        b, t = input_ids.shape[0], input_ids.shape[1] - (0 if first else m)
         cp = None if self.context_parallel is None else self.context_parallel.bind(t, m)
         if position_ids is None:
             position_ids = (torch.arange(t, device=input_ids.device) if cp is None
                             else cp.layout.positions(input_ids.device)).expand(b, t)
-        h = self.embed(input_ids)
         if m:
-            h, position_ids, doc_ids = self._prepend_meta(h, position_ids, doc_ids)
+            position_ids, doc_ids = self._meta_positions(position_ids, doc_ids)
         seq = SeqInfo(position_ids=position_ids, doc_ids=doc_ids, meta_tokens=m, ops=cp)
-        if self.n_streams:
-            h = expand_streams(h, self.n_streams)
+        if first:
+            h = self.embed(input_ids)
+            if m:
+                h = torch.cat([self.meta.to(h.dtype).expand(b, m, -1), h], dim=1)
+            if self.n_streams:
+                h = expand_streams(h, self.n_streams)
+        else:  # a later pipeline stage: the previous stage's residual stream(s), meta tokens included
+            h = input_ids
         for layer in self.layers:
             h = layer(h, seq)
+        if not last:
+            return h
         if self.n_streams:
             h = merge_streams(h)
         h = self.norm(h[:, m:])
@@ -184,15 +194,14 @@ class HybridLM(nn.Module):
             return self.head_loss(h, self._head_weight(), labels, self.logit_scale())
         return self.head_loss(h, self._head_weight(), labels)
 
-    def _prepend_meta(self, h: torch.Tensor, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
+    def _meta_positions(self, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]):
         """Meta tokens take positions 0..M-1 and text shifts by M; they belong to no document."""
-        b, m = h.shape[0], self.meta.shape[0]
-        h = torch.cat([self.meta.to(h.dtype).expand(b, m, -1), h], dim=1)
-        meta_pos = torch.arange(m, device=h.device).expand(b, m)
+        (b, _), m, device = position_ids.shape, self.cfg.meta_tokens, position_ids.device
+        meta_pos = torch.arange(m, device=device).expand(b, m)
         position_ids = torch.cat([meta_pos, position_ids + m], dim=1)
         if doc_ids is not None:
-            doc_ids = torch.cat([torch.full((b, m), -1, dtype=doc_ids.dtype, device=h.device), doc_ids], dim=1)
-        return h, position_ids, doc_ids
+            doc_ids = torch.cat([torch.full((b, m), -1, dtype=doc_ids.dtype, device=device), doc_ids], dim=1)
+        return position_ids, doc_ids
 
 
 def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:

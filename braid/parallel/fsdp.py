@@ -58,16 +58,17 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: Optional[torch.dtype],
     return model
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, group=None) -> float:
     """Clip gradients to a total L2 norm of ``max_norm`` (``inf``: no clipping); returns the norm
     before clipping, as ``torch.nn.utils.clip_grad_norm_`` does. Works for plain tensors and for
     DTensors on several meshes (FSDP, TP, EP): each mesh's norm is reduced over that mesh (the
-    DTensor norm knows Shard from Replicate), then the per-mesh norms are combined.
+    DTensor norm knows Shard from Replicate), then the per-mesh norms are combined, and over ``group``
+    (pipeline stages: ranks holding different parameters) when given.
     """
-    return float(clip_grad_norm_tensor(params, max_norm))
+    return float(clip_grad_norm_tensor(params, max_norm, group))
 
 
-def clip_grad_norm_tensor(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_tensor(params: Iterable[torch.Tensor], max_norm: float, norm_group=None) -> torch.Tensor:
     """:func:`clip_grad_norm` without reading the norm back to the host (a 0-d tensor): what
     ``python -m braid.rehearse`` runs, whose fake tensors have no value to read."""
     by_mesh: dict = defaultdict(list)
@@ -78,9 +79,16 @@ def clip_grad_norm_tensor(params: Iterable[torch.Tensor], max_norm: float) -> to
     for group in by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if not norms:
+    if not norms and norm_group is None:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0] if norms else None
+    if norm_group is not None:
+        import torch.distributed as dist
+
+        square = (total.double() ** 2) if total is not None else torch.zeros(
+            (), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(square, group=norm_group)
+        total = square.sqrt().to(norms[0].dtype if norms else torch.float32)
     for group in by_mesh.values():  # one foreach scaling per mesh (foreach ops need a common mesh)
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

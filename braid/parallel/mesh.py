@@ -1,6 +1,7 @@
 """The parallel layout: sizes from the config, checked against the world size, and the DeviceMesh.
 
-Mesh dims, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP2 shards), ``cp``
+Mesh dims, outermost first: ``pp`` (pipeline stages, only when > 1), ``dp_replicate`` (HSDP replicas),
+``dp_shard`` (FSDP2 shards), ``cp``
 (context), ``tp`` (tensor). Flattened views, as torchtitan names them:
 
 - ``dp``          = dp_replicate × dp_shard: ranks that read different samples (data loading);
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # torch only in annotations: the layout checks must stay chea
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Resolved sizes; ``dp_replicate · dp_shard · cp · tp == world``."""
+    """Resolved sizes; ``pp · dp_replicate · dp_shard · cp · tp == world``."""
 
     dp_replicate: int
     dp_shard: int
@@ -40,6 +41,7 @@ class ParallelDims:
     tp: int
     ep: int
     world: int
+    pp: int = 1
 
     @property
     def dp(self) -> int:
@@ -57,19 +59,20 @@ def resolve_dims(p: ParallelConfig, world: int) -> ParallelDims:
     ``parallel.dp`` is the spine's key: the data-parallel size. It is accepted as an alias when it
     agrees with ``dp_replicate × dp_shard`` (and alone, with the others unset, it sets ``dp_shard``).
     """
-    rest = p.dp_replicate * p.cp * p.tp
+    pp = p.pp
+    rest = pp * p.dp_replicate * p.cp * p.tp
     if p.dp_shard is None:
         if world % rest:
-            raise ConfigError(f"config key 'parallel.dp_replicate' × 'parallel.cp' × 'parallel.tp' = {rest} "
-                              f"does not divide the world size {world}")
+            raise ConfigError(f"config key 'parallel.pp' × 'parallel.dp_replicate' × 'parallel.cp' × 'parallel.tp' "
+                              f"= {rest} does not divide the world size {world}")
         dp_shard = world // rest
     else:
         dp_shard = p.dp_shard
-    product = p.dp_replicate * dp_shard * p.cp * p.tp
+    product = pp * p.dp_replicate * dp_shard * p.cp * p.tp
     if product != world:
-        raise ConfigError(f"config keys 'parallel.dp_replicate' × 'parallel.dp_shard' × 'parallel.cp' × "
-                          f"'parallel.tp' = {p.dp_replicate}×{dp_shard}×{p.cp}×{p.tp} = {product} "
-                          f"must equal the world size {world}")
+        raise ConfigError(f"config keys 'parallel.pp' × 'parallel.dp_replicate' × 'parallel.dp_shard' × "
+                          f"'parallel.cp' × 'parallel.tp' = {pp}×{p.dp_replicate}×{dp_shard}×{p.cp}×{p.tp} = "
+                          f"{product} must equal the world size {world}")
     if p.dp is not None and p.dp != p.dp_replicate * dp_shard:
         raise ConfigError(f"config key 'parallel.dp' = {p.dp} contradicts parallel.dp_replicate × "
                           f"parallel.dp_shard = {p.dp_replicate * dp_shard} (world size {world})")
@@ -77,7 +80,7 @@ def resolve_dims(p: ParallelConfig, world: int) -> ParallelDims:
         if p.ep % p.cp or dp_shard % (p.ep // p.cp):
             raise ConfigError(f"config key 'parallel.ep' = {p.ep} must be a multiple of parallel.cp = {p.cp} "
                               f"and ep / cp must divide parallel.dp_shard = {dp_shard}")
-    return ParallelDims(p.dp_replicate, dp_shard, p.cp, p.tp, p.ep, world)
+    return ParallelDims(p.dp_replicate, dp_shard, p.cp, p.tp, p.ep, world, pp)
 
 
 def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
@@ -88,6 +91,9 @@ def check_layout(p: ParallelConfig, d: ParallelDims) -> None:
     if p.engine == "deepspeed" and d.dp_replicate > 1:
         raise ConfigError("config key 'parallel.dp_replicate' must be 1 with parallel.engine=deepspeed "
                           "(ZeRO partitions over all data-parallel ranks; use parallel.dp_shard)")
+    if p.engine == "deepspeed" and d.pp > 1:
+        raise ConfigError("config key 'parallel.pp' must be 1 with parallel.engine=deepspeed "
+                          "(braid pipelines through torch.distributed.pipelining under parallel.engine=fsdp)")
     if p.cpu_offload and p.engine != "deepspeed":
         raise ConfigError("config key 'parallel.cpu_offload' needs parallel.engine=deepspeed")
 
@@ -132,7 +138,22 @@ def check_world(cfg: Config, world: int) -> ParallelDims:
             f"config key 'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size × data-parallel size = {t.micro_batch_size * dims.dp}"
         )
+    if dims.pp > 1:
+        check_pp(cfg, dims)
     return dims
+
+
+def check_pp(cfg: Config, dims: ParallelDims) -> None:
+    """The pipeline's micro-batches are the gradient-accumulation micro-batches (Megatron): the schedules
+    need at least one per stage rank, and the interleaved ones a whole number of rounds."""
+    t, p = cfg.train, cfg.parallel
+    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    need = dims.pp if p.pp_schedule != "gpipe" else 1
+    if n_micro < need or (p.pp_schedule == "interleaved_1f1b" and n_micro % dims.pp):
+        what = "a multiple of" if p.pp_schedule == "interleaved_1f1b" else "at least"
+        raise ConfigError(f"config key 'train.global_batch_size' = {t.global_batch_size} gives {n_micro} micro-batches "
+                          f"per pipeline (global / (micro_batch_size × dp)); parallel.pp_schedule="
+                          f"{p.pp_schedule} needs {what} parallel.pp = {dims.pp}")
 
 
 @dataclass
@@ -188,6 +209,8 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Mesh:
         names = ["dp_replicate", "dp_shard", "cp", "tp"]
         shape = [dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp]
         shard_dims = ("dp_shard",)
+    if dims.pp > 1:  # outermost: stage ranks are the farthest apart (point-to-point, once per micro-batch)
+        names, shape = ["pp", *names], [dims.pp, *shape]
     mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
     flat = {}
     if dims.ep > 1:
@@ -203,9 +226,10 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Mesh:
 
 def mesh_summary(dims: ParallelDims) -> str:
     """``dp_replicate 1 × dp_shard 2 × cp 1 × tp 1`` for the banner and error messages."""
-    return (f"dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} × tp {dims.tp}"
+    return ((f"pp {dims.pp} × " if dims.pp > 1 else "")
+            + f"dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × cp {dims.cp} × tp {dims.tp}"
             + (f" (ep {dims.ep})" if dims.ep > 1 else ""))
 
 
 __all__ = ["ParallelDims", "Mesh", "resolve_dims", "check_layout", "resolve_layout", "layout_pieces", "check_cp",
-           "check_world", "build_mesh", "mesh_summary"]
+           "check_pp", "check_world", "build_mesh", "mesh_summary"]

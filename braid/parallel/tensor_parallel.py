@@ -381,8 +381,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         _map_io(model.layers[0], _seq_split_enter(group, p), lambda y: y)
         gather = lambda y: comm.gather_from_sequence(y, group, tensor_parallel_output_grad=False)  # noqa: E731
         _map_io(model.layers[-1], lambda x: x, gather)
-    _vocab_parallel_embedding(model.embed, tp_mesh)
-    _vocab_parallel_output(model, tp_mesh)
+    if model.embed is not None:  # pipeline stages after the first have none
+        _vocab_parallel_embedding(model.embed, tp_mesh)
+    if model.norm is not None:  # the last pipeline stage (or the whole model)
+        _vocab_parallel_output(model, tp_mesh)
 
 
 __all__ = ["apply_tp", "boundary", "shard_module", "vocab_parallel_cross_entropy"]

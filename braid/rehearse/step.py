@@ -124,6 +124,11 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
         from braid.errors import ConfigError
 
         raise ConfigError("config key 'parallel.engine' = 'deepspeed': braid.rehearse rehearses FSDP2 layouts only")
+    if dims.pp > 1:
+        from braid.errors import ConfigError
+
+        raise ConfigError(f"config key 'parallel.pp' = {dims.pp}: braid.rehearse rehearses layouts without "
+                          "pipeline parallelism only (a stage's schedule is not modelled yet)")
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     model_cfg = resolve_vocab(cfg.model, vocab)

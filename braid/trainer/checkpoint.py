@@ -42,7 +42,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from braid.errors import CheckpointError
 from braid.parallel.distributed import DistInfo, any_rank, barrier
@@ -54,6 +54,27 @@ from braid.trainer.safe_pickle import UnsafeCheckpointFile
 
 class DamagedCheckpoint(CheckpointError):
     """A complete checkpoint whose files cannot be read back (``resume=auto`` falls back past it)."""
+
+
+# The optimizer state by parameter name (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``): what a pipeline
+# stage's own part of the checkpoint is, whatever stages saved it. Markers without it: torch's nested form.
+OPTIM_FLAT = "flat"
+
+
+def _parts(model: nn.Module, optimizer) -> list[tuple[nn.Module, Any]]:
+    """(module, optimizer) pairs whose state dicts make up the checkpoint: the pipeline's parts, or one."""
+    if hasattr(model, "parts"):
+        return list(zip(model.parts, optimizer.optimizers))
+    return [(model, optimizer)]
+
+
+def _state_dicts(model: nn.Module, optimizer, flat: bool) -> list[tuple[dict, dict]]:
+    options = StateDictOptions(flatten_optimizer_state_dict=flat)
+    return [get_state_dict(m, o, options=options) for m, o in _parts(model, optimizer)]
+
+
+def _merged(dicts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    return ({k: v for m, _ in dicts for k, v in m.items()}, {k: v for _, o in dicts for k, v in o.items()})
 
 
 
@@ -163,6 +184,8 @@ class CheckpointManager:
     def __init__(self, root: Path, keep: int, info: DistInfo, layout: Optional[dict] = None, verify: bool = True):
         self.root, self.keep, self.info = Path(root), keep, info
         self.layout = dict(layout or {"engine": "fsdp", "world_size": info.world_size})
+        if not self.deepspeed:
+            self.layout["optim_state"] = OPTIM_FLAT
         self.verify = verify  # checkpoint.verify: compare every file with its checksum before loading
 
     @property
@@ -189,7 +212,7 @@ class CheckpointManager:
 
             deepspeed_engine.save(model, str(tmp), trainer_state)
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = _merged(_state_dicts(model, optimizer, flat=True))
             with warnings.catch_warnings():  # DCP warns that a lone process saves without a process group
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
                 dcp.save({"model": model_sd, "optim": optim_sd, "trainer": trainer_state}, checkpoint_id=str(tmp))
@@ -291,15 +314,21 @@ class CheckpointManager:
 
                 loaded = deepspeed_engine.load(model, str(path))
             else:
-                loaded = self._load_dcp(path, model, optimizer, trainer_state)
+                flat = (read_marker(path).get("layout") or {}).get("optim_state") == OPTIM_FLAT
+                loaded = self._load_dcp(path, model, optimizer, trainer_state, flat)
         except UnsafeCheckpointFile as exc:
             raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {exc}") from None
         if rng is not None:
             set_rng_state(rng)
         return loaded
 
-    def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+    def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+                  flat: bool) -> dict:
+        if not flat and hasattr(model, "parts"):
+            raise CheckpointError(f"checkpoint '{path}' keeps its optimizer state in the nested form of braid "
+                                  "before pipelines; resume it with parallel.pp=1 once, then change parallel.pp")
+        dicts = _state_dicts(model, optimizer, flat)
+        model_sd, optim_sd = _merged(dicts)
         state = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_state)}
         try:
             dcp_load(state, path)
@@ -313,7 +342,10 @@ class CheckpointManager:
             # older checkpoint loads.
             raise DamagedCheckpoint(f"checkpoint '{path}' does not fit this model/layout or is damaged: "
                                     f"{first[:300]}") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        for (m, o), (m_sd, o_sd) in zip(_parts(model, optimizer), dicts):  # each part its own keys, now loaded
+            set_state_dict(m, o, model_state_dict={k: state["model"][k] for k in m_sd},
+                           optim_state_dict={k: state["optim"][k] for k in o_sd}, options=options)
         return state["trainer"]
 
 

@@ -34,11 +34,12 @@ class FSDPEngine:
     steps_in_micro_batch = False  # nothing to do after each micro-batch's backward
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_factor: float,
-                 manual_reductions: list, grad_clip: float):
+                 manual_reductions: list, grad_clip: float, norm_group=None):
         self.model, self.optimizer = model, optimizer
         self.loss_factor = loss_factor  # undoes FSDP2's averaging of gradients over its mesh
         self.manual_reductions = manual_reductions  # (parameters, group) FSDP2 does not reduce
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+        self.norm_group = norm_group  # pipeline stages: each rank holds some layers' gradients
 
     @property
     def module(self) -> torch.nn.Module:
@@ -57,7 +58,7 @@ class FSDPEngine:
     def step(self, loss: float) -> tuple[float, bool]:
         for params, group in self.manual_reductions:
             reduce_manual_grads(params, group, self.loss_factor)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.max_norm, self.norm_group)
         updated = math.isfinite(loss) and math.isfinite(grad_norm)
         if updated:
             self.optimizer.step()

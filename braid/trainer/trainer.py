@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from braid.config import Config, to_yaml
+from braid.config import Config, to_yaml, virtual_stages
 from braid.data.loader import SampleOrder, micro_batches
 from braid.data.packing import build_datasets
 from braid.data.tokenizer import load_tokenizer
@@ -73,6 +73,14 @@ class Trainer:
         self.engine, self.init_notes = build_training_model(cfg, self.model_cfg, self.mesh, self.device,
                                                             self.autocast_dtype, self.grad_accum)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.pipeline = None
+        if self.dims.pp > 1:  # the micro-batches run through the stages' schedule (braid.parallel.pipeline)
+            from braid.parallel.pipeline import Pipeline, describe_split
+
+            self.pipeline = Pipeline(self.model, self.mesh, p, self.grad_accum, self.device, self.autocast_dtype,
+                                     t.micro_batch_size, cfg.data.seq_len)
+            self.init_notes.append("braid: " + describe_split(self.model_cfg, self.model.bounds, p.pp_schedule,
+                                                              self.dims.pp, virtual_stages(p)))
         if self.model_cfg.connection == "ngpt":  # each parameter was drawn alone: put the matrices on the sphere
             from braid.trainer.ngpt_step import normalize_weights
 
@@ -89,6 +97,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         layout = {"engine": p.engine, "world_size": self.info.world_size, "dp_replicate": self.dims.dp_replicate,
                   "dp_shard": self.dims.dp_shard, "cp": self.dims.cp, "tp": self.dims.tp, "ep": self.dims.ep,
+                  "pp": self.dims.pp,
                   **self.engine.layout(p)}
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.info, layout,
                                       verify=cfg.checkpoint.verify)
@@ -186,6 +195,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
+        if self.pipeline is not None:
+            factor = self.engine.loss_factor * (float("nan") if poisoned else 1.0)
+            with timer("forward"):  # forward and backward interleave in the schedule
+                loss_sum, aux_sum = self._pipeline_sums(batches, global_tokens, factor)
+            batches = []
         for batch in batches:
             with timer("forward"):
                 micro_sum, micro_tokens = self._forward_loss_sum(self.model, batch)
@@ -215,6 +229,21 @@ class Trainer:
         self.consumed_tokens += t.global_batch_size * self.cfg.data.seq_len
         self._last = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         return loss
+
+    def _pipeline_sums(self, batches: list[dict], global_tokens: float,
+                       factor: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and weighted aux sums of this data stream (made on the stages that hold them), on every
+        pipeline rank; ``factor`` None: evaluation (forward only)."""
+        if factor is None:
+            loss_sum, aux_sum = self.pipeline.evaluate(batches), torch.zeros((), dtype=torch.float64)
+            factor = 1.0
+        else:
+            loss_sum, aux_sum = self.pipeline.run(batches, global_tokens, factor)
+        if factor != factor:  # train.debug_nan_steps
+            loss_sum = loss_sum * float("nan")
+        both = torch.stack([loss_sum.to(self.device, torch.float64), aux_sum.to(self.device, torch.float64)])
+        torch.distributed.all_reduce(both, group=self.pipeline.group)
+        return both[0], both[1]
 
     def _optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip and step unless the loss or gradients are non-finite (then count the skip); the grad norm
@@ -265,7 +294,12 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         for it in range(t.eval_iters):
-            for batch in self._batches(self.valid_data, order, it * t.global_batch_size):
+            batches = self._batches(self.valid_data, order, it * t.global_batch_size)
+            if self.pipeline is not None:
+                loss_sum += self._pipeline_sums(batches, 1.0, None)[0]
+                tokens += sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).to(torch.float64)
+                batches = []
+            for batch in batches:
                 s, n = self._forward_loss_sum(model, batch)
                 loss_sum += s.to(torch.float64)
                 tokens += n.to(torch.float64)

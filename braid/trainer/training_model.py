@@ -26,14 +26,23 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def build_parallel_model(model_cfg: ModelConfig, mesh: Mesh, p: ParallelConfig, device: torch.device,
-                         param_dtype: Optional[torch.dtype], seed: int) -> torch.nn.Module:
+                         param_dtype: Optional[torch.dtype], seed: int, seq_len: int = 0) -> torch.nn.Module:
     """The meta-device lifecycle: build on the meta device (no memory), parallelize (TP → CP → EP → AC →
     compile → FSDP2), allocate this rank's shards on ``device`` and draw their initial values, which
     depend on ``seed`` and each parameter's name only (not on the layout). Under DeepSpeed ZeRO-3 the
-    shards are DeepSpeed's partitions (:mod:`braid.parallel.zero3`), stored in ``param_dtype``."""
+    shards are DeepSpeed's partitions (:mod:`braid.parallel.zero3`), stored in ``param_dtype``. With
+    ``parallel.pp > 1``, this rank's pipeline stages (:mod:`braid.parallel.pipeline`; ``seq_len`` weighs
+    the balanced split)."""
     with torch.device("meta"):
         model = HybridLM(model_cfg)
     template = copy.deepcopy(model)  # the unparallelised structure the init rules run on (stays on meta)
+    if mesh.dims.pp > 1:  # this rank's stages, each a part of the model parallelised on its own
+        from braid.parallel.pipeline import PipelineModel, build_pipeline_model
+
+        parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, p, seq_len)
+        parts = [materialize(parallelize(part, mesh, p, device, param_dtype), template, device, seed)
+                 for part in parts]
+        return PipelineModel(parts, stage_ids, bounds)
     model = parallelize(model, mesh, p, device, param_dtype)
     if p.engine == "deepspeed" and p.zero_stage == 3:
         from braid.parallel.zero3 import partition_from_meta
@@ -50,11 +59,16 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
     p, dims = cfg.parallel, mesh.dims
     # FSDP2 computes in bf16 on GPU only; DeepSpeed's bf16 (on CPU too) wants its ZeRO-3 partitions in it.
     param_dtype = dtype if device.type == "cuda" or p.engine == "deepspeed" else None
-    model = build_parallel_model(model_cfg, mesh, p, device, param_dtype, cfg.train.seed)
+    model = build_parallel_model(model_cfg, mesh, p, device, param_dtype, cfg.train.seed, cfg.data.seq_len)
     from braid.convert.init_weights import init_from_config
 
-    init_notes = init_from_config(model, cfg)  # into the local shards: every layout loads only its own part
+    parts = getattr(model, "parts", [model])
+    init_notes = [n for part in parts for n in init_from_config(part, cfg)]  # every layout loads its own part
     optimizer = build_optimizer(model, cfg.train)  # after sharding: it must hold the sharded parameters
+    if len(parts) > 1 or parts[0] is not model:  # pipeline: a DCP optimizer state dict is per part
+        from braid.parallel.pipeline import PartOptimizers
+
+        optimizer = PartOptimizers([build_optimizer(part, cfg.train) for part in parts])
     if p.engine == "deepspeed":
         from braid.parallel.deepspeed_engine import build_engine, skip_non_finite_steps
 
@@ -71,5 +85,6 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
             manual_reductions.append((experts, replicas.get_group() if replicas.size() > 1 else None))
         if scalars:  # summed like the losses, over data × context ranks
             manual_reductions.append((scalars, mesh.group("dp_cp")))
-    # FSDP2 averages over its mesh: undo it.
-    return FSDPEngine(model, optimizer, grad_divide_factor(fsdp), manual_reductions, cfg.train.grad_clip), init_notes
+    # FSDP2 averages over its mesh: undo it. The gradient norm spans the pipeline's stages.
+    return FSDPEngine(model, optimizer, grad_divide_factor(fsdp), manual_reductions, cfg.train.grad_clip,
+                      norm_group=mesh.group("pp") if dims.pp > 1 else None), init_notes

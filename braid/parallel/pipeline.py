@@ -1,0 +1,360 @@
+"""Pipeline parallelism (``parallel.pp``) through ``torch.distributed.pipelining``.
+
+The model is cut into ``pp × pp_virtual_stages`` stages of consecutive layers, at the ``|`` of the
+pattern (``model.stage_layers``) or where the projected forward FLOPs are balanced (the LM head counts on
+the last stage). Each stage is the same HybridLM built on the meta device with the other stages' parts
+removed (:func:`prune`): its blocks keep their model-wide indices, so parameter names, the (seed, name)
+initial draw and DCP checkpoints are those of every other layout, and a run resumes on another pp.
+
+Stage → rank: looped (stage ``s`` on pp rank ``s mod pp``) for gpipe, 1f1b and interleaved 1F1B; the V
+of zero-bubble (rank ``r`` holds stages ``r`` and ``2·pp−1−r``). Every stage receives the micro-batch's
+position ids, document ids and labels as keyword inputs (meta-token positions are rebuilt per stage);
+the hidden states (hyper-connection streams ``[B, T, n, d]`` included) travel between stages. The last
+stage returns the per-token loss; the objective is its sum over the global token count, as without a
+pipeline. MoE auxiliary losses join the backward where they are made: each stage attaches them to its
+output (:class:`_AttachAux`: identity forward, the loss's weight as its gradient), Megatron's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from braid.config import ModelConfig, ParallelConfig, virtual_stages
+from braid.errors import ConfigError
+
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+             "zbv": "ScheduleZBVZeroBubble"}
+
+
+class StageLayers(nn.ModuleDict):
+    """A stage's blocks under their model-wide indices (``layers.<i>.`` names as in the whole model),
+    iterated and indexed by position like the ModuleList it replaces."""
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return list(self._modules.values())[idx]
+        return super().__getitem__(idx)
+
+    def __setitem__(self, idx, module: nn.Module) -> None:
+        if isinstance(idx, int):
+            idx = list(self._modules)[idx]
+        super().__setitem__(idx, module)
+
+
+# ---------------------------------------------------------------------------------------------- the split
+
+
+def _layer_flops(model_cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
+    from braid.plan.model_cost import layer_costs
+
+    cost = layer_costs(model_cfg, seq_len)
+    head = 2.0 * cost.d_model * cost.vocab  # the LM head's forward FLOPs per token, on the last stage
+    return [sum(layer.flops.values()) for layer in cost.layers], head
+
+
+def balanced_cuts(weights: list[float], n_stages: int, tail: float = 0.0,
+                  forbidden: frozenset = frozenset()) -> list[int]:
+    """The first layer of stages 1.. that minimises the largest stage's sum (``tail`` added to the last),
+    over contiguous splits with at least one layer a stage and no cut in ``forbidden`` (dynamic programme,
+    exact)."""
+    n = len(weights)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: the smallest max over k stages covering layers [0, i)
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n_stages + 1):
+        for i in range(k, n - (n_stages - k) + 1):
+            extra = tail if k == n_stages else 0.0
+            for j in range(k - 1, i):
+                if j in forbidden:
+                    continue
+                value = max(best[k - 1][j], prefix[i] - prefix[j] + extra)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    if best[n_stages][n] == inf:
+        raise ConfigError(f"config key 'parallel.pp': the {n} layers cannot be cut into {n_stages} stages without "
+                          f"separating layers that share state (no cut before layers {sorted(forbidden)})")
+    cuts, i = [], n
+    for k in range(n_stages, 1, -1):
+        i = cut[k][i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def shared_state_cuts(model: nn.Module) -> frozenset:
+    """Cuts (a stage's first layer) that would separate a layer from the earlier one whose K/V it reuses
+    (a mixer's ``kv_source``: Hymba's cross-layer sharing): the K/V does not travel between stages."""
+    out = set()
+    for i, block in enumerate(model.layers):
+        source = getattr(block.mixer, "kv_source", None)
+        if source is not None:
+            out.update(range(source + 1, i + 1))
+    return frozenset(out)
+
+
+def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int,
+                 forbidden: frozenset = frozenset()) -> list[tuple[int, int]]:
+    """``[(first layer, end)]`` per stage: the pattern's ``|`` marks when given, else balanced."""
+    n = len(model_cfg.pattern)
+    if model_cfg.stage_layers:
+        cuts = list(model_cfg.stage_layers)
+        if len(cuts) + 1 != n_stages:
+            raise ConfigError(f"config key 'model.pattern' marks {len(cuts) + 1} stages with '|' but the pipeline "
+                              f"has parallel.pp × pp_virtual_stages = {n_stages}")
+        bad = sorted(set(cuts) & forbidden)
+        if bad:
+            raise ConfigError(f"config key 'model.pattern': a '|' before layer {bad[0]} separates it from the layer "
+                              "whose K/V it reuses (model.hymba.kv_share_groups); move the mark")
+    else:
+        weights, head = _layer_flops(model_cfg, seq_len)
+        cuts = balanced_cuts(weights, n_stages, head, forbidden)
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def rank_stages(schedule: str, pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """The stage indices pp rank ``pp_rank`` holds, in order."""
+    if schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + v * pp for v in range(virtual)]
+
+
+def describe_split(model_cfg: ModelConfig, bounds: list[tuple[int, int]], schedule: str, pp: int,
+                   virtual: int) -> str:
+    """One banner line: each stage's layers, letters and pp rank."""
+    owner = {s: r for r in range(pp) for s in rank_stages(schedule, r, pp, virtual)}
+    parts = [f"{s}:{model_cfg.pattern[a:b]}[{a}-{b - 1}]@r{owner[s]}" for s, (a, b) in enumerate(bounds)]
+    source = "pattern '|'" if model_cfg.stage_layers else "balanced FLOPs"
+    return f"pipeline {schedule}, {len(bounds)} stages ({source}): " + " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- the parts
+
+
+def prune(model: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Keep layers ``[lo, hi)`` of a HybridLM (on the meta device); the embedding and meta tokens stay on
+    the first stage only, the final norm and head (nGPT's logit scales) on the last."""
+    n = len(model.layers)
+    model.layers = StageLayers({str(i): model.layers[i] for i in range(lo, hi)})
+    if lo > 0:
+        model.embed = None
+        model.meta = None
+    if hi < n:
+        model.norm = None
+        model.lm_head = None
+        if hasattr(model, "logit_scale"):
+            model.logit_scale = None
+    return model
+
+
+class PipelineModel(nn.Module):
+    """This rank's stages (HybridLM parts) as one module, for what walks the whole model: ``parameters()``,
+    ``modules()``, ``train()``. Checkpoints read the parts one by one (their names are the model's)."""
+
+    def __init__(self, parts: list[nn.Module], stage_ids: list[int], bounds: list[tuple[int, int]]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.stage_ids, self.bounds = stage_ids, bounds
+
+    @property
+    def cfg(self):
+        return self.parts[0].cfg
+
+    @property
+    def context_parallel(self):
+        return self.parts[0].context_parallel
+
+
+class PartOptimizers:
+    """One optimizer per part (a DCP optimizer state dict is per module), stepped together; ``param_groups``
+    lists all their groups, so the learning-rate schedule sets them all."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+class _AttachAux(torch.autograd.Function):
+    """``out`` unchanged; in backward, ``aux`` receives gradient ``weight`` (its share of the objective)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, weight: torch.Tensor):
+        ctx.save_for_backward(weight)
+        ctx.aux_shape = aux.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad, weight.float().expand(ctx.aux_shape), None
+
+
+class _Stage(nn.Module):
+    """What a PipelineStage runs: the part under autocast, its auxiliary losses attached to its output."""
+
+    def __init__(self, part: nn.Module, runner: "Pipeline"):
+        super().__init__()
+        self.part = part
+        self._runner = [runner]  # not a submodule
+
+    def forward(self, x, labels=None, position_ids=None, doc_ids=None):
+        from braid.models.hybrid import IGNORE_INDEX, aux_loss
+
+        runner = self._runner[0]
+        last = self.part.norm is not None
+        with runner.autocast():
+            out = self.part(x, labels=labels if last else None, position_ids=position_ids, doc_ids=doc_ids)
+        if not last:  # the dtype the stages declared (a no-op unless a mixer promoted the stream)
+            out = out.to(runner.stream_dtype)
+        aux = aux_loss(self.part)
+        if aux is not None:
+            share = (labels != IGNORE_INDEX).sum().double() / runner.global_tokens  # no host sync
+            runner.aux_sum += aux.detach().double() * share
+            if torch.is_grad_enabled():
+                out = _AttachAux.apply(out, aux.float(), share * runner.loss_factor)
+        return out
+
+
+class Pipeline:
+    """The schedule of this rank's stages and one training (or evaluation) step through it."""
+
+    def __init__(self, model: PipelineModel, mesh, p: ParallelConfig, n_micro: int, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], micro_batch: int, seq_len: int):
+        from torch.distributed import pipelining
+
+        self.model, self.device, self.n_micro = model, device, n_micro
+        self.autocast_dtype = autocast_dtype
+        self.group = mesh.group("pp")
+        dims = mesh.dims
+        # The residual stream's dtype is the embedding's: FSDP2's compute dtype where it casts (bf16 on GPU),
+        # else fp32 (fp32 + bf16 sublayer outputs stay fp32).
+        fsdp_casts = device.type == "cuda" and autocast_dtype is not None and dims.dp_cp > 1
+        self.stream_dtype = autocast_dtype if fsdp_casts else torch.float32
+        n_stages = len(model.bounds)
+        self.stages = []
+        for part, s in zip(model.parts, model.stage_ids):
+            inputs, outputs = self._io(model.cfg, s, n_stages, micro_batch, seq_len // dims.cp)
+            # Declared shapes: no metadata-inference forward, which would run the MoE routers (their load
+            # counts steer the balancing) on uninitialised tensors.
+            self.stages.append(pipelining.PipelineStage(_Stage(part, self), s, n_stages, device, input_args=inputs,
+                                                        output_args=outputs, group=self.group))
+        self.has_first = 0 in model.stage_ids
+        self.has_last = n_stages - 1 in model.stage_ids
+        self.schedule_name, self.pp, self.virtual = p.pp_schedule, dims.pp, virtual_stages(p)
+        cls = getattr(pipelining, SCHEDULES[p.pp_schedule])
+        stage = self.stages[0] if len(self.stages) == 1 else self.stages
+        self.schedule = cls(stage, n_microbatches=n_micro, loss_fn=self._loss, scale_grads=False)
+        self.global_tokens, self.loss_factor = 1.0, 1.0
+        self.loss_sums: list[torch.Tensor] = []
+        self.aux_sum = torch.zeros((), dtype=torch.float64)
+
+    def _io(self, cfg: ModelConfig, stage: int, n_stages: int, b: int, t: int) -> tuple:
+        """(input, output) of a stage as meta tensors: token ids ``[b, t]`` into the first, the per-token loss
+        ``[b, t]`` (fp32) out of the last, the residual stream ``[b, t + meta, (streams,) d]`` between."""
+        from braid.models.connections import n_streams
+
+        n = n_streams(cfg)
+        hidden = (b, t + cfg.meta_tokens, *((n,) if n else ()), cfg.d_model)
+
+        def meta(shape, dtype):  # floating ones carry gradients (the received buffer must ask for them)
+            return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
+
+        inputs = meta((b, t), torch.long) if stage == 0 else meta(hidden, self.stream_dtype)
+        outputs = meta((b, t), torch.float32) if stage == n_stages - 1 else meta(hidden, self.stream_dtype)
+        return inputs, outputs
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.loss_sums.append(out.detach().sum().double())
+        return out.sum() * (self.loss_factor / self.global_tokens)
+
+    def run(self, batches: list[dict], global_tokens: float, loss_factor: float):
+        """Every micro-batch of ``batches`` forward and backward through the schedule; returns this rank's
+        (loss sum, weighted aux sum) as fp64 scalars, zero on ranks without the last stage."""
+        self.global_tokens, self.loss_factor = float(global_tokens), float(loss_factor)
+        self.loss_sums = []
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if batches[0][k] is not None}
+        kwargs = {k: cat[k] for k in ("position_ids", "doc_ids", "labels") if k in cat}
+        args = (cat["input_ids"],) if self.has_first else ()
+        self.schedule.step(*args, target=cat["labels"] if self.has_last else None, **kwargs)
+        loss_sum = torch.stack(self.loss_sums).sum() if self.loss_sums else torch.zeros((), dtype=torch.float64)
+        return loss_sum.to(self.device), self.aux_sum
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> torch.Tensor:
+        """The loss sum of ``batches`` (fp64; zero on ranks without the last stage), forward only: each
+        micro-batch passes the stages in order, point to point (no schedule: ZBV's has no forward-only form)."""
+        import torch.distributed as dist
+
+        owner = {s: r for r in range(dist.get_world_size(self.group))
+                 for s in rank_stages(self.schedule_name, r, self.pp, self.virtual)}
+        mine = dict(zip(self.model.stage_ids, self.stages))
+        n_stages, rank = len(self.model.bounds), dist.get_rank(self.group)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.global_tokens, self.aux_sum = 1.0, torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            kwargs = {k: batch[k] for k in ("labels", "position_ids", "doc_ids") if batch.get(k) is not None}
+            x = batch["input_ids"]
+            for s in range(n_stages):
+                if s not in mine:
+                    continue
+                if s > 0 and owner[s - 1] != rank:
+                    x = torch.empty(self._io(self.model.cfg, s, n_stages, *batch["input_ids"].shape)[0].shape,
+                                    dtype=self.stream_dtype, device=self.device)
+                    dist.recv(x, group=self.group, group_src=owner[s - 1])
+                x = mine[s].submod(x, **kwargs)
+                if s == n_stages - 1:
+                    total += x.sum().double()
+                elif owner[s + 1] != rank:
+                    dist.send(x.contiguous(), group=self.group, group_dst=owner[s + 1])
+        return total
+
+
+def build_pipeline_model(model: nn.Module, model_cfg: ModelConfig, mesh, p: ParallelConfig,
+                         seq_len: int) -> tuple[list[nn.Module], list[int], list[tuple[int, int]]]:
+    """This rank's parts of ``model`` (a HybridLM on the meta device, left unchanged)."""
+    import copy
+
+    dims = mesh.dims
+    bounds = stage_bounds(model_cfg, dims.pp * virtual_stages(p), seq_len, shared_state_cuts(model))
+    stage_ids = rank_stages(p.pp_schedule, mesh.local_rank("pp"), dims.pp, virtual_stages(p))
+    parts = [prune(copy.deepcopy(model), *bounds[s]) for s in stage_ids]
+    return parts, stage_ids, bounds
+
+
+__all__ = ["StageLayers", "balanced_cuts", "stage_bounds", "rank_stages", "describe_split", "prune",
+           "PipelineModel", "PartOptimizers", "Pipeline", "build_pipeline_model", "SCHEDULES"]
