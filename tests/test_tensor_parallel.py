@@ -37,7 +37,7 @@ CASES = {
     "F-pro": dict(pattern="FF", qk_norm=True, fox=FoxConfig(output_gate=True, output_norm=True, kv_shift=True,
                                                             forget_bias_init=2.0)),
     "K": dict(pattern="KK", kda=KDAConfig(head_dim=8, chunk_size=8)),
-    "D": dict(pattern="DD", gdn=GatedDeltaNetConfig(n_k_heads=2, n_v_heads=4, head_k_dim=8, chunk_size=8)),
+    "D": dict(pattern="DD", gdn=GatedDeltaNetConfig(n_k_heads=4, n_v_heads=8, head_k_dim=8, chunk_size=8)),
     "M": dict(pattern="MM", mla=MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)),
     "M-qlora-nope": dict(pattern="M", mla=MLAConfig(q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
                                                     qk_rope_head_dim=4, v_head_dim=8, rope=False)),
