@@ -64,11 +64,14 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
 
     parts = getattr(model, "parts", [model])
     init_notes = [n for part in parts for n in init_from_config(part, cfg)]  # every layout loads its own part
-    optimizer = build_optimizer(model, cfg.train)  # after sharding: it must hold the sharded parameters
-    if len(parts) > 1 or parts[0] is not model:  # pipeline: a DCP optimizer state dict is per part
+    # After sharding: it must hold the sharded parameters. Under a pipeline one per part, as DCP's optimizer
+    # state dict is per module.
+    if hasattr(model, "parts"):
         from braid.parallel.pipeline import PartOptimizers
 
         optimizer = PartOptimizers([build_optimizer(part, cfg.train) for part in parts])
+    else:
+        optimizer = build_optimizer(model, cfg.train)
     if p.engine == "deepspeed":
         from braid.parallel.deepspeed_engine import build_engine, skip_non_finite_steps
 
