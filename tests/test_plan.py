@@ -177,8 +177,9 @@ def test_top_layout_of_a_small_case_rehearses_and_fits():
     est = best.memory
     r = rehearse(apply_layout(cfg, best.layout), 8, 0, int(est.usable_bytes), vocab=model_cost(cfg).vocab)
     lay = best.layout
-    assert r.layout == {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "cp": lay.cp, "tp": lay.tp,
-                        "ep": lay.ep, "engine": "fsdp", "activation_checkpoint": lay.ac}
+    want = {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "cp": lay.cp, "tp": lay.tp, "ep": lay.ep,
+            "engine": "fsdp", "activation_checkpoint": lay.ac, "pp": lay.pp}
+    assert {k: r.layout[k] for k in want} == want
     assert r.micro_batch[0] == lay.micro_batch
     assert r.fits and r.peak_bytes <= est.usable_bytes
     # fp32 master weights and gradients of the rank's shards: the same bytes

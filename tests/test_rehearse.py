@@ -213,7 +213,7 @@ def real_step() -> dict:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    track = memory.tracker(model, optimizer)
+    track = memory.tracker(model, [optimizer])
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.randint(0, model_cfg.vocab_size, (b, s))
     with track:

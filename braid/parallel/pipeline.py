@@ -51,10 +51,10 @@ class StageLayers(nn.ModuleDict):
 # ---------------------------------------------------------------------------------------------- the split
 
 
-def _layer_flops(model_cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
+def _layer_flops(model_cfg: ModelConfig, seq_len: int, cost=None) -> tuple[list[float], float]:
     from braid.plan.model_cost import layer_costs
 
-    cost = layer_costs(model_cfg, seq_len)
+    cost = cost or layer_costs(model_cfg, seq_len)
     head = 2.0 * cost.d_model * cost.vocab  # the LM head's forward FLOPs per token, on the last stage
     return [sum(layer.flops.values()) for layer in cost.layers], head
 
@@ -103,9 +103,10 @@ def shared_state_cuts(model: nn.Module) -> frozenset:
     return frozenset(out)
 
 
-def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int,
-                 forbidden: frozenset = frozenset()) -> list[tuple[int, int]]:
-    """``[(first layer, end)]`` per stage: the pattern's ``|`` marks when given, else balanced."""
+def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int, forbidden: frozenset = frozenset(),
+                 cost=None) -> list[tuple[int, int]]:
+    """``[(first layer, end)]`` per stage: the pattern's ``|`` marks when given, else balanced (``cost``: the
+    model's :class:`braid.plan.model_cost.ModelCost` at ``seq_len`` when already at hand)."""
     n = len(model_cfg.pattern)
     if model_cfg.stage_layers:
         cuts = list(model_cfg.stage_layers)
@@ -117,7 +118,7 @@ def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int,
             raise ConfigError(f"config key 'model.pattern': a '|' before layer {bad[0]} separates it from the layer "
                               "whose K/V it reuses (model.hymba.kv_share_groups); move the mark")
     else:
-        weights, head = _layer_flops(model_cfg, seq_len)
+        weights, head = _layer_flops(model_cfg, seq_len, cost)
         cuts = balanced_cuts(weights, n_stages, head, forbidden)
     edges = [0, *cuts, n]
     return list(zip(edges[:-1], edges[1:]))
@@ -128,6 +129,27 @@ def rank_stages(schedule: str, pp_rank: int, pp: int, virtual: int) -> list[int]
     if schedule == "zbv":
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + v * pp for v in range(virtual)]
+
+
+def stashed_micro_batches(schedule: str, pp_rank: int, pp: int, virtual: int, n_micro: int) -> dict[int, int]:
+    """``{stage: micro-batches}`` whose activations pp rank ``pp_rank`` holds at the moment its schedule holds
+    the most (forwards run, weight gradients not yet): the depth of each schedule's warm-up as
+    ``torch.distributed.pipelining`` orders it (gpipe every micro-batch; 1F1B ``pp − rank``; interleaved 1F1B
+    ``(v − 1)·round + 2 (pp − 1 − rank) + 1`` chunk forwards, a round of micro-batches per chunk in turn; zbv
+    ``2 pp − 1 − rank`` on its first chunk beside ``rank + 1`` on its second; each at most ``n_micro``)."""
+    stages = rank_stages(schedule, pp_rank, pp, virtual)
+    if schedule == "gpipe":
+        return {s: n_micro for s in stages}
+    if schedule == "1f1b":
+        return {stages[0]: min(n_micro, pp - pp_rank)}
+    if schedule == "zbv":
+        return {stages[0]: min(n_micro, 2 * pp - 1 - pp_rank), stages[1]: min(n_micro, pp_rank + 1)}
+    per_round = n_micro // max(1, n_micro // pp)
+    total = min(n_micro * virtual, (virtual - 1) * per_round + 2 * (pp - 1 - pp_rank) + 1)
+    out = dict.fromkeys(stages, 0)
+    for i in range(total):
+        out[stages[(i // per_round) % virtual]] += 1
+    return out
 
 
 def describe_split(model_cfg: ModelConfig, bounds: list[tuple[int, int]], schedule: str, pp: int,
@@ -356,5 +378,5 @@ def build_pipeline_model(model: nn.Module, model_cfg: ModelConfig, mesh, p: Para
     return parts, stage_ids, bounds
 
 
-__all__ = ["StageLayers", "balanced_cuts", "stage_bounds", "rank_stages", "describe_split", "prune",
-           "PipelineModel", "PartOptimizers", "Pipeline", "build_pipeline_model", "SCHEDULES"]
+__all__ = ["StageLayers", "balanced_cuts", "stage_bounds", "rank_stages", "stashed_micro_batches", "describe_split",
+           "prune", "PipelineModel", "PartOptimizers", "Pipeline", "build_pipeline_model", "SCHEDULES"]

@@ -34,9 +34,6 @@ def resolve_auto_layout(cfg: Config, world: int, device=None,
     what was chosen), else ``cfg`` unchanged and None. Nothing fitting is one ConfigError line."""
     if cfg.parallel.layout != "auto":
         return cfg, None
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: parallel.layout=auto plans layouts "
-                          "without pipeline parallelism only; give the layout keys by hand")
     from braid.plan.__main__ import nothing_fits_line
     from braid.plan.hardware import gpu_kind
     from braid.plan.layout import apply_layout

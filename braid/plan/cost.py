@@ -21,7 +21,9 @@ Per micro batch on one GPU (tokens ``mb · seq / cp``):
     over dp_shard × cp every micro batch, prefetched behind compute: exposed only where they exceed
     the micro batch's compute, plus the first block's gather;
   * HSDP/DDP replicas: one fp32 all-reduce of the gradient shard per step, behind the last backward.
-- bubble: braid has no pipeline parallelism, so 0 (the column is kept for when it does).
+- pipeline parallel (``parallel.pp``): each pp rank runs its stages' layers (the trainer's split, the head
+  on the last stage); the slowest rank sets the pace, its hidden-state sends and receives to the other
+  stage ranks are exposed P2P transfers, and the schedule adds its bubble (:mod:`braid.plan.stages`).
 Each block also costs a fixed ``BLOCK_OVERHEAD_S`` per micro batch (kernel launches).
 Per step: ``grad_accum`` micro batches and the AdamW update (28 bytes of HBM traffic per local parameter).
 """
@@ -144,88 +146,136 @@ def ep_layer_bytes(cfg: Config, cost: ModelCost, layer, lay: Layout) -> float:
     return lay.micro_batch * cfg.data.seq_len / lay.cp * layer.moe_tokens * cost.d_model * BF16
 
 
+def _layer_times(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict, elem_bw: float,
+                 i: int, recompute: bool, cp_cache: dict) -> tuple[float, float, list, float]:
+    """(compute s, exposed communication s, notes, zero-bubble excess s) of layer ``i`` for one micro batch;
+    notes are ``(kind, op, group, bytes, seconds)`` (``op`` None: seconds only). The excess is the layer's
+    ``T_F + T_B − 2·T_W`` (:mod:`braid.plan.stages`): a GEMM's backward splits evenly into input and weight
+    gradients, the weightless work's (attention, KDA and scans, element-wise) is all input gradient, so it is
+    3 × the weightless forward, plus the recomputed forward under checkpointing."""
+    layer, gpu = cost.layers[i], links.gpu
+    tokens = lay.micro_batch * cfg.data.seq_len / lay.cp
+    tp_span, cp_span, ep_span = lay.tp, lay.cp * lay.tp, lay.ep * lay.tp
+    passes = 3.0 + (1.0 if recompute else 0.0)
+    t_cls = {c: layer.flops[c] * tokens / lay.tp * passes / (gpu.peak_flops * eff[c]) for c in CLASSES
+             if layer.flops[c]}
+    elementwise = 3 * 2 * tokens * layer.act_width / lay.tp / elem_bw + BLOCK_OVERHEAD_S
+    compute = sum(t_cls.values()) + elementwise
+    # forward-pass times: the classes' per pass, the element-wise work's a third (it counts 3 passes)
+    forward = sum(t_cls.values()) / passes + elementwise / 3
+    weightless = sum(v for c, v in t_cls.items() if c not in ("gemm", "grouped_gemm")) / passes + elementwise / 3
+    excess = 3 * weightless + (forward if recompute else 0.0)
+    exposed, notes = 0.0, []
+    for op, nbytes in tp_layer_bytes(cfg, cost, lay, recompute):
+        t = collective_time(op, nbytes, lay.tp, links, tp_span)
+        exposed += t
+        notes.append(("tp", op, "tp", nbytes * (lay.tp - 1) / lay.tp, t))
+    key = (layer.letter, layer.heads, layer.kv_heads, layer.head_dim, layer.v_dim, layer.kda_state,
+           layer.conv_halo, layer.window, repr(layer.s2), lay.cp, lay.cp_kind, lay.micro_batch, lay.tp)
+    if key not in cp_cache:
+        cp_cache[key] = cp_layer_bytes(cfg, layer, lay, links.gpus_per_node)
+    sent = cp_cache[key]
+    if sent:
+        attn_t = sum(v for c, v in t_cls.items() if c.startswith("attention"))
+        ring = sum(v for k, v in sent.items() if k.startswith("ring."))
+        t_ring = sent_time(ring, 3 * (lay.cp - 1), links, cp_span)
+        t_rest = sent_time(sum(sent.values()) - ring, 4, links, cp_span)
+        exposed += max(0.0, t_ring - attn_t) + t_rest
+        notes += [("cp", k, "cp", v, 0.0) for k, v in sent.items()]
+        notes.append(("cp", None, None, 0.0, t_ring + t_rest))
+    a2a = ep_layer_bytes(cfg, cost, layer, lay)
+    if a2a:
+        n_a2a = 6 if recompute else 4  # a recomputed forward dispatches and combines again
+        t = n_a2a * collective_time("all_to_all", a2a, lay.ep, links, ep_span)
+        shared = t_cls.get("gemm", 0.0) * 0.5  # the dense FLOPs of an MoE block are mostly the shared expert
+        exposed += max(0.0, t - shared)
+        notes.append(("ep", "all_to_all", "ep", n_a2a * a2a * (lay.ep - 1) / lay.ep, t))
+    return compute, exposed, notes, excess
+
+
+def rank_params(cost: ModelCost, part) -> tuple[float, float]:
+    """(all, routed-expert) parameters of a pp rank's part, unsharded."""
+    layers = [cost.layers[i] for i in part.layers]
+    total = sum(x.params for x in layers) + part.first * cost.first_params + part.last * cost.last_params
+    return total, sum(x.expert_params for x in layers)
+
+
+def stream_bytes(cfg: Config, lay: Layout) -> float:
+    """Bytes of the hidden states one micro batch hands to the next stage: ``[b, t + meta, (streams,) d]`` in
+    the stream's dtype (bf16 where FSDP2 casts, as on GPU ranks with data or context parallelism)."""
+    from braid.models.connections import n_streams
+
+    m = cfg.model
+    elements = lay.micro_batch * (cfg.data.seq_len / lay.cp + m.meta_tokens) * max(1, n_streams(m)) * m.d_model
+    bf16 = cfg.train.precision != "fp32" and lay.dp * lay.cp > 1
+    return elements * (BF16 if bf16 else FP32)
+
+
 def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
             eager_factor: float = 2.0, cp_cache: dict | None = None, overlap_grad_reduce: bool = True) -> Projection:
     """Step time, throughput, MFU and memory of ``lay`` (which must pass ``check_world``). ``cp_cache``:
-    CP bytes per layer shape, shared between the layouts of one config. ``overlap_grad_reduce=False``: the
-    replicas' gradient all-reduce runs after the backward (as in stacks without bucketed overlap)."""
+    CP bytes per layer shape, layer times and the pipeline split, shared between the layouts of one config
+    on one GPU kind.
+    ``overlap_grad_reduce=False``: the replicas' gradient all-reduce runs after the backward (as in stacks
+    without bucketed overlap). Under a pipeline the slowest pp rank sets the pace; its collectives are the
+    ones reported, and the memory is the fullest rank's."""
+    from braid.plan.stages import bubble_seconds, checkpointed, p2p_sends, rank_parts
+
     cp_cache = {} if cp_cache is None else cp_cache
     gpu = links.gpu
-    seq, n_layers = cfg.data.seq_len, len(cost.layers)
+    seq = cfg.data.seq_len
     tokens = lay.micro_batch * seq / lay.cp  # per GPU per micro batch
     grad_accum = cfg.train.global_batch_size // (lay.micro_batch * lay.dp)
-    ckpt = set()
-    if lay.ac != "none":
-        from braid.parallel.activation_checkpoint import checkpointed_layers
+    elem_bw = gpu.hbm_bw * eff["elementwise"] / (1.0 if cfg.parallel.compile else eager_factor)
+    parts = rank_parts(cfg, cost, lay, grad_accum, cp_cache)
+    head_t = (2 * cost.d_model * cost.vocab * tokens / lay.tp * 3 / (gpu.peak_flops * eff["gemm"])
+              + 3 * 6 * tokens * cost.vocab / lay.tp / elem_bw)
+    shard_group = lay.dp_shard * lay.cp
+    p2p_t = collective_time("p2p", stream_bytes(cfg, lay), 2, links, lay.world) if lay.pp > 1 else 0.0
 
-        ckpt = set(checkpointed_layers(lay.ac, n_layers))
-
-    def rate(cls: str) -> float:
-        return gpu.peak_flops * eff[cls]
+    per_rank = []
+    for part in parts:
+        ckpt = checkpointed(lay, part)
+        compute = exposed = excess = 0.0
+        notes: list = []
+        for i in part.layers:
+            key = ("layer", i, i in ckpt, lay.tp, lay.cp, lay.cp_kind, lay.ep, lay.micro_batch)
+            if key not in cp_cache:
+                cp_cache[key] = _layer_times(cfg, cost, lay, links, eff, elem_bw, i, i in ckpt, cp_cache)
+            c, e, n, x = cp_cache[key]
+            compute, exposed, excess = compute + c, exposed + e, excess + x
+            notes.extend(n)
+        if part.last:
+            compute += head_t
+        total, expert = rank_params(cost, part)
+        dense, experts = (total - expert) / lay.tp, expert / (lay.tp * lay.ep)
+        fsdp_t = 0.0
+        if cfg.parallel.engine == "fsdp" or cfg.parallel.zero_stage == 3:
+            for nparams, n in ((dense, shard_group), (experts, shard_group // lay.ep)):
+                if n > 1 and nparams:
+                    span = lay.dp_shard * lay.cp * lay.tp
+                    ag = collective_time("all_gather", nparams * BF16, n, links, span)
+                    rs = collective_time("reduce_scatter", nparams * FP32, n, links, span)
+                    fsdp_t += 2 * ag + rs
+                    notes.append(("fsdp", "all_gather", "dp_shard_cp", 2 * nparams * BF16 * (n - 1) / n, 2 * ag))
+                    notes.append(("fsdp", "reduce_scatter", "dp_shard_cp", nparams * FP32 * (n - 1) / n, rs))
+            exposed += max(0.0, fsdp_t - compute) + fsdp_t / (2 * len(part.layers) + 1)
+        sends = p2p_sends(lay, part, parts) if lay.pp > 1 else 0
+        if sends:
+            exposed += sends * p2p_t
+            notes.append(("pp", "p2p", "pp", sends * stream_bytes(cfg, lay), sends * p2p_t))
+        per_rank.append((compute + exposed, compute, part, dense + experts, notes, excess))
+    mb_time, compute, part, local_unsharded, notes, excess = max(per_rank, key=lambda r: r[0])
 
     comm: dict = {}
-
     sums: dict = {}
-
-    def note(kind: str, op: str, group: str, nbytes: float, seconds: float) -> None:
+    for kind, op, group, nbytes, seconds in notes:
         comm[kind] = comm.get(kind, 0.0) + seconds * grad_accum
-        sums[(op, group)] = sums.get((op, group), 0.0) + nbytes * grad_accum
-
-    compute = exposed = 0.0
-    tp_span, cp_span, ep_span = lay.tp, lay.cp * lay.tp, lay.ep * lay.tp
-    elem_bw = gpu.hbm_bw * eff["elementwise"] / (1.0 if cfg.parallel.compile else eager_factor)
-    for i, layer in enumerate(cost.layers):
-        passes = 3.0 + (1.0 if i in ckpt else 0.0)
-        t_cls = {c: layer.flops[c] * tokens / lay.tp * passes / rate(c) for c in CLASSES if layer.flops[c]}
-        t_layer = sum(t_cls.values()) + 3 * 2 * tokens * layer.act_width / lay.tp / elem_bw + BLOCK_OVERHEAD_S
-        compute += t_layer
-        for op, nbytes in tp_layer_bytes(cfg, cost, lay, i in ckpt):
-            t = collective_time(op, nbytes, lay.tp, links, tp_span)
-            exposed += t
-            note("tp", op, "tp", nbytes * (lay.tp - 1) / lay.tp, t)
-        key = (layer.letter, layer.heads, layer.kv_heads, layer.head_dim, layer.v_dim, layer.kda_state,
-               layer.conv_halo, layer.window, repr(layer.s2), lay.cp, lay.cp_kind, lay.micro_batch, lay.tp)
-        if key not in cp_cache:
-            cp_cache[key] = cp_layer_bytes(cfg, layer, lay, links.gpus_per_node)
-        sent = cp_cache[key]
-        if sent:
-            attn_t = sum(v for c, v in t_cls.items() if c.startswith("attention"))
-            ring = sum(v for k, v in sent.items() if k.startswith("ring."))
-            t_ring = sent_time(ring, 3 * (lay.cp - 1), links, cp_span)
-            t_rest = sent_time(sum(sent.values()) - ring, 4, links, cp_span)
-            exposed += max(0.0, t_ring - attn_t) + t_rest
-            for k, v in sent.items():
-                note("cp", k, "cp", v, 0.0)
-            comm["cp"] = comm.get("cp", 0.0) + (t_ring + t_rest) * grad_accum
-        a2a = ep_layer_bytes(cfg, cost, layer, lay)
-        if a2a:
-            n_a2a = 6 if i in ckpt else 4  # a recomputed forward dispatches and combines again
-            t = n_a2a * collective_time("all_to_all", a2a, lay.ep, links, ep_span)
-            shared = t_cls.get("gemm", 0.0) * 0.5  # the dense FLOPs of an MoE block are mostly the shared expert
-            exposed += max(0.0, t - shared)
-            note("ep", "all_to_all", "ep", n_a2a * a2a * (lay.ep - 1) / lay.ep, t)
-    # LM head and loss
-    head_t = 2 * cost.d_model * cost.vocab * tokens / lay.tp * 3 / rate("gemm")
-    compute += head_t + 3 * 6 * tokens * cost.vocab / lay.tp / elem_bw
-
-    shard_group = lay.dp_shard * lay.cp
-    dense = (cost.params - cost.expert_params) / lay.tp
-    experts = cost.expert_params / (lay.tp * lay.ep)
-    fsdp_t = 0.0
-    if cfg.parallel.engine == "fsdp" or cfg.parallel.zero_stage == 3:
-        for nparams, n in ((dense, shard_group), (experts, shard_group // lay.ep)):
-            if n > 1 and nparams:
-                span = lay.dp_shard * lay.cp * lay.tp
-                ag = collective_time("all_gather", nparams * BF16, n, links, span)
-                rs = collective_time("reduce_scatter", nparams * FP32, n, links, span)
-                fsdp_t += 2 * ag + rs
-                note("fsdp", "all_gather", "dp_shard_cp", 2 * nparams * BF16 * (n - 1) / n, 2 * ag)
-                note("fsdp", "reduce_scatter", "dp_shard_cp", nparams * FP32 * (n - 1) / n, rs)
-        exposed += max(0.0, fsdp_t - compute) + fsdp_t / (2 * n_layers + 1)
-    mb_time = compute + exposed
+        if op is not None:
+            sums[(op, group)] = sums.get((op, group), 0.0) + nbytes * grad_accum
 
     step_extra = 0.0
-    local_params = (dense + experts) / (shard_group if cfg.parallel.engine == "fsdp" else 1)
+    local_params = local_unsharded / (shard_group if cfg.parallel.engine == "fsdp" else 1)
     replicas = lay.dp_replicate if cfg.parallel.engine == "fsdp" else lay.dp
     if replicas > 1 and (cfg.parallel.engine == "fsdp" or cfg.parallel.zero_stage < 3):
         ar = collective_time("all_reduce", local_params * FP32, replicas, links, lay.world)
@@ -234,13 +284,15 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
         sums[("all_reduce", group)] = 2 * local_params * FP32 * (replicas - 1) / replicas
         step_extra += max(0.0, ar - compute * 2 / 3) if overlap_grad_reduce else ar
     optimizer = 28 * local_params / (gpu.hbm_bw * eff["elementwise"])
-    step = grad_accum * mb_time + step_extra + optimizer
+    bubble = bubble_seconds(lay, mb_time, excess)
+    step = grad_accum * mb_time + bubble + step_extra + optimizer
     compute_total = grad_accum * compute + optimizer
     tps = cfg.train.global_batch_size * seq / step / lay.world
     mfu = cost.flops_per_token * tps / gpu.peak_flops
-    mem = estimate_memory(cfg, cost, lay, gpu.hbm_bytes)
+    mem = max((estimate_memory(cfg, cost, lay, gpu.hbm_bytes, p) for p in parts), key=lambda m: m.peak_bytes)
     collectives = [{"op": op, "group": group, "bytes": nbytes} for (op, group), nbytes in sums.items()]
-    return Projection(lay, mem, compute_total, step - compute_total, 0.0, step, tps, mfu, comm, collectives)
+    return Projection(lay, mem, compute_total, step - compute_total - bubble, bubble, step, tps, mfu, comm,
+                      collectives)
 
 
 def divisors(n: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""A candidate layout: mesh sizes, cp kind, activation checkpointing and micro batch, and how it is
-written into a config (so the real validation, ``braid.parallel.mesh.check_world``, judges it)."""
+"""A candidate layout: mesh sizes, cp kind, pipeline schedule, activation checkpointing and micro batch, and
+how it is written into a config (so the real validation, ``braid.parallel.mesh.check_world``, judges it)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ class Layout:
     cp_kind: str  # "-" when cp == 1
     ac: str  # none | full | every_<N>
     micro_batch: int
+    pp: int = 1
+    pp_schedule: str = "-"  # "-" when pp == 1
 
     @property
     def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def dp(self) -> int:
@@ -39,7 +41,8 @@ class Layout:
         return (n_layers // n) / n_layers
 
     def label(self) -> str:
-        parts = [f"dpr{self.dp_replicate}", f"dps{self.dp_shard}"]
+        parts = [f"pp{self.pp}:{self.pp_schedule}"] if self.pp > 1 else []
+        parts += [f"dpr{self.dp_replicate}", f"dps{self.dp_shard}"]
         if self.cp > 1:
             parts.append(f"cp{self.cp}:{self.cp_kind}")
         if self.tp > 1:
@@ -55,19 +58,31 @@ class Layout:
                f"parallel.activation_checkpoint={self.ac}", f"train.micro_batch_size={self.micro_batch}"]
         if self.cp > 1:
             out.append(f"parallel.cp_kind={self.cp_kind}")
+        out.append(f"parallel.pp={self.pp}")
+        if self.pp > 1:  # with the schedule's own stages per rank
+            out += [f"parallel.pp_schedule={self.pp_schedule}", "parallel.pp_virtual_stages=0"]
         return out
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def apply_layout(cfg: Config, lay: Layout) -> Config:
-    """A copy of ``cfg`` with the layout's keys set (``parallel.layout`` becomes manual)."""
-    out = copy.deepcopy(cfg)
+def apply_layout(cfg: Config, lay: Layout, share: bool = False) -> Config:
+    """A copy of ``cfg`` with the layout's keys set (``parallel.layout`` becomes manual). ``share``: copy only
+    the sections the layout sets (``parallel``, ``train``) and share the others with ``cfg``, as the planner
+    does for its thousands of candidates, which it only reads."""
+    if share:
+        out = copy.copy(cfg)
+        out.parallel, out.train = copy.copy(cfg.parallel), copy.copy(cfg.train)
+    else:
+        out = copy.deepcopy(cfg)
     p = out.parallel
     p.dp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep = None, lay.dp_replicate, lay.dp_shard, lay.cp, lay.tp, lay.ep
     if lay.cp > 1:
         p.cp_kind = lay.cp_kind
+    p.pp = lay.pp
+    if lay.pp > 1:
+        p.pp_schedule, p.pp_virtual_stages = lay.pp_schedule, 0
     p.activation_checkpoint = lay.ac
     p.layout = "manual"
     out.train.micro_batch_size = lay.micro_batch

@@ -17,6 +17,10 @@ parallelism every tensor is split by tp (without it, the norms' inputs are not);
 ``full`` checkpointing keeps only each block's input (2·h bytes per token) plus one block's activations
 while it recomputes; ``every_<N>`` keeps full activations of the other blocks. The LM head adds its bf16
 logits and fp32 copy for the loss (6 bytes × vocab/tp per token).
+
+Under a pipeline each pp rank counts its own stages' parameters (the embedding on the first, the head on
+the last) and keeps, per stage, as many micro-batches of activations as its schedule holds at once
+(:func:`braid.parallel.pipeline.stashed_micro_batches`: 1F1B ``pp − rank``, gpipe all of them).
 """
 
 from __future__ import annotations
@@ -53,45 +57,54 @@ def usable(hbm_bytes: float) -> float:
     return hbm_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
 
 
-def activation_bytes(cfg: Config, cost: ModelCost, lay: Layout) -> float:
-    """Peak activation bytes of one micro batch on one GPU."""
+def activation_bytes(cfg: Config, cost: ModelCost, lay: Layout, part=None) -> float:
+    """Peak activation bytes on one GPU: one micro batch, or under a pipeline the micro-batches each of the
+    rank's stages holds at its schedule's deepest moment (``part``: a :class:`braid.plan.stages.RankPart`)."""
+    from braid.plan.stages import checkpointed, rank_parts
+
     tokens = lay.micro_batch * cfg.data.seq_len / lay.cp
     sp = cfg.parallel.sequence_parallel and lay.tp > 1
+    part = part or rank_parts(cfg, cost, lay, 1)[0]
 
     def layer_bytes(layer) -> float:
         inner = (layer.act_width - layer.norm_width) / lay.tp
         norms = layer.norm_width / (lay.tp if sp else 1)
         return 2 * tokens * (inner + norms)
 
-    from braid.parallel.activation_checkpoint import checkpointed_layers
-
-    n = len(cost.layers)
-    recomputed = set(checkpointed_layers(lay.ac, n))
-    kept = sum(2 * tokens * cost.d_model / (lay.tp if sp else 1) if i in recomputed else layer_bytes(layer)
-               for i, layer in enumerate(cost.layers))
-    working = max(layer_bytes(layer) for layer in cost.layers) if recomputed else 0.0
-    logits = 6 * tokens * cost.vocab / lay.tp
+    recomputed = checkpointed(lay, part)
+    kept = 0.0
+    for s, lo, hi in part.stages:
+        stage = sum(2 * tokens * cost.d_model / (lay.tp if sp else 1) if i in recomputed else
+                    layer_bytes(cost.layers[i]) for i in range(lo, hi))
+        kept += part.stash[s] * stage
+    working = max(layer_bytes(cost.layers[i]) for i in part.layers) if recomputed else 0.0
+    last_stage = part.stages[-1][0] if part.last else None
+    logits = 6 * tokens * cost.vocab / lay.tp * part.stash[last_stage] if part.last else 0.0
     return kept + working + logits
 
 
-def estimate_memory(cfg: Config, cost: ModelCost, lay: Layout, hbm_bytes: float) -> Memory:
-    """Bytes per GPU of ``lay`` for ``cfg``. The rehearsal can stand in for this function."""
+def estimate_memory(cfg: Config, cost: ModelCost, lay: Layout, hbm_bytes: float, part=None) -> Memory:
+    """Bytes per GPU of ``lay`` for ``cfg`` (``part``: the pp rank's, when pipelined). The rehearsal can
+    stand in for this function."""
+    from braid.plan.cost import rank_params
+
     p = cfg.parallel
     shard = lay.tp * lay.dp_shard * lay.cp
-    n = cost.params
+    n = rank_params(cost, part)[0] if part is not None else cost.params
+    largest = max(cost.layers[i].params for i in part.layers) if part is not None else cost.largest_layer_params
     if p.engine == "deepspeed":
         dp = lay.dp
         stage = p.zero_stage
         params = 4 * n / (dp if stage >= 3 else 1)
         grads = 4 * n / (dp if stage >= 2 else 1)
         optimizer = 0.0 if p.cpu_offload else 8 * n / dp
-        buffers = 2 * 2 * cost.largest_layer_params if stage >= 3 else 0.0
+        buffers = 2 * 2 * largest if stage >= 3 else 0.0
     else:
         params, grads, optimizer = 4 * n / shard, 4 * n / shard, 8 * n / shard
         buffers = 0.0
         if lay.dp_shard * lay.cp > 1:
-            block = cost.largest_layer_params / lay.tp
+            block = largest / lay.tp
             buffers = 2 * 2 * block + 4 * block
-    acts = activation_bytes(cfg, cost, lay)
+    acts = activation_bytes(cfg, cost, lay, part)
     peak = params + grads + optimizer + buffers + acts
     return Memory(params, grads, optimizer, buffers, acts, peak, usable(hbm_bytes))

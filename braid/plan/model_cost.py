@@ -48,6 +48,9 @@ class ModelCost:
     vocab: int
     flops_per_token: float  # training FLOPs per token (3 × forward), braid.params' figure
     fwd_flops: dict[str, float] = field(default_factory=dict)  # forward FLOPs per token by class
+    first_params: int = 0  # outside the blocks, on a pipeline's first stage: embedding, meta tokens
+    last_params: int = 0  # outside the blocks, on its last stage: final norm, LM head, logit scales
+    fixed_cuts: frozenset = frozenset()  # pipeline cuts that would split shared state (pipeline.shared_state_cuts)
 
     @property
     def largest_layer_params(self) -> int:
@@ -162,10 +165,14 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> ModelCost:
         for c in CLASSES:
             total_fwd[c] += flops[c]
     total_fwd["gemm"] += 2 * d * cfg.vocab_size  # LM head
+    from braid.parallel.pipeline import shared_state_cuts
+
     stats = model_stats(cfg, seq_len)
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    first = model.embed.weight.numel() + (model.meta.numel() if model.meta is not None else 0)
+    last = stats.params - first - sum(x.params for x in out)
     return ModelCost(out, stats.params, model.embed.weight.numel(), head, sum(x.expert_params for x in out), d,
-                     cfg.vocab_size, stats.flops_per_token, total_fwd)
+                     cfg.vocab_size, stats.flops_per_token, total_fwd, first, last, shared_state_cuts(model))
 
 
 def _ffn_letter(cfg: ModelConfig, i: int) -> str:

@@ -76,7 +76,8 @@ def enumerate_layouts(cfg: Config, world: int, gpus_per_node: int, cost: Optiona
 def candidates(cfg: Config, world: int, gpus_per_node: int, cost: Optional[ModelCost] = None):
     """``(layout, config with its keys)`` for every layout for ``world`` GPUs that the config validation
     (``braid.config.validate``, what ``load_config`` runs) and ``check_world`` accept and the model's
-    shapes allow."""
+    shapes allow. The configs share their model and data sections with ``cfg``: read them, do not change
+    them (:func:`braid.plan.layout.apply_layout` makes one to keep)."""
     from braid.config import validate
     from braid.parallel.mesh import check_world
 
@@ -86,39 +87,59 @@ def candidates(cfg: Config, world: int, gpus_per_node: int, cost: Optional[Model
     kinds = ["ring", "ulysses", "tree"] + (["s2"] if cfg.model.s2.enabled else [])
     valid_meshes: set = set()
     valid_runs: set = set()
-    for tp in divisors(world):
-        if tp > gpus_per_node or (deepspeed and tp > 1):
-            continue
-        for cp in divisors(world // tp):
-            if deepspeed and cp > 1:
+    for pp, schedule in pipelines(cfg, world, cost):
+        for tp in divisors(world // pp):
+            if tp > gpus_per_node or (deepspeed and tp > 1):
                 continue
-            rest = world // (tp * cp)
-            for dp_replicate in divisors(rest):
-                if deepspeed and dp_replicate > 1:
+            for cp in divisors(world // (pp * tp)):
+                if deepspeed and cp > 1:
                     continue
-                dp_shard = rest // dp_replicate
-                eps = [e for e in divisors(dp_shard * cp) if e % cp == 0] if has_moe and not deepspeed else [1]
-                for ep, kind in itertools.product(eps, kinds if cp > 1 else ["-"]):
-                    dp = dp_replicate * dp_shard
-                    for mb in powers_of_two_upto(min(MAX_MICRO_BATCH, cfg.train.global_batch_size // dp or 1)):
-                        for ac in AC_CHOICES:
-                            lay = Layout(dp_replicate, dp_shard, cp, tp, ep, kind, ac, mb)
-                            if shape_problem(cfg, cost, lay):
-                                continue
-                            try:
-                                candidate = apply_layout(cfg, lay)
-                                # validate's checks of the mesh keys and of (ac, micro batch) are independent
-                                # (parallel.dp is left unset), so each part is validated once; check_world runs
-                                # on every layout
-                                mesh_key, run_key = (tp, cp, dp_replicate, ep, kind), (ac, mb)
-                                if mesh_key not in valid_meshes or run_key not in valid_runs:
-                                    validate(candidate)
-                                    valid_meshes.add(mesh_key)
-                                    valid_runs.add(run_key)
-                                check_world(candidate, world)
-                            except ConfigError:
-                                continue
-                            yield lay, candidate
+                rest = world // (pp * tp * cp)
+                for dp_replicate in divisors(rest):
+                    if deepspeed and dp_replicate > 1:
+                        continue
+                    dp_shard = rest // dp_replicate
+                    eps = [e for e in divisors(dp_shard * cp) if e % cp == 0] if has_moe and not deepspeed else [1]
+                    for ep, kind in itertools.product(eps, kinds if cp > 1 else ["-"]):
+                        dp = dp_replicate * dp_shard
+                        for mb in powers_of_two_upto(min(MAX_MICRO_BATCH, cfg.train.global_batch_size // dp or 1)):
+                            for ac in AC_CHOICES:
+                                lay = Layout(dp_replicate, dp_shard, cp, tp, ep, kind, ac, mb, pp, schedule)
+                                if shape_problem(cfg, cost, lay):
+                                    continue
+                                try:
+                                    candidate = apply_layout(cfg, lay, share=True)
+                                    # validate's checks of the mesh keys and of (ac, micro batch) are
+                                    # independent (parallel.dp is left unset), so each part is validated once;
+                                    # check_world runs on every layout
+                                    mesh_key, run_key = (pp, schedule, tp, cp, dp_replicate, ep, kind), (ac, mb)
+                                    if mesh_key not in valid_meshes or run_key not in valid_runs:
+                                        validate(candidate)
+                                        valid_meshes.add(mesh_key)
+                                        valid_runs.add(run_key)
+                                    check_world(candidate, world)
+                                except ConfigError:
+                                    continue
+                                yield lay, candidate
+
+
+def pipelines(cfg: Config, world: int, cost: ModelCost) -> list[tuple[int, str]]:
+    """``(pp, schedule)`` pairs to try: no pipeline, and every pp dividing ``world`` with each schedule whose
+    stages (pp × the schedule's stages per rank) the layers can be cut into (``|`` marks: that count only).
+    DeepSpeed runs without a pipeline."""
+    from braid.config import ParallelConfig, virtual_stages
+    from braid.parallel.pipeline import SCHEDULES
+
+    out = [(1, "-")]
+    if cfg.parallel.engine == "deepspeed":
+        return out
+    marked = len(cfg.model.stage_layers) + 1 if cfg.model.stage_layers else None
+    for pp in divisors(world)[1:]:
+        for schedule in SCHEDULES:
+            n = pp * virtual_stages(ParallelConfig(pp=pp, pp_schedule=schedule))
+            if n <= len(cost.layers) and marked in (None, n):
+                out.append((pp, schedule))
+    return out
 
 
 @dataclass

@@ -66,13 +66,14 @@ class CollectiveCounter(TorchDispatchMode):
             self.records[key][1] += max(sizes, default=0)
         return func(*args, **(kwargs or {}))
 
-    def summary(self, repeat: dict[str, int]) -> list[dict]:
+    def summary(self, repeat: dict[str, float]) -> list[dict]:
         """One entry per (op, group): ``count`` calls and ``bytes`` summed per optimizer step; the records of a
-        phase are multiplied by ``repeat[phase]`` (the micro-batches of gradient accumulation)."""
-        merged: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+        phase are multiplied by ``repeat[phase]`` (the micro-batches of gradient accumulation per recorded
+        one)."""
+        merged: dict[tuple, list[float]] = defaultdict(lambda: [0, 0])
         for (phase, op, group), (count, size) in self.records.items():
             times = repeat.get(phase, 1)
             merged[(op, group)][0] += count * times
             merged[(op, group)][1] += size * times
-        return [{"op": op, "group": group, "count": count, "bytes": size}
+        return [{"op": op, "group": group, "count": round(count), "bytes": round(size)}
                 for (op, group), (count, size) in sorted(merged.items(), key=lambda kv: -kv[1][1])]

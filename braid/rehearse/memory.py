@@ -59,14 +59,15 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
+def tracker(model: nn.Module, optimizers: list):
     """A memory tracker that also keeps the largest activation footprint seen at any moment (the tracker's own
-    peak snapshot is taken at the peak total, which may fall in the optimizer step, after activations are freed)."""
+    peak snapshot is taken at the peak total, which may fall in the optimizer step, after activations are freed).
+    FSDP2's tracker for one FSDP module (and its one optimizer), torch's generic one for several parts."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp = isinstance(model, FSDPModule)
+    fsdp = isinstance(model, FSDPModule) and len(optimizers) == 1
     base, kinds = (FSDPMemTracker, _FSDPRefType) if fsdp else (MemTracker, _MemRefType)
 
     class Tracker(base):
@@ -87,7 +88,7 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
                     self.activations_peak = act
 
     if base is FSDPMemTracker:
-        t = Tracker(model, optimizer)
+        t = Tracker(model, optimizers[0])
         t.track_inputs(())
         # FSDP2 leaves the ep-sharded experts (and 0-d parameters) alone, so its tracker would not see them.
         from braid.parallel.fsdp import expert_sharded_params, scalar_params
@@ -98,8 +99,16 @@ def tracker(model: nn.Module, optimizer: torch.optim.Optimizer):
             p.register_post_accumulate_grad_hook(lambda q: _file_as_gradient(t, q, kinds.SHARDED_GRAD))
     else:
         t = Tracker()
-        t.track_external(model, optimizer)
+        t.track_external(model, *optimizers)
     return t
+
+
+def forget_modules(t, module: nn.Module) -> None:
+    """Drop the tracker's per-module stats of ``module`` (``reset_mod_stats`` for one part): a pipeline stage
+    runs forward for several micro-batches before their backwards, which the trackers refuse otherwise. The
+    memory accounting (live tensors, peaks) is not per module and stays."""
+    for m in module.modules():
+        t.memory_tracking.pop(m, None)
 
 
 def _file_as_gradient(t, p: torch.Tensor, kind) -> None:

@@ -14,7 +14,11 @@ What differs from a GPU rank, and why it does not change the memory:
 * each sequence is one document (no ``doc_ids``): document masks change which blocks a kernel visits, not
   what it stores;
 * dropless MoE routing is assumed balanced where expert parallelism reads split sizes (fake tensors hold no
-  counts); the expert-bias update after the step (a few bytes per expert) is left out.
+  counts); the expert-bias update after the step (a few bytes per expert) is left out;
+* under a pipeline (``parallel.pp``) the rank builds its stages as the trainer does but runs no schedule:
+  it runs, of each stage, as many forwards as the schedule holds at its deepest moment
+  (:func:`braid.parallel.pipeline.stashed_micro_batches`), then their backwards — the activations the
+  schedule keeps at once; the P2P sends are counted from the stage placement, not run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from braid.config import Config
+from braid.config import Config, virtual_stages
 from braid.parallel.mesh import ParallelDims, check_world
 
 
@@ -59,8 +63,12 @@ class Rehearsal:
 
 
 def layout_of(dims: ParallelDims, cfg: Config) -> dict:
-    return {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp, "tp": dims.tp,
-            "ep": dims.ep, "engine": cfg.parallel.engine, "activation_checkpoint": cfg.parallel.activation_checkpoint}
+    out = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp, "tp": dims.tp,
+           "ep": dims.ep, "engine": cfg.parallel.engine, "activation_checkpoint": cfg.parallel.activation_checkpoint,
+           "pp": dims.pp}
+    if dims.pp > 1:
+        out.update(pp_schedule=cfg.parallel.pp_schedule, pp_virtual_stages=virtual_stages(cfg.parallel))
+    return out
 
 
 def compute_dtype(cfg: Config) -> Optional[torch.dtype]:
@@ -99,6 +107,28 @@ def _manual_reductions(model, mesh, dims: ParallelDims, engine: str) -> tuple[li
     return manual, grad_divide_factor(fsdp)
 
 
+def _stream_shape(model_cfg, ids_shape) -> tuple:
+    """The hidden states between pipeline stages: ``[b, t + meta, (streams,) d]``."""
+    from braid.models.connections import n_streams
+
+    n = n_streams(model_cfg)
+    return (ids_shape[0], ids_shape[1] + model_cfg.meta_tokens, *((n,) if n else ()), model_cfg.d_model)
+
+
+def _p2p_collectives(model, mesh, cfg: Config, hidden: tuple, dtype: torch.dtype, grad_accum: int) -> list:
+    """The pipeline's sends of this rank per step (the schedule's P2P is not run here): each stage's output
+    to a next stage on another rank, each stage's input gradient to a previous one."""
+    from braid.parallel.pipeline import rank_stages
+
+    p, dims = cfg.parallel, mesh.dims
+    owner = {s: r for r in range(dims.pp) for s in rank_stages(p.pp_schedule, r, dims.pp, virtual_stages(p))}
+    me, n_stages = mesh.local_rank("pp"), len(model.bounds)
+    sends = sum((s + 1 < n_stages and owner[s + 1] != me) + (s > 0 and owner[s - 1] != me) for s in model.stage_ids)
+    nbytes = torch.Size(hidden).numel() * dtype.itemsize
+    return [{"op": "send", "group": "pp", "count": sends * grad_accum, "bytes": sends * grad_accum * nbytes}] \
+        if sends else []
+
+
 def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int = 257) -> Rehearsal:
     """Rehearse one optimizer step of ``rank`` in a world of ``world`` ranks (see the module docstring).
 
@@ -124,11 +154,6 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
         from braid.errors import ConfigError
 
         raise ConfigError("config key 'parallel.engine' = 'deepspeed': braid.rehearse rehearses FSDP2 layouts only")
-    if dims.pp > 1:
-        from braid.errors import ConfigError
-
-        raise ConfigError(f"config key 'parallel.pp' = {dims.pp}: braid.rehearse rehearses layouts without "
-                          "pipeline parallelism only (a stage's schedule is not modelled yet)")
     t = cfg.train
     grad_accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     model_cfg = resolve_vocab(cfg.model, vocab)
@@ -138,55 +163,99 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
         mesh = build_mesh(dims, "cpu")
         with torch.device("meta"):
             model = HybridLM(model_cfg)
-        model = parallelize(model, mesh, cfg.parallel, cpu, dtype)
+        stash = {0: 1}
+        if dims.pp > 1:  # this rank's stages, each parallelised on its own, as the trainer builds them
+            from braid.parallel.pipeline import PipelineModel, build_pipeline_model, stashed_micro_batches
+
+            parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, cfg.parallel, cfg.data.seq_len)
+            parts = [parallelize(part, mesh, cfg.parallel, cpu, dtype) for part in parts]
+            model = PipelineModel(parts, stage_ids, bounds)
+            stash = stashed_micro_batches(cfg.parallel.pp_schedule, mesh.local_rank("pp"), dims.pp,
+                                          virtual_stages(cfg.parallel), grad_accum)
+            stages = list(zip(stage_ids, parts))
+        else:
+            model = parallelize(model, mesh, cfg.parallel, cpu, dtype)
+            stages = [(0, model)]
         manual, loss_factor = _manual_reductions(model, mesh, dims, cfg.parallel.engine)
         loss_group = mesh.group("dp_cp")
         counter = CollectiveCounter(view_names(mesh))
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device=cpu)
-            optimizer = build_optimizer(model, t)
-            for group in optimizer.param_groups:  # as on the GPU: one fused kernel, no per-parameter temporaries
-                group["fused"] = True
+            optimizers = [build_optimizer(part, t) for _, part in stages]
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:  # as on the GPU: one fused kernel, no per-parameter temporaries
+                    group["fused"] = True
             params = memory.params_bytes(model)
             experts = memory.expert_params_bytes(model)
             # The state AdamW creates at its first step is there through every later step's forward and
             # backward: create it first, so the tracked step is a steady-state one.
             for p in memory.unique_params(model):
                 p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            track = memory.tracker(model, optimizer)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            track = memory.tracker(stages[0][1] if len(stages) == 1 else model, optimizers)
             b, s = t.micro_batch_size, cfg.data.seq_len
             ids = torch.randint(0, model_cfg.vocab_size, (b, s))
             batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(s).expand(b, s)}
             if model.context_parallel is not None:
                 batch = model.context_parallel.shard_batch(batch)
             autocast = (torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext())
+            hidden = _stream_shape(model_cfg, batch["input_ids"].shape)
+            stream_dtype = dtype if dtype is not None and dims.dp_cp > 1 else torch.float32
             with track, counter:
-                counter.phase = "micro_batch"
+                counter.phase = f"stage{stages[0][0]}"  # once per micro-batch in the trainer
                 global_tokens = all_reduce_sum(torch.tensor(float(b * s * dims.dp * grad_accum)), loss_group)
                 model.train()
-                with autocast:
-                    loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-                micro_sum = loss.sum()
-                objective = micro_sum / global_tokens
-                aux = aux_loss(model)
-                if aux is not None:
-                    tokens = (batch["labels"] != IGNORE_INDEX).sum()
-                    objective = objective + aux * (tokens / global_tokens)
-                (objective * loss_factor).backward()
+                # A pipeline rank holds, at its schedule's deepest moment, the activations of stash[stage]
+                # micro-batches of each stage: run those forwards first, then their backwards.
+                pending = []
+                for stage, part in stages:
+                    counter.phase = f"stage{stage}"
+                    last = part.norm is not None
+                    for k in range(stash[stage]):
+                        if k:  # the trackers refuse a module's second forward while they hold its stats
+                            memory.forget_modules(track, part)
+                        x = batch["input_ids"]
+                        if part.embed is None:  # the received hidden states, kept until this backward
+                            x = torch.empty(hidden, dtype=stream_dtype, requires_grad=True)
+                        with autocast:
+                            out = part(x, labels=batch["labels"] if last else None,
+                                       position_ids=batch["position_ids"])
+                        # the last stage's objective is the loss; an earlier one's backward starts from the
+                        # gradient the next stage sends (same shape as its output)
+                        if last:
+                            roots, grads = [out.sum() / global_tokens], [None]
+                        else:
+                            roots, grads = [out], [torch.ones_like(out)]
+                        aux = aux_loss(part)
+                        if aux is not None:
+                            tokens = (batch["labels"] != IGNORE_INDEX).sum()
+                            roots.append(aux * (tokens / global_tokens))
+                            grads.append(None)
+                        pending.append((stage, out.detach().sum() if last else None, roots, grads))
+                for stage, _, roots, grads in pending:
+                    counter.phase = f"stage{stage}"
+                    torch.autograd.backward([r * loss_factor for r in roots], grads)
                 counter.phase = "step"
                 track.in_step = True
+                micro_sum = sum((m for _, m, _, _ in pending if m is not None), torch.zeros(()))
                 all_reduce_sum(micro_sum.detach().to(torch.float64), loss_group)
                 grads = memory.grads_bytes(model)
                 for group_params, group in manual:
                     reduce_manual_grads(group_params, group, loss_factor)
-                clip_grad_norm_tensor(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                opt_bytes = memory.optimizer_bytes(optimizer)
-                optimizer.zero_grad(set_to_none=True)
+                clip_grad_norm_tensor(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"),
+                                      norm_group=mesh.group("pp") if dims.pp > 1 else None)
+                for optimizer in optimizers:
+                    optimizer.step()
+                opt_bytes = sum(memory.optimizer_bytes(o) for o in optimizers)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
         peak, breakdown = memory.peak_breakdown(track)
-        collectives = counter.summary({"micro_batch": grad_accum})
+        # each stage's records stand for its stash of micro-batches; a step runs grad_accum of them
+        collectives = counter.summary({f"stage{st}": grad_accum / stash[st] for st, _ in stages})
+        if dims.pp > 1:
+            collectives += _p2p_collectives(model, mesh, cfg, hidden, stream_dtype, grad_accum)
         local_tokens = int(batch["input_ids"].shape[1])
     # Gradient accumulation keeps the same buffers alive across micro-batches: one micro-batch's peak is the step's.
     return Rehearsal(world_size=world, rank=rank, layout=layout_of(dims, cfg), params_bytes=params,
