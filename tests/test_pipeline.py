@@ -197,14 +197,21 @@ COMPOSED = {
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # twelve tiny runs: ~3.5 min on 2 cores
 def test_pp2_composes_with_fsdp_tp_cp_and_ac(tmp_path):
-    """pp 2 × (dp_shard 2 | tp 2 | cp 2 of each kind | dp_shard 2 with AC) on 4 ranks, hybrid-tiny."""
+    """pp 2 × (dp_shard 2 | tp 2 | cp 2 of each kind | dp_shard 2 with AC) on 4 ranks, hybrid-tiny, each held to
+    the same layout without a pipeline on 2 ranks: tp's and ring/tree CP's own reduction orders move Adam's
+    near-zero updates by up to ~3e-4 against one process (their own tests bound that); the pipeline must add
+    nothing to them. pp 2 × dp_shard 2 is also held to one process."""
     ref = tmp_path / "ref"
     run_one_process(ref, "hybrid-tiny", **_pp())
+    launch(tmp_path, 2, [overrides(tmp_path / f"{name}_pp1", "hybrid-tiny", **_pp(**extra))
+                         for name, extra in COMPOSED.items()], timeout=290)
     launch(tmp_path, 4, [overrides(tmp_path / name, "hybrid-tiny", **_pp(**{"parallel.pp": 2}, **extra))
                          for name, extra in COMPOSED.items()], timeout=290)
     for name in COMPOSED:
-        assert_same_run(tmp_path / name, ref, f"pp2 × {name}")
+        assert_same_run(tmp_path / name, tmp_path / f"{name}_pp1", f"pp2 × {name} against pp1 × {name}")
+    assert_same_run(tmp_path / "dp_shard2", ref, "pp2 × dp_shard2 against one process")
 
 
 @pytest.mark.slow
@@ -253,16 +260,3 @@ def test_pipelined_checkpoints_reshard_across_pp(tmp_path):
     for name in ("to_pp1", "to_pp4", "to_dp2tp2", "pp1_to_pp2tp2"):
         got = [r for r in train_records(tmp_path / name) if r["step"] > 3]
         assert_same_trajectory(got, ref[3:], name)
-
-
-def test_the_planner_and_the_rehearsal_refuse_pipelines_they_do_not_model():
-    from braid.plan.auto import resolve_auto_layout
-    from braid.rehearse import rehearse
-
-    cfg = load_config(None, ["model.preset=llama-tiny", "parallel.pp=2", "parallel.layout=auto"])
-    with pytest.raises(ConfigError, match=r"parallel\.pp"):
-        resolve_auto_layout(cfg, 2)
-    cfg = load_config(None, ["model.preset=llama-tiny", "parallel.pp=2", "train.micro_batch_size=1",
-                             "train.global_batch_size=2"])
-    with pytest.raises(ConfigError, match=r"parallel\.pp' = 2: braid\.rehearse"):
-        rehearse(cfg, 2, 0, 80 * 2**30)
