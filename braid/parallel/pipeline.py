@@ -131,6 +131,15 @@ def rank_stages(schedule: str, pp_rank: int, pp: int, virtual: int) -> list[int]
     return [pp_rank + v * pp for v in range(virtual)]
 
 
+def stage_sends(schedule: str, pp_rank: int, pp: int, virtual: int) -> int:
+    """Hidden-state transfers pp rank ``pp_rank`` sends per micro-batch: the output of each of its stages
+    whose next stage sits on another rank, and the input gradient of each whose previous one does."""
+    owner = {s: r for r in range(pp) for s in rank_stages(schedule, r, pp, virtual)}
+    n_stages = len(owner)
+    return sum((s + 1 < n_stages and owner[s + 1] != pp_rank) + (s > 0 and owner[s - 1] != pp_rank)
+               for s in rank_stages(schedule, pp_rank, pp, virtual))
+
+
 def stashed_micro_batches(schedule: str, pp_rank: int, pp: int, virtual: int, n_micro: int) -> dict[int, int]:
     """``{stage: micro-batches}`` whose activations pp rank ``pp_rank`` holds at the moment its schedule holds
     the most (forwards run, weight gradients not yet): the depth of each schedule's warm-up as
@@ -378,5 +387,6 @@ def build_pipeline_model(model: nn.Module, model_cfg: ModelConfig, mesh, p: Para
     return parts, stage_ids, bounds
 
 
-__all__ = ["StageLayers", "balanced_cuts", "stage_bounds", "rank_stages", "stashed_micro_batches", "describe_split",
-           "prune", "PipelineModel", "PartOptimizers", "Pipeline", "build_pipeline_model", "SCHEDULES"]
+__all__ = ["StageLayers", "balanced_cuts", "stage_bounds", "rank_stages", "stashed_micro_batches", "stage_sends",
+           "describe_split", "prune", "PipelineModel", "PartOptimizers", "Pipeline", "build_pipeline_model",
+           "SCHEDULES"]

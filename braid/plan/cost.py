@@ -219,7 +219,8 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
     ``overlap_grad_reduce=False``: the replicas' gradient all-reduce runs after the backward (as in stacks
     without bucketed overlap). Under a pipeline the slowest pp rank sets the pace; its collectives are the
     ones reported, and the memory is the fullest rank's."""
-    from braid.plan.stages import bubble_seconds, checkpointed, p2p_sends, rank_parts
+    from braid.parallel.pipeline import stage_sends
+    from braid.plan.stages import bubble_seconds, checkpointed, rank_parts
 
     cp_cache = {} if cp_cache is None else cp_cache
     gpu = links.gpu
@@ -260,7 +261,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
                     notes.append(("fsdp", "all_gather", "dp_shard_cp", 2 * nparams * BF16 * (n - 1) / n, 2 * ag))
                     notes.append(("fsdp", "reduce_scatter", "dp_shard_cp", nparams * FP32 * (n - 1) / n, rs))
             exposed += max(0.0, fsdp_t - compute) + fsdp_t / (2 * len(part.layers) + 1)
-        sends = p2p_sends(lay, part, parts) if lay.pp > 1 else 0
+        sends = stage_sends(lay.pp_schedule, part.rank, lay.pp, lay.virtual) if lay.pp > 1 else 0
         if sends:
             exposed += sends * p2p_t
             notes.append(("pp", "p2p", "pp", sends * stream_bytes(cfg, lay), sends * p2p_t))

@@ -28,6 +28,13 @@ class Layout:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
+    def virtual(self) -> int:
+        """Pipeline stages per pp rank: the schedule's own count (what :func:`apply_layout` asks for)."""
+        from braid.config import ParallelConfig, virtual_stages
+
+        return virtual_stages(ParallelConfig(pp=self.pp, pp_schedule=self.pp_schedule)) if self.pp > 1 else 1
+
+    @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from braid.config import Config, ParallelConfig, virtual_stages
+from braid.config import Config
 from braid.plan.layout import Layout
 from braid.plan.model_cost import ModelCost
 
@@ -58,7 +58,7 @@ def rank_parts(cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, cache: d
         return [RankPart(0, ((0, 0, n),), {0: 1}, True, True)]
     from braid.parallel.pipeline import rank_stages, stage_bounds, stashed_micro_batches
 
-    v = virtual_stages(ParallelConfig(pp=lay.pp, pp_schedule=lay.pp_schedule))
+    v = lay.virtual
     cache = {} if cache is None else cache
     key = ("stage_bounds", lay.pp * v)
     if key not in cache:
@@ -73,18 +73,6 @@ def rank_parts(cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, cache: d
     return out
 
 
-def p2p_sends(lay: Layout, part: RankPart, parts: list[RankPart]) -> int:
-    """Hidden-state transfers this rank makes per micro-batch: the output of each stage whose next stage
-    sits on another rank, and the input gradient of each stage whose previous one does."""
-    owner = {s: p.rank for p in parts for s, _, _ in p.stages}
-    n_stages = len(owner)
-    sends = 0
-    for s, _, _ in part.stages:
-        sends += s + 1 < n_stages and owner[s + 1] != part.rank
-        sends += s > 0 and owner[s - 1] != part.rank
-    return sends
-
-
 def bubble_seconds(lay: Layout, micro_batch_s: float, zero_bubble_excess_s: float) -> float:
     """The schedule's idle time per step (module docstring); ``micro_batch_s``: the slowest rank's time for
     one micro-batch; ``zero_bubble_excess_s``: its ``T_F + T_B − 2·T_W`` summed over its stages."""
@@ -92,7 +80,7 @@ def bubble_seconds(lay: Layout, micro_batch_s: float, zero_bubble_excess_s: floa
         return 0.0
     if lay.pp_schedule in ("gpipe", "1f1b"):
         return (lay.pp - 1) * micro_batch_s
-    v = virtual_stages(ParallelConfig(pp=lay.pp, pp_schedule=lay.pp_schedule))
+    v = lay.virtual
     if lay.pp_schedule == "interleaved_1f1b":
         return (lay.pp - 1) * micro_batch_s / v
     return (lay.pp - 1) * min(zero_bubble_excess_s, micro_batch_s) / v

@@ -115,15 +115,13 @@ def _stream_shape(model_cfg, ids_shape) -> tuple:
     return (ids_shape[0], ids_shape[1] + model_cfg.meta_tokens, *((n,) if n else ()), model_cfg.d_model)
 
 
-def _p2p_collectives(model, mesh, cfg: Config, hidden: tuple, dtype: torch.dtype, grad_accum: int) -> list:
+def _p2p_collectives(mesh, cfg: Config, hidden: tuple, dtype: torch.dtype, grad_accum: int) -> list:
     """The pipeline's sends of this rank per step (the schedule's P2P is not run here): each stage's output
     to a next stage on another rank, each stage's input gradient to a previous one."""
-    from braid.parallel.pipeline import rank_stages
+    from braid.parallel.pipeline import stage_sends
 
-    p, dims = cfg.parallel, mesh.dims
-    owner = {s: r for r in range(dims.pp) for s in rank_stages(p.pp_schedule, r, dims.pp, virtual_stages(p))}
-    me, n_stages = mesh.local_rank("pp"), len(model.bounds)
-    sends = sum((s + 1 < n_stages and owner[s + 1] != me) + (s > 0 and owner[s - 1] != me) for s in model.stage_ids)
+    p = cfg.parallel
+    sends = stage_sends(p.pp_schedule, mesh.local_rank("pp"), mesh.dims.pp, virtual_stages(p))
     nbytes = torch.Size(hidden).numel() * dtype.itemsize
     return [{"op": "send", "group": "pp", "count": sends * grad_accum, "bytes": sends * grad_accum * nbytes}] \
         if sends else []
@@ -255,7 +253,7 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
         # each stage's records stand for its stash of micro-batches; a step runs grad_accum of them
         collectives = counter.summary({f"stage{st}": grad_accum / stash[st] for st, _ in stages})
         if dims.pp > 1:
-            collectives += _p2p_collectives(model, mesh, cfg, hidden, stream_dtype, grad_accum)
+            collectives += _p2p_collectives(mesh, cfg, hidden, stream_dtype, grad_accum)
         local_tokens = int(batch["input_ids"].shape[1])
     # Gradient accumulation keeps the same buffers alive across micro-batches: one micro-batch's peak is the step's.
     return Rehearsal(world_size=world, rank=rank, layout=layout_of(dims, cfg), params_bytes=params,
