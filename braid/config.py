@@ -76,6 +76,9 @@ class _ModelKeys:
     vocab_multiple: int = 64
     pos_emb: str = "rope"  # rope | none
     rope_theta: float = 10000.0
+    # Fraction of each head's channels RoPE rotates, the first ones (Megatron's --rotary-percent; GPT-NeoX
+    # and Qwen3-Next 0.25); the rest carry no position. A, G, F and H layers (MLA has its own rope dims).
+    rotary_percent: float = 1.0
     qk_norm: bool = False
     window: Optional[int] = None  # sliding window (keys within the last `window` positions)
     global_layers: List[int] = field(default_factory=list)  # layers that ignore `window`
@@ -399,6 +402,11 @@ def validate(cfg: Config) -> None:
     hd = m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
     _require(hd > 0 and hd % 2 == 0, "model.head_dim",
              f"model.d_model // model.n_heads = {hd} must be a positive even number (or set model.head_dim)", hd)
+    _require(m.rotary_percent == 1.0 or int(hd * m.rotary_percent) >= 2, "model.rotary_percent",
+             f"must leave at least 2 of head_dim={hd} channels to rotate", m.rotary_percent)
+    _require(m.rotary_percent == 1.0 or "M" not in m.pattern, "model.rotary_percent",
+             "1.0 on a pattern with M layers (MLA rotates its own model.mla.qk_rope_head_dim channels)",
+             m.rotary_percent)
 
     _require(bool(d.source), "data.source", str(CHOICES["data.source"]), d.source)
     _require(d.tokenizer in CHOICES["data.tokenizer"].values or Path(d.tokenizer).exists(), "data.tokenizer",

@@ -79,6 +79,7 @@ RANGES: dict[str, Range] = {
     "model.vocab_size": POSITIVE,
     "model.vocab_multiple": POSITIVE,
     "model.rope_theta": POSITIVE,
+    "model.rotary_percent": Range(0, 1, lo_open=True),
     "model.window": POSITIVE,
     "model.meta_tokens": NON_NEGATIVE,
     "model.norm_eps": Range(0, 1, lo_open=True, hi_open=True),

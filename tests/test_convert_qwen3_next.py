@@ -1,7 +1,7 @@
 """Export of Gated DeltaNet + gated attention models to the stock ``Qwen3NextForCausalLM``: logits
 within 1e-4 of braid's, a dense (``mlp_only_layers``) layer included; the exported directory and a
-checkpoint the stock class wrote itself load back into braid; what braid cannot express (partial
-RoPE, a gated shared expert) is refused by name on import, and a model the stock class cannot
+checkpoint the stock class wrote itself load back into braid (partial RoPE included); what braid cannot
+express (a gated shared expert, an odd partial RoPE) is refused by name on import, and a model the stock class cannot
 compute goes out as remote code."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_export_logits_match_and_load_back(tmp_path):
     info = export_hf(model, cfg, tmp_path / "hf")
     assert info["architecture"] == "Qwen3NextForCausalLM"
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert written["mlp_only_layers"] == [0] and written["rope_parameters"]["partial_rotary_factor"] == 1.0
+    assert written["mlp_only_layers"] == [0] and written["rope_parameters"]["partial_rotary_factor"] == 0.25
     x = _ids()
     with torch.no_grad():
         ref = model(x)
@@ -80,16 +80,21 @@ def test_a_gated_shared_expert_is_refused_on_import(tmp_path):
         load_model(tmp_path / "stock")
 
 
-def test_the_released_partial_rope_is_refused_by_name():
+def test_partial_rope_round_trips_and_an_odd_channel_count_is_refused():
+    """The release's partial_rotary_factor 0.25 is model.rotary_percent (gdn-tiny has it too); a factor
+    that leaves no whole pair of channels has no braid equivalent."""
     _, cfg = random_model("gdn-tiny")
     hf = hf_config(cfg.model)
-    assert model_config_from_hf(hf).gdn == cfg.model.gdn
-    hf["rope_parameters"]["partial_rotary_factor"] = 0.25
-    with pytest.raises(ValueError, match="partial_rotary_factor"):
+    assert hf["rope_parameters"]["partial_rotary_factor"] == cfg.model.rotary_percent == 0.25
+    back = model_config_from_hf(hf)
+    assert back.gdn == cfg.model.gdn and back.rotary_percent == 0.25
+    hf["rope_parameters"]["partial_rotary_factor"] = 0.3  # 9.6 of head_dim 32
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.3"):
         model_config_from_hf(hf)
 
 
 @pytest.mark.parametrize("override", ["model.attn_gate=headwise", "model.moe.n_shared_experts=0",
+                                      "model.rotary_percent=0.3",
                                       "model.meta_tokens=2", "model.pattern=GGGG"])
 def test_what_the_stock_class_cannot_compute_goes_out_as_remote_code(tmp_path, override):
     model, cfg = random_model("gdn-tiny", override)

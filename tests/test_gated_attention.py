@@ -145,6 +145,16 @@ def test_norm_and_rotary_keep_fp64():
     assert abs(float(y[0, 1, 0, 0] - (x[0, 1, 0, 0] * c - x[0, 1, 0, 4] * s))) < 1e-14
 
 
+def test_partial_rotary_rotates_the_first_channels_as_a_head_that_size():
+    """model.rotary_percent: the first int(D · fraction) channels rotate with the frequencies of a
+    head of that many channels (transformers' partial_rotary_factor); the others pass unchanged."""
+    x, pos = torch.randn(2, 5, 3, 32, dtype=torch.float64), torch.randint(0, 100, (2, 5))
+    y = Rotary(32, 500.0, fraction=0.25)(x, pos)
+    assert torch.equal(y[..., 8:], x[..., 8:])
+    assert rel_rms(y[..., :8], Rotary(8, 500.0)(x[..., :8], pos)) < 1e-14
+    assert rel_rms(y[..., :8], x[..., :8]) > 0.1
+
+
 @pytest.mark.parametrize("variant,extra", [
     ("headwise", dict(pos_emb="none")),
     ("elementwise", dict(pos_emb="none", window=3)),

@@ -42,6 +42,8 @@ def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional
     ffn = _ffn_letters(m)
     if set(m.pattern) != {"A"} or m.connection != "residual" or m.meta_tokens or m.pos_emb != "rope":
         return None
+    if m.rotary_percent != 1.0:  # Llama, Qwen3, Mixtral rotate every channel
+        return None
     if getattr(m, "s2", None) is not None and m.s2.enabled:
         return None
     windowed = m.window is not None and any(i not in m.global_layers for i in range(len(m.pattern)))

@@ -6,8 +6,8 @@ no window, no S2) with residual connections, no meta tokens, and FFNs SwiGLU (``
 or softmax-routed MoE (``E``) with a shared expert, no groups, no capacity, ``routed_scaling = 1`` and
 a zero expert bias. Three stock features braid lacks are written so that the stock forward is braid's:
 
-* RoPE: the stock model rotates ``partial_rotary_factor`` of head_dim (0.25 in the release); braid
-  rotates all of it, so the export sets the factor to 1.0 (a released checkpoint does not import).
+* RoPE: ``partial_rotary_factor`` (0.25 in the release) is ``model.rotary_percent``; a factor whose
+  channel count ``head_dim · factor`` is not a whole even number has no braid equivalent.
 * Zero-centred RMSNorms (``x̂ · (1 + w)``, all but the GDN output norm): exported as ``w − 1``.
 * The shared expert's gate ``sigmoid(Linear(d, 1)(x))``: exported as a zero weight (gate 0.5 on every
   token) with the shared ``down_proj`` doubled; both factors are powers of two, so the product is exact.
@@ -30,6 +30,7 @@ import torch
 
 from braid.config import ModelConfig
 from braid.convert.stock import expert_keys, input_major, stack_experts
+from braid.models.layers import rotary_dims
 
 QWEN3_NEXT = "Qwen3NextForCausalLM"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -76,6 +77,9 @@ def matches(m: ModelConfig) -> bool:
         windowed = m.window is not None and any(i not in m.global_layers for i in range(len(m.pattern)))
         if not m.qk_norm or m.pos_emb != "rope" or m.attn_gate != "elementwise" or windowed:
             return False
+        hd = m.head_dim or m.d_model // m.n_heads
+        if hd * m.rotary_percent != rotary_dims(hd, m.rotary_percent):  # transformers' int(hd · factor)
+            return False
     if "E" in ffn:
         e = m.moe
         if (e.router != "softmax" or e.n_shared_experts < 1 or e.n_groups != 1 or e.capacity_factor is not None
@@ -103,7 +107,8 @@ def hf_config(m: ModelConfig) -> dict:
         num_hidden_layers=len(m.pattern), intermediate_size=ffn_hidden_size(m), hidden_act="silu",
         num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads or m.n_heads,
         head_dim=m.head_dim or m.d_model // m.n_heads, attention_bias=False, rms_norm_eps=m.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta), "partial_rotary_factor": 1.0},
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta),
+                         "partial_rotary_factor": m.rotary_percent},
         tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std, max_position_embeddings=131072,
         layer_types=["linear_attention" if c == "D" else "full_attention" for c in m.pattern],
         linear_num_key_heads=hk, linear_num_value_heads=g.n_v_heads or hk, linear_key_head_dim=dk,
@@ -116,14 +121,14 @@ def hf_config(m: ModelConfig) -> dict:
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
-    """Inverse of :func:`hf_config`; a stock feature braid lacks (partial RoPE, a dense-only model
-    without layer types) is a ValueError naming it."""
+    """Inverse of :func:`hf_config`; a stock feature braid lacks (an odd partial RoPE, a dense-only
+    model without layer types) is a ValueError naming it."""
     n = hf["num_hidden_layers"]
     rope = dict(hf.get("rope_parameters") or {})
-    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
-    if factor != 1.0:
-        raise ValueError(f"from-hf: Qwen3-Next rotates {factor} of head_dim (partial_rotary_factor); braid's "
-                         "RoPE rotates all of it")
+    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
+    if hf["head_dim"] * factor != rotary_dims(hf["head_dim"], factor):
+        raise ValueError(f"from-hf: partial_rotary_factor {factor} of head_dim {hf['head_dim']} is not a whole even "
+                         "number of channels (braid's model.rotary_percent rotates pairs)")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"from-hf: rope scaling {rope} is not supported (braid has plain RoPE)")
     types = hf.get("layer_types") or ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
@@ -135,8 +140,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         ffn_pattern="".join("S" if i in dense else "E" for i in range(n)), d_model=hf["hidden_size"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
         ffn_hidden=hf["intermediate_size"], vocab_size=hf["vocab_size"], pos_emb="rope",
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), qk_norm=True,
-        attn_gate="elementwise", norm_eps=hf["rms_norm_eps"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rotary_percent=factor,
+        qk_norm=True, attn_gate="elementwise", norm_eps=hf["rms_norm_eps"],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
     )
     g = m.gdn

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.o_proj = mark_output_projection(nn.Linear(self.n_heads * hd, d, bias=False))
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.rotary = Rotary(hd, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+        self.rotary = Rotary(hd, cfg.rope_theta, cfg.rotary_percent) if cfg.pos_emb == "rope" else None
         s2 = cfg.s2
         self.s2 = S2Pattern(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
                             n_heads=self.n_heads) if s2.enabled else None

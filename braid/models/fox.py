@@ -90,7 +90,7 @@ class FoX(Attention):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
         fox, d, hd = cfg.fox, cfg.d_model, self.head_dim
-        self.rotary = Rotary(hd, cfg.rope_theta) if fox.rope else None  # FoX ignores model.pos_emb
+        self.rotary = Rotary(hd, cfg.rope_theta, cfg.rotary_percent) if fox.rope else None  # FoX ignores model.pos_emb
         self.forget_bias_init = fox.forget_bias_init
         self.fgate_proj = nn.Linear(d, self.n_heads, bias=True)
         self.k_shift_proj = nn.Linear(d, self.n_kv_heads, bias=False) if fox.kv_shift else None

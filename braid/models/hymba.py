@@ -143,7 +143,7 @@ class Hymba(nn.Module):
         self.in_proj = nn.Linear(d, self.q_dim + self.k_dim + self.v_dim + 2 * self.ssm_inner, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm and own_kv else None
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.rotary_percent) if cfg.pos_emb == "rope" else None
 
         inner, n = self.ssm_inner, self.d_state
         self.conv1d = nn.Conv1d(inner, inner, self.d_conv, groups=inner, padding=self.d_conv - 1, bias=True)

@@ -85,15 +85,19 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding, rotate-half convention (as Llama in Hugging Face transformers)."""
+    """Rotary position embedding, rotate-half convention (as Llama in Hugging Face transformers).
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    ``fraction`` < 1 rotates only the first ``rotary_dims(head_dim, fraction)`` channels of each head
+    (partial RoPE: GPT-NeoX, Qwen3-Next; the frequencies are those of a head that size); the others pass."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, fraction: float = 1.0):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        self.dims = rotary_dims(head_dim, fraction)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        return 1.0 / (self.theta ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
 
     def reset_parameters(self) -> None:
         # Buffers are not in the state dict: recompute after a meta-device build.
@@ -101,6 +105,12 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, H, D]``, position_ids ``[B, T]`` → rotated x (angles in fp32)."""
+        if self.dims < x.shape[-1]:
+            rot, rest = x.split([self.dims, x.shape[-1] - self.dims], dim=-1)
+            return torch.cat([self._rotate(rot, position_ids), rest], dim=-1)
+        return self._rotate(x, position_ids)
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         angles = position_ids[..., None].to(dtype) * self.inv_freq.to(dtype)  # [B, T, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
@@ -109,6 +119,11 @@ class Rotary(nn.Module):
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """The channels partial RoPE rotates: ``fraction`` of ``head_dim``, rounded down to pairs."""
+    return int(head_dim * fraction) // 2 * 2
 
 
 def mark_output_projection(linear: nn.Linear) -> nn.Linear:
