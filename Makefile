@@ -24,11 +24,11 @@ train: install
 
 # The quick suite (<= 10 min on 2 cores), after the lint gate.
 test: install lint
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -x -q --durations=25
 
 # The tests marked slow (CI runs them after `make test`).
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=40
 
 lint: install
 	$(PY) -m ruff check .

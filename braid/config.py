@@ -86,6 +86,9 @@ class _ModelKeys:
     meta_tokens: int = 0  # learned tokens prepended to every sequence, visible to all (Hymba)
     connection: str = "residual"  # residual | hc | ngpt (normalized Transformer, braid/models/ngpt.py)
     norm_eps: float = 1e-5
+    # Residual-stream, final and q/k RMSNorms scale by 1 + w with w starting at 0 (Megatron's
+    # --apply-layernorm-1p / layernorm_zero_centered_gamma; Qwen3-Next).
+    norm_zero_centered: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
 

@@ -348,7 +348,7 @@ def test_flops_per_token():
     dynamic = HyperConnection(hc_config("dynamic_mhc", n), 0)
     assert static.flops_per_token(16) == 2 * n * d * (n + 2)
     assert dynamic.flops_per_token(16) == 4 * n * d * (n + 2)
-    assert PreNormResidual(d, 1e-5).flops_per_token(16) == 0
+    assert PreNormResidual(tiny_model_config(d_model=d)).flops_per_token(16) == 0
 
 
 def test_param_count_on_meta_device():

@@ -113,7 +113,9 @@ def test_capacity_through_the_trainer_cp2_matches_one_process(tmp_path, preset):
     ref = run_one_process(tmp_path / "ref", preset, **cap)
     launch(tmp_path, 2, [overrides(tmp_path / "cp2", preset, **cap, **{"parallel.cp": 2})])
     got = train_records(tmp_path / "cp2")
-    assert_same_trajectory(got, ref, f"{preset} capacity cp2")
+    # Reduction order moves the gradient norms as in every cp run, and a binding capacity amplifies it:
+    # CI's machine once saw moe-tiny's step 5 at 2e-4 (4.5655 vs 4.5664) with the drop rates still equal.
+    assert_same_trajectory(got, ref, f"{preset} capacity cp2", norm_rtol=5e-4)
     drops = [k for k in ref[0] if k.endswith("drop_rate")]
     assert drops and any(r[k] > 0 for r in ref for k in drops)
     for a, b in zip(got, ref):

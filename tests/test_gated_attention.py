@@ -145,6 +145,20 @@ def test_norm_and_rotary_keep_fp64():
     assert abs(float(y[0, 1, 0, 0] - (x[0, 1, 0, 0] * c - x[0, 1, 0, 4] * s))) < 1e-14
 
 
+def test_a_zero_centered_norm_scales_by_one_plus_its_weight():
+    x = torch.randn(3, 5, 16)
+    norm = RMSNorm(16, zero_centered=True)
+    assert torch.equal(norm.weight, torch.zeros(16))
+    with torch.no_grad():
+        norm.weight.normal_()
+    plain = RMSNorm(16)
+    with torch.no_grad():
+        plain.weight.copy_(norm.weight + 1)
+    assert torch.equal(norm(x), plain(x))
+    norm.reset_parameters()
+    assert torch.equal(norm.weight, torch.zeros(16))
+
+
 def test_partial_rotary_rotates_the_first_channels_as_a_head_that_size():
     """model.rotary_percent: the first int(D · fraction) channels rotate with the frequencies of a
     head of that many channels (transformers' partial_rotary_factor); the others pass unchanged."""

@@ -42,7 +42,7 @@ def stock_architecture(m: ModelConfig, state: Optional[dict] = None) -> Optional
     ffn = _ffn_letters(m)
     if set(m.pattern) != {"A"} or m.connection != "residual" or m.meta_tokens or m.pos_emb != "rope":
         return None
-    if m.rotary_percent != 1.0:  # Llama, Qwen3, Mixtral rotate every channel
+    if m.rotary_percent != 1.0 or m.norm_zero_centered:  # Llama, Qwen3, Mixtral: full RoPE, plain norms
         return None
     if getattr(m, "s2", None) is not None and m.s2.enabled:
         return None

@@ -62,7 +62,7 @@ def matches(m: ModelConfig) -> bool:
     ffn = m.ffn_pattern * len(m.pattern) if len(m.ffn_pattern) == 1 else m.ffn_pattern
     if not set(m.pattern) <= {"K", "M"} or not set(ffn) <= {"S", "E"} or m.connection != "residual":
         return False
-    if m.meta_tokens or m.tie_embeddings or m.kda.gate_bias:
+    if m.meta_tokens or m.tie_embeddings or m.kda.gate_bias or m.norm_zero_centered:
         return False
     if "M" in m.pattern:
         mla_heads = m.mla.n_heads or m.n_heads

@@ -8,7 +8,8 @@ a zero expert bias. Three stock features braid lacks are written so that the sto
 
 * RoPE: ``partial_rotary_factor`` (0.25 in the release) is ``model.rotary_percent``; a factor whose
   channel count ``head_dim · factor`` is not a whole even number has no braid equivalent.
-* Zero-centred RMSNorms (``x̂ · (1 + w)``, all but the GDN output norm): exported as ``w − 1``.
+* Zero-centred RMSNorms (``x̂ · (1 + w)``, all but the GDN output norm): ``model.norm_zero_centered``
+  (what an import sets); a model without it is exported with ``w − 1`` and imported into with ``w + 1``.
 * The shared expert's gate ``sigmoid(Linear(d, 1)(x))``: exported as a zero weight (gate 0.5 on every
   token) with the shared ``down_proj`` doubled; both factors are powers of two, so the product is exact.
   Importing needs a zero gate weight: braid's shared expert is ungated.
@@ -141,7 +142,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
         ffn_hidden=hf["intermediate_size"], vocab_size=hf["vocab_size"], pos_emb="rope",
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rotary_percent=factor,
-        qk_norm=True, attn_gate="elementwise", norm_eps=hf["rms_norm_eps"],
+        qk_norm=True, attn_gate="elementwise", norm_eps=hf["rms_norm_eps"], norm_zero_centered=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
     )
     g = m.gdn
@@ -167,9 +168,10 @@ def to_hf_state(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, tor
     """braid state dict → Qwen3NextForCausalLM's published layout."""
     out: dict[str, torch.Tensor] = {}
     head_dim, kv_heads = m.head_dim or m.d_model // m.n_heads, m.n_kv_heads or m.n_heads
+    shift = 0 if m.norm_zero_centered else 1  # braid's plain norms hold 1 + w
     for key, value in state.items():
         if key in _TOP:
-            out[_TOP[key]] = (value - 1 if key == "norm.weight" else value).contiguous()
+            out[_TOP[key]] = (value - shift if key == "norm.weight" else value).contiguous()
             continue
         match = _LAYER.match(key)
         if match is None:
@@ -177,7 +179,7 @@ def to_hf_state(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, tor
         i, rest = match.groups()
         prefix = f"model.layers.{i}."
         if rest in _NAMES:
-            out[prefix + _NAMES[rest]] = (value - 1 if rest in _CENTRED else value).contiguous()
+            out[prefix + _NAMES[rest]] = (value - shift if rest in _CENTRED else value).contiguous()
         elif rest == "mixer.q_proj.weight":
             out[prefix + "self_attn.q_proj.weight"] = _q_rows(value, kv_heads, head_dim, to_stock=True)
         elif rest == "mixer.q_conv.conv.weight":  # k and v convs join it here, in q | k | v order
@@ -201,8 +203,8 @@ def to_hf_state(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, tor
     return out
 
 
-def _plus_one(hf: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    return hf[key] + 1
+def _centred(hf: Mapping[str, torch.Tensor], key: str, shift: int) -> torch.Tensor:
+    return hf[key] + shift
 
 
 def _shared_down(hf: Mapping[str, torch.Tensor], key: str, gate_key: str) -> torch.Tensor:
@@ -228,11 +230,12 @@ def from_hf_lazy(hf: Mapping[str, torch.Tensor], m: ModelConfig) -> dict[str, Ca
     hk = g.n_k_heads or m.n_heads
     dk = g.head_k_dim or m.d_model // hk
     conv_sizes = (hk * dk, hk * dk, (g.n_v_heads or hk) * (g.head_v_dim or dk))
+    shift = 0 if m.norm_zero_centered else 1
     out: dict[str, Callable[[], torch.Tensor]] = {}
     experts: dict[tuple[str, str], dict[int, str]] = {}
     for key in hf:
         if key in inv_top:
-            out[inv_top[key]] = partial(_plus_one, hf, key) if key == "model.norm.weight" else \
+            out[inv_top[key]] = partial(_centred, hf, key, shift) if key == "model.norm.weight" else \
                 partial(hf.__getitem__, key)
             continue
         match = _HF_LAYER.match(key)
@@ -242,7 +245,7 @@ def from_hf_lazy(hf: Mapping[str, torch.Tensor], m: ModelConfig) -> dict[str, Ca
         em = re.match(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
         if rest in inv:
             name = inv[rest]
-            out[f"layers.{i}.{name}"] = partial(_plus_one, hf, key) if name in _CENTRED else \
+            out[f"layers.{i}.{name}"] = partial(_centred, hf, key, shift) if name in _CENTRED else \
                 partial(hf.__getitem__, key)
         elif rest == "self_attn.q_proj.weight":
             out[f"layers.{i}.mixer.q_proj.weight"] = partial(_q_from_hf, hf, key, kv_heads, head_dim)

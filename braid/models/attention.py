@@ -19,7 +19,7 @@ from braid.config import ModelConfig
 from braid.kernels.attention import attention_mask
 from braid.kernels.s2 import S2Pattern
 from braid.models.caches import KVCache
-from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
+from braid.models.layers import Rotary, SeqInfo, layer_window, mark_output_projection, model_norm
 from braid.models.registry import register_mixer
 from braid.models.tp_plan import Heads, Rows, Split, TPPlan
 from braid.models.visible_keys import mean_visible_keys, s2_mean_visible_keys
@@ -42,8 +42,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.o_proj = mark_output_projection(nn.Linear(self.n_heads * hd, d, bias=False))
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = model_norm(cfg, hd) if cfg.qk_norm else None
+        self.k_norm = model_norm(cfg, hd) if cfg.qk_norm else None
         self.rotary = Rotary(hd, cfg.rope_theta, cfg.rotary_percent) if cfg.pos_emb == "rope" else None
         s2 = cfg.s2
         self.s2 = S2Pattern(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,

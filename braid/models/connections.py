@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from braid.config import ModelConfig
 from braid.kernels.precision import at_least_fp32
-from braid.models.layers import RMSNorm
+from braid.models.layers import model_norm
 
 # mHC's residual mixing is Sinkhorn(exp(logits)); exp never reaches 0, so the identity (a vertex of the
 # Birkhoff polytope) is only a limit. Off-diagonal logits of -8 give A_r = I to ~1e-3 (diagonal 0.999
@@ -44,9 +44,9 @@ DYNAMIC_SCALE_INIT = 0.01
 class PreNormResidual(nn.Module):
     """``h + f(norm(h))`` on the plain ``[B, T, d]`` stream."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, cfg):
         super().__init__()
-        self.norm = RMSNorm(dim, eps)
+        self.norm = model_norm(cfg, cfg.d_model)
 
     def forward(self, h: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """h ``[B, T, d]`` → ``[B, T, d]`` in h's dtype."""
@@ -108,12 +108,12 @@ class HyperConnection(nn.Module):
             raise ValueError(f"model.hc.sinkhorn_iters must be >= 0, got {cfg.hc.sinkhorn_iters}")
         self.rate, self.sublayer_idx = n, sublayer_idx
         self.dynamic, self.sinkhorn_iters = cfg.hc.dynamic, cfg.hc.sinkhorn_iters
-        self.norm = RMSNorm(d, cfg.norm_eps)  # the sublayer's pre-norm, same name as PreNormResidual's
+        self.norm = model_norm(cfg, d)  # the sublayer's pre-norm, same name as PreNormResidual's
         self.alpha_in = nn.Parameter(torch.empty(n))
         self.alpha_res = nn.Parameter(torch.empty(n, n))
         self.beta = nn.Parameter(torch.empty(n))
         if self.dynamic:
-            self.stream_norm = RMSNorm(d, cfg.norm_eps)
+            self.stream_norm = model_norm(cfg, d)
             self.dyn_proj = nn.Parameter(torch.empty(d, n + 2))
             # Shape [1], not 0-d: ZeRO flattens parameters through byte views that 0-d tensors lack.
             self.dyn_scale_alpha = nn.Parameter(torch.empty(1))
@@ -208,7 +208,7 @@ def make_connection(cfg: ModelConfig, sublayer_idx: int) -> nn.Module:
 
         return NGPTConnection(cfg, sublayer_idx)
     if n_streams(cfg) == 0:
-        return PreNormResidual(cfg.d_model, cfg.norm_eps)
+        return PreNormResidual(cfg)
     return HyperConnection(cfg, sublayer_idx)
 
 

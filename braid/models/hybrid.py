@@ -13,7 +13,7 @@ from braid.config import ModelConfig
 from braid.kernels.fused import lm_head_cross_entropy
 from braid.models.connections import expand_streams, make_connection, merge_streams, n_streams
 from braid.models.ffn import NoFFN
-from braid.models.layers import RMSNorm, SeqInfo
+from braid.models.layers import SeqInfo, model_norm
 from braid.models.registry import ffn_class, mixer_class
 
 IGNORE_INDEX = -100
@@ -104,7 +104,7 @@ class HybridLM(nn.Module):
         # Hymba's meta tokens: learned prefix states every query may attend to; dropped before the head.
         self.meta = nn.Parameter(torch.empty(cfg.meta_tokens, cfg.d_model)) if cfg.meta_tokens else None
         self.ngpt = cfg.connection == "ngpt"
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = model_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head_loss = HeadLoss()  # no parameters; tensor parallelism swaps in its vocab-parallel one
         if self.ngpt:  # the hidden states stay on the sphere; per-token logit scales s_z (braid/models/ngpt.py)

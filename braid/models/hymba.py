@@ -40,7 +40,7 @@ from braid.kernels.precision import compute_dtype
 from braid.kernels.ssm import selective_state_step
 from braid.models.caches import KVCache, conv_continued
 from braid.models.doc_boundaries import conv_sources, document_starts
-from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection
+from braid.models.layers import RMSNorm, Rotary, SeqInfo, layer_window, mark_output_projection, model_norm
 from braid.models.registry import register_mixer, register_options
 from braid.models.tp_plan import Heads, Rows, Split, TPPlan
 from braid.models.visible_keys import mean_visible_keys
@@ -141,8 +141,8 @@ class Hymba(nn.Module):
         self.k_dim = self.n_kv_heads * self.head_dim if own_kv else 0
         self.v_dim = self.n_kv_heads * self.v_head_dim if own_kv else 0
         self.in_proj = nn.Linear(d, self.q_dim + self.k_dim + self.v_dim + 2 * self.ssm_inner, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm and own_kv else None
+        self.q_norm = model_norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = model_norm(cfg, self.head_dim) if cfg.qk_norm and own_kv else None
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, cfg.rotary_percent) if cfg.pos_emb == "rope" else None
 
         inner, n = self.ssm_inner, self.d_state

@@ -70,18 +70,28 @@ def layer_window(cfg, layer_idx: int) -> Optional[int]:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (the statistic is the precision-sensitive part), scaled in the input dtype."""
+    """RMSNorm computed in fp32 (the statistic is the precision-sensitive part), scaled in the input dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    ``zero_centered``: the scale is ``1 + weight`` (formed in fp32), the weight starts at 0 (Megatron's
+    ``layernorm_zero_centered_gamma``, Qwen3-Next), so weight decay pulls the scale to 1, not 0."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, zero_centered: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.zero_centered = eps, zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # torch on CPU, Triton on CUDA (braid.kernels.fused)
+        scale = self.weight.float() + 1.0 if self.zero_centered else self.weight
+        return rms_norm(x, scale, self.eps)  # torch on CPU, Triton on CUDA (braid.kernels.fused)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.zero_centered else nn.init.ones_)(self.weight)
+
+
+def model_norm(cfg, dim: int) -> RMSNorm:
+    """The norms ``model.norm_zero_centered`` applies to: residual-stream pre-norms, the final norm and
+    q/k norms (a mixer's inner norms, e.g. Gated DeltaNet's gated output norm, stay plain)."""
+    return RMSNorm(dim, cfg.norm_eps, zero_centered=cfg.norm_zero_centered)
 
 
 class Rotary(nn.Module):
