@@ -1,5 +1,5 @@
-"""Context parallelism through the trainer: 5 steps of a ``*-tiny`` preset with cp = 2 (and
-cp = 2 × dp_shard = 2) give the one-process losses and gradient norms (fp32, CPU, gloo).
+"""Context parallelism through the trainer: 5 steps (3 in the slow every-preset matrix) of a ``*-tiny``
+preset with cp = 2 (and cp = 2 × dp_shard = 2) give the one-process losses and gradient norms (fp32, CPU, gloo).
 
 The launches reuse ``test_parallel_train`` (its file is the torchrun worker); the sequence of 32
 tokens is cut into 4 zigzag chunks (8 with cp = 4).
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_parallel_train import (
+    MATRIX,
     NORM_RTOL,
     PRESETS,
     assert_same_trajectory,
@@ -78,7 +79,7 @@ def _ref(refs_dir: Path, preset: str, model: dict) -> Path:
     key = (preset, bool(model))
     if key not in _REFS:
         run_dir = refs_dir / f"ref_{preset}{'_s2' if model else ''}"
-        run_one_process(run_dir, preset, **model)
+        run_one_process(run_dir, preset, **model, **MATRIX)
         _REFS[key] = run_dir
     return _REFS[key]
 
@@ -102,12 +103,12 @@ def test_every_preset_cp2_and_cp2_dp2_match_one_process(tmp_path, refs_dir, kind
     model = S2_MODEL if kind == "s2" else {}
     rtol = S2_NORM_RTOL if kind == "s2" else NORM_RTOL
     refs = {p: _ref(refs_dir, p, model) for p in presets}
-    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **{"parallel.cp_kind": kind})
+    launch(tmp_path, 2, [overrides(tmp_path / f"{p}_cp2", p, **model, **CP2, **MATRIX, **{"parallel.cp_kind": kind})
                          for p in presets])
     names = ("cp2", "cp2dp2") if kind in WITH_DP else ("cp2",)
     if "cp2dp2" in names:
-        launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **{"parallel.cp_kind": kind})
-                             for p in presets])
+        launch(tmp_path, 4, [overrides(tmp_path / f"{p}_cp2dp2", p, **model, **CP2_DP2, **MATRIX,
+                                       **{"parallel.cp_kind": kind}) for p in presets])
     for p in presets:
         for name in names:
             assert_same_trajectory(train_records(tmp_path / f"{p}_{name}"), train_records(refs[p]), f"{p} {name}", rtol)
@@ -121,7 +122,7 @@ def test_other_kinds_cp2_dp2_match_one_process(tmp_path, refs_dir):
     preset, kinds = "hybrid-tiny", sorted(set(KINDS) - WITH_DP)
     refs = {k: _ref(refs_dir, preset, S2_MODEL if k == "s2" else {}) for k in kinds}
     launch(tmp_path, 4, [overrides(tmp_path / f"{k}_cp2dp2", preset, **(S2_MODEL if k == "s2" else {}), **CP2_DP2,
-                                   **{"parallel.cp_kind": k}) for k in kinds])
+                                   **MATRIX, **{"parallel.cp_kind": k}) for k in kinds])
     for k in kinds:
         rtol = S2_NORM_RTOL if k == "s2" else NORM_RTOL
         assert_same_trajectory(train_records(tmp_path / f"{k}_cp2dp2"), train_records(refs[k]), f"{k} cp2dp2", rtol)
