@@ -4,7 +4,8 @@ gated attention (``G``) layers as the stock class.
 Matches braid exactly when every layer is ``D`` (at least one) or ``G`` (elementwise gate, QK-norm, RoPE,
 no window, no S2) with residual connections, no meta tokens, and FFNs SwiGLU (``S``, the stock ``mlp_only_layers``)
 or softmax-routed MoE (``E``) with a shared expert, no groups, no capacity, ``routed_scaling = 1`` and
-a zero expert bias. Three stock features braid lacks are written so that the stock forward is braid's:
+a zero expert bias. Two stock features are braid options and one, which braid lacks, is written so
+that the stock forward is braid's:
 
 * RoPE: ``partial_rotary_factor`` (0.25 in the release) is ``model.rotary_percent``; a factor whose
   channel count ``head_dim · factor`` is not a whole even number has no braid equivalent.
