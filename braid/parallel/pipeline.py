@@ -2,9 +2,10 @@
 
 The model is cut into ``pp × pp_virtual_stages`` stages of consecutive layers, at the ``|`` of the
 pattern (``model.stage_layers``) or where the projected forward FLOPs are balanced (the LM head counts on
-the last stage). Each stage is the same HybridLM built on the meta device with the other stages' parts
-removed (:func:`prune`): its blocks keep their model-wide indices, so parameter names, the (seed, name)
-initial draw and DCP checkpoints are those of every other layout, and a run resumes on another pp.
+the last stage) among the splits whose stages fit the GPU, memory breaking ties (:func:`balanced_cuts`).
+Each stage is the same HybridLM built on the meta device with the other stages' parts removed
+(:func:`prune`): its blocks keep their model-wide indices, so parameter names, the (seed, name) initial
+draw and DCP checkpoints are those of every other layout, and a run resumes on another pp.
 
 Stage → rank: looped (stage ``s`` on pp rank ``s mod pp``) for gpipe, 1f1b and interleaved 1F1B; the V
 of zero-bubble (rank ``r`` holds stages ``r`` and ``2·pp−1−r``). Every stage receives the micro-batch's
@@ -59,37 +60,67 @@ def _layer_flops(model_cfg: ModelConfig, seq_len: int, cost=None) -> tuple[list[
     return [sum(layer.flops.values()) for layer in cost.layers], head
 
 
-def balanced_cuts(weights: list[float], n_stages: int, tail: float = 0.0,
-                  forbidden: frozenset = frozenset()) -> list[int]:
-    """The first layer of stages 1.. that minimises the largest stage's sum (``tail`` added to the last),
-    over contiguous splits with at least one layer a stage and no cut in ``forbidden`` (dynamic programme,
-    exact)."""
-    n = len(weights)
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
+def _minmax_split(n: int, n_stages: int, value, forbidden: frozenset) -> tuple[float, list[int]]:
+    """The contiguous split of ``n`` layers into ``n_stages`` (at least one layer a stage, no stage starting
+    at a layer in ``forbidden``) whose largest ``value(stage, first, end)`` is smallest (inf: not allowed):
+    (that value, the first layer of stages 1..). A dynamic programme, exact."""
     inf = float("inf")
-    # best[k][i]: the smallest max over k stages covering layers [0, i)
+    # best[k][i]: the smallest max over stages 0..k-1 covering layers [0, i)
     best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
     cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
     best[0][0] = 0.0
     for k in range(1, n_stages + 1):
         for i in range(k, n - (n_stages - k) + 1):
-            extra = tail if k == n_stages else 0.0
             for j in range(k - 1, i):
-                if j in forbidden:
+                if j in forbidden or best[k - 1][j] == inf:
                     continue
-                value = max(best[k - 1][j], prefix[i] - prefix[j] + extra)
-                if value < best[k][i]:
-                    best[k][i], cut[k][i] = value, j
-    if best[n_stages][n] == inf:
-        raise ConfigError(f"config key 'parallel.pp': the {n} layers cannot be cut into {n_stages} stages without "
-                          f"separating layers that share state (no cut before layers {sorted(forbidden)})")
+                v = max(best[k - 1][j], value(k - 1, j, i))
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
     cuts, i = [], n
     for k in range(n_stages, 1, -1):
         i = cut[k][i]
         cuts.append(i)
-    return sorted(cuts)
+    return best[n_stages][n], sorted(cuts)
+
+
+def balanced_cuts(weights: list[float], n_stages: int, tail: float = 0.0, forbidden: frozenset = frozenset(),
+                  memory=None) -> list[int]:
+    """The first layer of stages 1.. that minimises the largest stage's sum of ``weights`` (``tail`` added to
+    the last), over contiguous splits with at least one layer a stage and no cut in ``forbidden``.
+
+    ``memory`` (a :class:`braid.plan.memory.SplitMemory`): each stage's bytes on its GPU weigh in too. The
+    split is the fastest among those whose every stage fits the GPU (when its size is known), and among
+    the equally fast, the one whose fullest stage holds the least; when no split fits, the one whose fullest
+    stage holds the least (the nearest to fitting)."""
+    n = len(weights)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+
+    def time(k: int, j: int, i: int) -> float:
+        return prefix[i] - prefix[j] + (tail if k == n_stages - 1 else 0.0)
+
+    fastest, cuts = _minmax_split(n, n_stages, time, forbidden)
+    if fastest == float("inf"):
+        raise ConfigError(f"config key 'parallel.pp': the {n} layers cannot be cut into {n_stages} stages without "
+                          f"separating layers that share state (no cut before layers {sorted(forbidden)})")
+    if memory is None:
+        return cuts
+
+    def fits(k: int, j: int, i: int) -> bool:
+        return memory.fits(memory.stage_bytes(k, j, i, n_stages))
+
+    fastest_fitting, _ = _minmax_split(n, n_stages, lambda k, j, i: time(k, j, i) if fits(k, j, i) else float("inf"),
+                                       forbidden)
+    bound = fastest_fitting * (1 + 1e-9)
+
+    def held(k: int, j: int, i: int) -> float:
+        if fastest_fitting < float("inf") and not (time(k, j, i) <= bound and fits(k, j, i)):
+            return float("inf")
+        return memory.stage_bytes(k, j, i, n_stages)
+
+    return _minmax_split(n, n_stages, held, forbidden)[1]
 
 
 def shared_state_cuts(model: nn.Module) -> frozenset:
@@ -104,9 +135,10 @@ def shared_state_cuts(model: nn.Module) -> frozenset:
 
 
 def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int, forbidden: frozenset = frozenset(),
-                 cost=None) -> list[tuple[int, int]]:
+                 cost=None, memory=None) -> list[tuple[int, int]]:
     """``[(first layer, end)]`` per stage: the pattern's ``|`` marks when given, else balanced (``cost``: the
-    model's :class:`braid.plan.model_cost.ModelCost` at ``seq_len`` when already at hand)."""
+    model's :class:`braid.plan.model_cost.ModelCost` at ``seq_len`` when already at hand; ``memory``: the
+    layout's :class:`braid.plan.memory.SplitMemory`, see :func:`balanced_cuts`)."""
     n = len(model_cfg.pattern)
     if model_cfg.stage_layers:
         cuts = list(model_cfg.stage_layers)
@@ -119,7 +151,7 @@ def stage_bounds(model_cfg: ModelConfig, n_stages: int, seq_len: int, forbidden:
                               "whose K/V it reuses (model.hymba.kv_share_groups); move the mark")
     else:
         weights, head = _layer_flops(model_cfg, seq_len, cost)
-        cuts = balanced_cuts(weights, n_stages, head, forbidden)
+        cuts = balanced_cuts(weights, n_stages, head, forbidden, memory)
     edges = [0, *cuts, n]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -166,7 +198,7 @@ def describe_split(model_cfg: ModelConfig, bounds: list[tuple[int, int]], schedu
     """One banner line: each stage's layers, letters and pp rank."""
     owner = {s: r for r in range(pp) for s in rank_stages(schedule, r, pp, virtual)}
     parts = [f"{s}:{model_cfg.pattern[a:b]}[{a}-{b - 1}]@r{owner[s]}" for s, (a, b) in enumerate(bounds)]
-    source = "pattern '|'" if model_cfg.stage_layers else "balanced FLOPs"
+    source = "pattern '|'" if model_cfg.stage_layers else "balanced FLOPs and memory"
     return f"pipeline {schedule}, {len(bounds)} stages ({source}): " + " ".join(parts)
 
 
@@ -347,8 +379,12 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> torch.Tensor:
-        """The loss sum of ``batches`` (fp64; zero on ranks without the last stage), forward only: each
-        micro-batch passes the stages in order, point to point (no schedule: ZBV's has no forward-only form)."""
+        """The loss sum of ``batches`` (fp64; zero on ranks without the last stage), forward only, as the
+        forward half of GPipe runs: each rank takes its stages in order and each stage every micro-batch in
+        turn, receiving from the previous stage's rank and sending to the next one's without waiting (with
+        looped or V placement two ranks send to each other), so rank r computes micro-batch i while the
+        next rank computes i − 1. Point to point, not the schedule's ``eval``: the
+        zero-bubble V schedule runs its backward actions there too."""
         import torch.distributed as dist
 
         owner = {s: r for r in range(dist.get_world_size(self.group))
@@ -357,31 +393,50 @@ class Pipeline:
         n_stages, rank = len(self.model.bounds), dist.get_rank(self.group)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.global_tokens, self.aux_sum = 1.0, torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
-            kwargs = {k: batch[k] for k in ("labels", "position_ids", "doc_ids") if batch.get(k) is not None}
-            x = batch["input_ids"]
-            for s in range(n_stages):
-                if s not in mine:
-                    continue
+        held = [b["input_ids"] for b in batches]  # each micro-batch's input to the stage about to run
+        sends = []
+        for s in sorted(mine):
+            outs = []
+            for i, batch in enumerate(batches):
+                kwargs = {k: batch[k] for k in ("labels", "position_ids", "doc_ids") if batch.get(k) is not None}
                 if s > 0 and owner[s - 1] != rank:
                     x = torch.empty(self._io(self.model.cfg, s, n_stages, *batch["input_ids"].shape)[0].shape,
                                     dtype=self.stream_dtype, device=self.device)
                     dist.recv(x, group=self.group, group_src=owner[s - 1])
-                x = mine[s].submod(x, **kwargs)
+                else:
+                    x = held[i]
+                y = mine[s].submod(x, **kwargs)
                 if s == n_stages - 1:
-                    total += x.sum().double()
-                elif owner[s + 1] != rank:
-                    dist.send(x.contiguous(), group=self.group, group_dst=owner[s + 1])
+                    total += y.sum().double()
+                elif owner[s + 1] != rank:  # not waited on: the receiver may be sending to this rank first
+                    sends.append(dist.isend(y.contiguous(), group=self.group, group_dst=owner[s + 1]))
+                else:  # the next stage is this rank's too
+                    outs.append(y)
+            held = outs
+        for work in sends:
+            work.wait()
         return total
 
 
-def build_pipeline_model(model: nn.Module, model_cfg: ModelConfig, mesh, p: ParallelConfig,
-                         seq_len: int) -> tuple[list[nn.Module], list[int], list[tuple[int, int]]]:
-    """This rank's parts of ``model`` (a HybridLM on the meta device, left unchanged)."""
+def build_pipeline_model(model: nn.Module, model_cfg: ModelConfig, mesh, p: ParallelConfig, seq_len: int,
+                         cfg=None, hbm_bytes: Optional[float] = None
+                         ) -> tuple[list[nn.Module], list[int], list[tuple[int, int]]]:
+    """This rank's parts of ``model`` (a HybridLM on the meta device, left unchanged). ``cfg``: the run's
+    config, whose micro-batches weigh each stage's memory in the split, on a GPU of ``hbm_bytes`` (None:
+    its size unknown)."""
     import copy
 
     dims = mesh.dims
-    bounds = stage_bounds(model_cfg, dims.pp * virtual_stages(p), seq_len, shared_state_cuts(model))
+    cost = memory = None
+    if cfg is not None and not model_cfg.stage_layers:
+        from braid.plan.layout import layout_of
+        from braid.plan.memory import SplitMemory
+        from braid.plan.model_cost import layer_costs
+
+        cost = layer_costs(model_cfg, seq_len)
+        n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
+        memory = SplitMemory(cfg, cost, layout_of(cfg, dims), n_micro, hbm_bytes, virtual_stages(p))
+    bounds = stage_bounds(model_cfg, dims.pp * virtual_stages(p), seq_len, shared_state_cuts(model), cost, memory)
     stage_ids = rank_stages(p.pp_schedule, mesh.local_rank("pp"), dims.pp, virtual_stages(p))
     parts = [prune(copy.deepcopy(model), *bounds[s]) for s in stage_ids]
     return parts, stage_ids, bounds

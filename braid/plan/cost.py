@@ -228,7 +228,7 @@ def project(cfg: Config, cost: ModelCost, lay: Layout, links: Links, eff: dict,
     tokens = lay.micro_batch * seq / lay.cp  # per GPU per micro batch
     grad_accum = cfg.train.global_batch_size // (lay.micro_batch * lay.dp)
     elem_bw = gpu.hbm_bw * eff["elementwise"] / (1.0 if cfg.parallel.compile else eager_factor)
-    parts = rank_parts(cfg, cost, lay, grad_accum, cp_cache)
+    parts = rank_parts(cfg, cost, lay, grad_accum, cp_cache, gpu.hbm_bytes)
     head_t = (2 * cost.d_model * cost.vocab * tokens / lay.tp * 3 / (gpu.peak_flops * eff["gemm"])
               + 3 * 6 * tokens * cost.vocab / lay.tp / elem_bw)
     shard_group = lay.dp_shard * lay.cp

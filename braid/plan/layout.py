@@ -94,3 +94,10 @@ def apply_layout(cfg: Config, lay: Layout, share: bool = False) -> Config:
     p.layout = "manual"
     out.train.micro_batch_size = lay.micro_batch
     return out
+
+
+def layout_of(cfg: Config, dims) -> Layout:
+    """The layout of a run: its resolved mesh sizes (:class:`braid.parallel.mesh.ParallelDims`) and config."""
+    p = cfg.parallel
+    return Layout(dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.ep, p.cp_kind if dims.cp > 1 else "-",
+                  p.activation_checkpoint, cfg.train.micro_batch_size, dims.pp, p.pp_schedule if dims.pp > 1 else "-")

@@ -57,30 +57,93 @@ def usable(hbm_bytes: float) -> float:
     return hbm_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
 
 
-def activation_bytes(cfg: Config, cost: ModelCost, lay: Layout, part=None) -> float:
-    """Peak activation bytes on one GPU: one micro batch, or under a pipeline the micro-batches each of the
-    rank's stages holds at its schedule's deepest moment (``part``: a :class:`braid.plan.stages.RankPart`)."""
-    from braid.plan.stages import checkpointed, rank_parts
-
+def _activations(cfg: Config, cost: ModelCost, lay: Layout) -> tuple[list[float], float, float]:
+    """(bytes each layer keeps for one micro batch, bytes a checkpointed layer keeps (its input), the LM
+    head's logits bytes) on one GPU."""
     tokens = lay.micro_batch * cfg.data.seq_len / lay.cp
     sp = cfg.parallel.sequence_parallel and lay.tp > 1
-    part = part or rank_parts(cfg, cost, lay, 1)[0]
 
     def layer_bytes(layer) -> float:
         inner = (layer.act_width - layer.norm_width) / lay.tp
         norms = layer.norm_width / (lay.tp if sp else 1)
         return 2 * tokens * (inner + norms)
 
+    return ([layer_bytes(layer) for layer in cost.layers], 2 * tokens * cost.d_model / (lay.tp if sp else 1),
+            6 * tokens * cost.vocab / lay.tp)
+
+
+def activation_bytes(cfg: Config, cost: ModelCost, lay: Layout, part=None) -> float:
+    """Peak activation bytes on one GPU: one micro batch, or under a pipeline the micro-batches each of the
+    rank's stages holds at its schedule's deepest moment (``part``: a :class:`braid.plan.stages.RankPart`)."""
+    from braid.plan.stages import checkpointed, rank_parts
+
+    part = part or rank_parts(cfg, cost, lay, 1)[0]
+    acts, block_input, logits = _activations(cfg, cost, lay)
     recomputed = checkpointed(lay, part)
     kept = 0.0
     for s, lo, hi in part.stages:
-        stage = sum(2 * tokens * cost.d_model / (lay.tp if sp else 1) if i in recomputed else
-                    layer_bytes(cost.layers[i]) for i in range(lo, hi))
-        kept += part.stash[s] * stage
-    working = max(layer_bytes(cost.layers[i]) for i in part.layers) if recomputed else 0.0
+        kept += part.stash[s] * sum(block_input if i in recomputed else acts[i] for i in range(lo, hi))
+    working = max(acts[i] for i in part.layers) if recomputed else 0.0
     last_stage = part.stages[-1][0] if part.last else None
-    logits = 6 * tokens * cost.vocab / lay.tp * part.stash[last_stage] if part.last else 0.0
-    return kept + working + logits
+    return kept + working + (logits * part.stash[last_stage] if part.last else 0.0)
+
+
+def _state_bytes(lay: Layout) -> tuple[float, float]:
+    """FSDP2's bytes per parameter on one GPU (fp32 master, gradient and two moments, sharded), and per
+    parameter of its largest block (the unsharded bf16 copies of two blocks and one fp32 gradient)."""
+    shard = lay.tp * lay.dp_shard * lay.cp
+    return 16 / shard, ((2 * 2 + 4) / lay.tp if lay.dp_shard * lay.cp > 1 else 0.0)
+
+
+class SplitMemory:
+    """What the pipeline split (:func:`braid.parallel.pipeline.balanced_cuts`) weighs a stage's bytes by:
+    this module's closed form for one stage of ``lay`` under FSDP2 (pp refuses DeepSpeed) — its layers'
+    model states, the activations of as many micro-batches as its schedule holds at once (checkpointed
+    layers keep their input, plus one layer's while it recomputes), the FSDP2 buffers of its largest layer,
+    the embedding on the first stage and the head and logits on the last. ``usable``: the bytes a GPU
+    offers (None: unknown), of which a rank holding ``v`` stages gives each ``1/v``."""
+
+    def __init__(self, cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, hbm_bytes=None, virtual=None):
+        from braid.parallel.activation_checkpoint import checkpointed_layers
+        from braid.parallel.pipeline import stashed_micro_batches
+
+        self.cost, self.lay = cost, lay
+        self.acts, self.block_input, self.logits = _activations(cfg, cost, lay)
+        self.per_param, self.per_block_param = _state_bytes(lay)
+        virtual = virtual or lay.virtual  # a run's parallel.pp_virtual_stages, else the schedule's
+        self.stash = {}
+        for r in range(lay.pp):
+            self.stash.update(stashed_micro_batches(lay.pp_schedule, r, lay.pp, virtual, n_micro))
+        self.limit = usable(hbm_bytes) / virtual if hbm_bytes else None
+        self._checkpointed = lambda n: checkpointed_layers(lay.ac, n)
+        self._ranges: dict = {}
+
+    def _range(self, lo: int, hi: int) -> tuple[float, float, float]:
+        """(model-state and buffer bytes, activations kept per micro-batch, recompute working bytes) of the
+        layers [lo, hi)."""
+        key = (lo, hi)
+        if key not in self._ranges:
+            layers = self.cost.layers[lo:hi]
+            params = sum(x.params for x in layers)
+            states = self.per_param * params + self.per_block_param * max(x.params for x in layers)
+            recomputed = {lo + j for j in self._checkpointed(hi - lo)}
+            kept = sum(self.block_input if i in recomputed else self.acts[i] for i in range(lo, hi))
+            working = max((self.acts[i] for i in recomputed), default=0.0)
+            self._ranges[key] = (states, kept, working)
+        return self._ranges[key]
+
+    def stage_bytes(self, stage: int, lo: int, hi: int, n_stages: int) -> float:
+        states, kept, working = self._range(lo, hi)
+        stash = self.stash[stage]
+        out = states + stash * kept + working
+        if stage == 0:
+            out += self.per_param * self.cost.first_params
+        if stage == n_stages - 1:
+            out += self.per_param * self.cost.last_params + stash * self.logits
+        return out
+
+    def fits(self, nbytes: float) -> bool:
+        return self.limit is None or nbytes <= self.limit
 
 
 def estimate_memory(cfg: Config, cost: ModelCost, lay: Layout, hbm_bytes: float, part=None) -> Memory:

@@ -2,7 +2,7 @@
 bubble its schedule leaves: what the projection and the memory estimate need of ``parallel.pp``.
 
 The split is the trainer's own (:func:`braid.parallel.pipeline.stage_bounds`: the ``|`` marks or the balanced
-forward FLOPs), and so is the depth of each schedule's warm-up
+forward FLOPs and memory), and so is the depth of each schedule's warm-up
 (:func:`braid.parallel.pipeline.stashed_micro_batches`). Bubbles, with ``t`` the slowest rank's time for one
 micro-batch (all its stages, forward and backward) and ``p`` stage ranks:
 
@@ -51,18 +51,22 @@ def checkpointed(lay: Layout, part: RankPart) -> set[int]:
     return {lo + j for _, lo, hi in part.stages for j in checkpointed_layers(lay.ac, hi - lo)}
 
 
-def rank_parts(cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, cache: dict | None = None) -> list[RankPart]:
-    """Every pp rank's part of ``lay`` (one rank holding the whole model without a pipeline)."""
+def rank_parts(cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, cache: dict | None = None,
+               hbm_bytes: float | None = None) -> list[RankPart]:
+    """Every pp rank's part of ``lay`` (one rank holding the whole model without a pipeline), split as the
+    trainer splits it on a GPU of ``hbm_bytes``."""
     n = len(cost.layers)
     if lay.pp == 1:
         return [RankPart(0, ((0, 0, n),), {0: 1}, True, True)]
     from braid.parallel.pipeline import rank_stages, stage_bounds, stashed_micro_batches
+    from braid.plan.memory import SplitMemory
 
     v = lay.virtual
     cache = {} if cache is None else cache
-    key = ("stage_bounds", lay.pp * v)
+    key = ("stage_bounds", lay, n_micro, hbm_bytes)
     if key not in cache:
-        cache[key] = stage_bounds(cfg.model, lay.pp * v, cfg.data.seq_len, cost.fixed_cuts, cost)
+        memory = SplitMemory(cfg, cost, lay, n_micro, hbm_bytes)
+        cache[key] = stage_bounds(cfg.model, lay.pp * v, cfg.data.seq_len, cost.fixed_cuts, cost, memory)
     bounds = cache[key]
     out = []
     for r in range(lay.pp):

@@ -165,7 +165,8 @@ def rehearse(cfg: Config, world: int, rank: int, device_memory: int, vocab: int 
         if dims.pp > 1:  # this rank's stages, each parallelised on its own, as the trainer builds them
             from braid.parallel.pipeline import PipelineModel, build_pipeline_model, stashed_micro_batches
 
-            parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, cfg.parallel, cfg.data.seq_len)
+            parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, cfg.parallel, cfg.data.seq_len,
+                                                            cfg, device_memory)
             parts = [parallelize(part, mesh, cfg.parallel, cpu, dtype) for part in parts]
             model = PipelineModel(parts, stage_ids, bounds)
             stash = stashed_micro_batches(cfg.parallel.pp_schedule, mesh.local_rank("pp"), dims.pp,

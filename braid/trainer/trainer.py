@@ -87,6 +87,10 @@ class Trainer:
             normalize_weights(unwrap(self.model))
         # Modules with per-step routing statistics (MoE) declare it; their aux losses and loads are logged.
         self.has_moe = any(getattr(m, "step_statistics", False) for m in unwrap(self.model).modules())
+        if self.pipeline is not None:  # a stage without MoE layers still logs the run's aux loss
+            flag = torch.tensor([float(self.has_moe)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.pipeline.group)
+            self.has_moe = bool(flag.item())
         if t.qk_clip > 0:
             from braid.trainer import qk_clip
 
@@ -309,10 +313,19 @@ class Trainer:
 
     def _log_step(self, loss: float, seconds: float) -> None:
         if self.interval_log.add(self.step, loss, seconds):
-            moe = {"aux_loss": self._aux, **self._moe_metrics} if self.has_moe else {}
+            moe = {"aux_loss": self._aux, **self._stage_moe_metrics()} if self.has_moe else {}
             self.interval_log.flush(self.logger, self.step, self._last["lr"], self._last["grad_norm"],
                                     self.consumed_samples, self.consumed_tokens, self.skipped_iterations,
                                     self.nan_iterations, moe)
+
+    def _stage_moe_metrics(self) -> dict:
+        """The per-layer MoE metrics of every stage (each pp rank made its own layers'), in layer order."""
+        if self.pipeline is None:
+            return self._moe_metrics
+        parts = [None] * self.dims.pp
+        torch.distributed.all_gather_object(parts, self._moe_metrics, group=self.pipeline.group)
+        merged = {k: v for part in parts for k, v in part.items()}
+        return dict(sorted(merged.items(), key=lambda kv: (int(kv[0].split("/")[1].removeprefix("layer")), kv[0])))
 
     def _banner(self, resumed: Optional[Path]) -> None:
         self.logger.console(banner(self.cfg, self.info, self.model_cfg, self.stats, self.train_data, self.valid_data,

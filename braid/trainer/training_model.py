@@ -26,20 +26,22 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def build_parallel_model(model_cfg: ModelConfig, mesh: Mesh, p: ParallelConfig, device: torch.device,
-                         param_dtype: Optional[torch.dtype], seed: int, seq_len: int = 0) -> torch.nn.Module:
+                         param_dtype: Optional[torch.dtype], seed: int, seq_len: int = 0,
+                         run_cfg: Optional[Config] = None) -> torch.nn.Module:
     """The meta-device lifecycle: build on the meta device (no memory), parallelize (TP → CP → EP → AC →
     compile → FSDP2), allocate this rank's shards on ``device`` and draw their initial values, which
     depend on ``seed`` and each parameter's name only (not on the layout). Under DeepSpeed ZeRO-3 the
     shards are DeepSpeed's partitions (:mod:`braid.parallel.zero3`), stored in ``param_dtype``. With
     ``parallel.pp > 1``, this rank's pipeline stages (:mod:`braid.parallel.pipeline`; ``seq_len`` weighs
-    the balanced split)."""
+    the balanced split, ``run_cfg`` its memory on this rank's GPU)."""
     with torch.device("meta"):
         model = HybridLM(model_cfg)
     template = copy.deepcopy(model)  # the unparallelised structure the init rules run on (stays on meta)
     if mesh.dims.pp > 1:  # this rank's stages, each a part of the model parallelised on its own
         from braid.parallel.pipeline import PipelineModel, build_pipeline_model
 
-        parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, p, seq_len)
+        hbm = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        parts, stage_ids, bounds = build_pipeline_model(model, model_cfg, mesh, p, seq_len, run_cfg, hbm)
         parts = [materialize(parallelize(part, mesh, p, device, param_dtype), template, device, seed)
                  for part in parts]
         return PipelineModel(parts, stage_ids, bounds)
@@ -59,7 +61,7 @@ def build_training_model(cfg: Config, model_cfg: ModelConfig, mesh: Mesh, device
     p, dims = cfg.parallel, mesh.dims
     # FSDP2 computes in bf16 on GPU only; DeepSpeed's bf16 (on CPU too) wants its ZeRO-3 partitions in it.
     param_dtype = dtype if device.type == "cuda" or p.engine == "deepspeed" else None
-    model = build_parallel_model(model_cfg, mesh, p, device, param_dtype, cfg.train.seed, cfg.data.seq_len)
+    model = build_parallel_model(model_cfg, mesh, p, device, param_dtype, cfg.train.seed, cfg.data.seq_len, cfg)
     from braid.convert.init_weights import init_from_config
 
     parts = getattr(model, "parts", [model])
