@@ -32,6 +32,8 @@ def build(seed=0, dtype=torch.float64, bias_std=0.0, **kw) -> MoE:
         m.gate_up.normal_(0.0, 0.5)
         m.down.normal_(0.0, 0.5)
         m.expert_bias.normal_(0.0, bias_std)
+        if m.shared_gate is not None:  # gates spread over (0, 1), not all near 0.5
+            m.shared_gate.weight.normal_(0.0, 1.0)
     return m
 
 
@@ -68,7 +70,8 @@ def reference_moe(m: MoE, x: torch.Tensor, keep=None) -> torch.Tensor:
                 gu = xt @ m.gate_up[i].to(xt.dtype)
                 out[bi, ti] += wi.to(xt.dtype) * ((F.silu(gu[:h]) * gu[h:]) @ m.down[i].to(xt.dtype))
             if m.shared is not None:
-                out[bi, ti] += m.shared(xt)
+                gate = torch.sigmoid(m.shared_gate.weight[0] @ xt) if m.shared_gate is not None else 1.0
+                out[bi, ti] += gate * m.shared(xt)
     return out
 
 
@@ -138,6 +141,7 @@ CONFIGS = {
     "sigmoid_group_limited": dict(router="sigmoid", n_groups=3, topk_groups=2, top_k=3),
     "softmax_group_limited_shared": dict(router="softmax", n_groups=2, topk_groups=1, n_shared_experts=2),
     "sigmoid_shared_hidden": dict(router="sigmoid", n_shared_experts=1, shared_hidden=12, top_k=1),
+    "softmax_gated_shared": dict(router="softmax", n_shared_experts=1, shared_gate=True),  # Qwen3-Next's
 }
 
 
@@ -146,6 +150,13 @@ def test_matches_per_token_reference_fp64(name):
     m = build(bias_std=0.3, **CONFIGS[name])  # a non-zero bias: it must change selection, not weights
     x = rand_x()
     assert rel_rms(m(x), reference_moe(m, x)) < 1e-10
+
+
+def test_shared_gate_needs_shared_experts():
+    from braid.config import load_config
+
+    with pytest.raises(ConfigError, match=r"model\.moe\.shared_gate.*n_shared_experts"):
+        load_config(None, ["model.preset=moe-tiny", "model.moe.n_shared_experts=0", "model.moe.shared_gate=true"])
 
 
 def test_matches_reference_fp32():

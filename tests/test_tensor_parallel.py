@@ -44,7 +44,7 @@ CASES = {
     "H-meta-kvshare": dict(pattern="HH", qk_norm=True, meta_tokens=4, window=6, global_layers=[0],
                            hymba=HymbaConfig(ssm_inner=32, d_state=4, dt_rank=4, kv_share_groups=[[0, 1]])),
     "AE-moe": dict(pattern="AK", ffn_pattern="E", kda=KDAConfig(head_dim=8, chunk_size=8),
-                   moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1)),
+                   moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1, shared_gate=True)),
     "AE-moe-sigmoid-aux": dict(pattern="A", ffn_pattern="E", moe=MoEConfig(
         n_experts=4, top_k=2, expert_hidden=8, router="sigmoid", n_groups=2, topk_groups=1, routed_scaling=2.0,
         n_shared_experts=1, shared_hidden=8, aux_loss_coef=0.1, z_loss_coef=0.01, capacity_factor=1.0)),

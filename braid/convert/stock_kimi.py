@@ -74,7 +74,7 @@ def matches(m: ModelConfig) -> bool:
         shared = e.shared_hidden if e.shared_hidden is not None else (e.expert_hidden or 0) * e.n_shared_experts
         if (e.router != "sigmoid" or e.capacity_factor is not None or e.n_shared_experts < 1 or e.expert_hidden is None
                 or shared != e.expert_hidden * e.n_shared_experts or e.n_experts % e.n_groups
-                or (e.n_groups > 1 and e.n_experts // e.n_groups < 2)):
+                or (e.n_groups > 1 and e.n_experts // e.n_groups < 2) or e.shared_gate):
             return False
     return True
 

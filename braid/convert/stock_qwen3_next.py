@@ -4,16 +4,15 @@ gated attention (``G``) layers as the stock class.
 Matches braid exactly when every layer is ``D`` (at least one) or ``G`` (elementwise gate, QK-norm, RoPE,
 no window, no S2) with residual connections, no meta tokens, and FFNs SwiGLU (``S``, the stock ``mlp_only_layers``)
 or softmax-routed MoE (``E``) with a shared expert, no groups, no capacity, ``routed_scaling = 1`` and
-a zero expert bias. Two stock features are braid options and one, which braid lacks, is written so
-that the stock forward is braid's:
+a zero expert bias. Three stock features are braid options:
 
 * RoPE: ``partial_rotary_factor`` (0.25 in the release) is ``model.rotary_percent``; a factor whose
   channel count ``head_dim · factor`` is not a whole even number has no braid equivalent.
 * Zero-centred RMSNorms (``x̂ · (1 + w)``, all but the GDN output norm): ``model.norm_zero_centered``
   (what an import sets); a model without it is exported with ``w − 1`` and imported into with ``w + 1``.
-* The shared expert's gate ``sigmoid(Linear(d, 1)(x))``: exported as a zero weight (gate 0.5 on every
-  token) with the shared ``down_proj`` doubled; both factors are powers of two, so the product is exact.
-  Importing needs a zero gate weight: braid's shared expert is ungated.
+* The shared expert's gate ``sigmoid(Linear(d, 1)(x))``: ``model.moe.shared_gate`` (what an import
+  sets). A model without it is exported with a zero gate weight (0.5 on every token) and the shared
+  ``down_proj`` doubled; both factors are powers of two, so the product is exact.
 
 Layouts: GDN's ``in_proj_qkvz`` / ``in_proj_ba`` are the same matrices; the stock ``conv1d`` over
 ``q | k | v`` is braid's three short convs stacked. Gated attention's ``q_proj`` is ``[q_h | gate_h]``
@@ -152,7 +151,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     g.conv_size = hf["linear_conv_kernel_dim"]
     e = m.moe
     e.n_experts, e.top_k, e.expert_hidden = hf["num_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"]
-    e.n_shared_experts, e.shared_hidden = 1, hf["shared_expert_intermediate_size"]
+    e.n_shared_experts, e.shared_hidden, e.shared_gate = 1, hf["shared_expert_intermediate_size"], True
     e.router, e.renormalize = "softmax", bool(hf.get("norm_topk_prob", True))
     e.aux_loss_coef = float(hf.get("router_aux_loss_coef", 0.0))
     return m
@@ -188,7 +187,11 @@ def to_hf_state(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, tor
             out[prefix + "linear_attn.conv1d.weight"] = torch.cat(convs, 0).contiguous()
         elif rest in ("mixer.k_conv.conv.weight", "mixer.v_conv.conv.weight", "ffn.expert_bias"):
             continue  # in conv1d above; the bias is zero (weights_match)
-        elif rest == "ffn.shared.down_proj.weight":  # × 2 against the stock gate's constant 0.5
+        elif rest == "ffn.shared_gate.weight":
+            out[prefix + "mlp.shared_expert_gate.weight"] = value.contiguous()
+        elif rest == "ffn.shared.down_proj.weight" and m.moe.shared_gate:
+            out[prefix + "mlp.shared_expert.down_proj.weight"] = value.contiguous()
+        elif rest == "ffn.shared.down_proj.weight":  # × 2 against a zero gate's constant 0.5
             out[prefix + "mlp.shared_expert.down_proj.weight"] = (2 * value).contiguous()
             out[prefix + "mlp.shared_expert_gate.weight"] = value.new_zeros(1, value.shape[0])
         elif rest == "ffn.gate_up":  # [E, d, 2h]: columns [:h] gate, [h:] up
@@ -206,12 +209,6 @@ def to_hf_state(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, tor
 
 def _centred(hf: Mapping[str, torch.Tensor], key: str, shift: int) -> torch.Tensor:
     return hf[key] + shift
-
-
-def _shared_down(hf: Mapping[str, torch.Tensor], key: str, gate_key: str) -> torch.Tensor:
-    if bool(hf[gate_key].abs().max() > 0):
-        raise ValueError(f"from-hf: {gate_key} is not zero: braid's shared expert has no gate")
-    return hf[key] / 2
 
 
 def _q_from_hf(hf: Mapping[str, torch.Tensor], key: str, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -254,10 +251,9 @@ def from_hf_lazy(hf: Mapping[str, torch.Tensor], m: ModelConfig) -> dict[str, Ca
             for j, c in enumerate("qkv"):
                 out[f"layers.{i}.mixer.{c}_conv.conv.weight"] = partial(_conv_part, hf, key, conv_sizes, j)
         elif rest == "mlp.shared_expert.down_proj.weight":
-            out[f"layers.{i}.ffn.shared.down_proj.weight"] = partial(
-                _shared_down, hf, key, f"model.layers.{i}.mlp.shared_expert_gate.weight")
+            out[f"layers.{i}.ffn.shared.down_proj.weight"] = partial(hf.__getitem__, key)
         elif rest == "mlp.shared_expert_gate.weight":
-            continue  # checked with the shared down_proj
+            out[f"layers.{i}.ffn.shared_gate.weight"] = partial(hf.__getitem__, key)
         elif em:
             experts.setdefault((i, em.group(2)), {})[int(em.group(1))] = key
         elif rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # [E, 2h, d], [E, d, h]

@@ -56,6 +56,7 @@ class MoEConfig:
     expert_hidden: Optional[int] = None  # default: the dense FFN hidden size
     n_shared_experts: int = 0
     shared_hidden: Optional[int] = None  # default: expert_hidden × n_shared_experts
+    shared_gate: bool = False  # the shared experts' output × sigmoid(Linear(d, 1)(x)) per token (Qwen2-MoE/Qwen3-Next)
     router: str = "softmax"  # softmax (Mixtral/Qwen3) | sigmoid (DeepSeek-V3)
     renormalize: bool = True  # renormalise the chosen weights to sum to 1
     routed_scaling: float = 1.0
@@ -76,6 +77,8 @@ class MoEConfig:
                 f"in [1, model.moe.n_groups={self.n_groups}]", self.topk_groups)
         require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), "model.moe.top_k",
                 "at most topk_groups × experts per group", self.top_k)
+        require(not self.shared_gate or self.n_shared_experts > 0, "model.moe.shared_gate",
+                "needs shared experts (model.moe.n_shared_experts > 0)", self.shared_gate)
 
 
 class LocalExperts(nn.Module):
@@ -120,13 +123,17 @@ class MoE(nn.Module):
         # expert parallelism can shard.
         self.gate_up = nn.Parameter(torch.empty(m.n_experts, d, 2 * h))
         self.down = nn.Parameter(torch.empty(m.n_experts, h, d))
-        self.shared = None
+        self.shared = self.shared_gate = None
         if m.n_shared_experts > 0:
             shared_hidden = m.shared_hidden if m.shared_hidden is not None else h * m.n_shared_experts
             self.shared = SwiGLU(dataclasses.replace(cfg, ffn_hidden=shared_hidden), layer_idx)
+            if m.shared_gate:
+                self.shared_gate = nn.Linear(d, 1, bias=False)
         # Where tensor parallelism hooks its collectives (identities otherwise, no parameters): the
-        # experts' input, the routing weights and the packed [gate | up] output (see ``tp_plan``).
+        # experts' input, the routing weights, the shared gate's logit and the packed [gate | up] output
+        # (see ``tp_plan``).
         self.expert_input, self.route_weights, self.gate_up_out = nn.Identity(), nn.Identity(), nn.Identity()
+        self.shared_gate_out = nn.Identity()
         # Runs the routed experts (no parameters); expert parallelism swaps in its all-to-all one.
         self.dispatch = LocalExperts()
         self.register_buffer("expert_bias", torch.zeros(m.n_experts, dtype=torch.float32))
@@ -156,6 +163,8 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared.gate_proj.weight, 0.0, std)
             nn.init.normal_(self.shared.up_proj.weight, 0.0, std)
             nn.init.normal_(self.shared.down_proj.weight, 0.0, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, 0.0, std)
         self.expert_bias.zero_()
         self.load_counts.zero_()
         self.drop_counts.zero_()
@@ -237,7 +246,10 @@ class MoE(nn.Module):
         out = torch.zeros(n, d, dtype=weights.dtype, device=x.device).index_add_(0, pair_token, ys)
         out = out.view(b, t, d).to(x.dtype)
         if self.shared is not None:
-            out = out + self.shared(xe).to(x.dtype)
+            shared = self.shared(xe)
+            if self.shared_gate is not None:  # reads the layer input as the router does (replicated under tp)
+                shared = shared * torch.sigmoid(self.shared_gate_out(self.shared_gate(x)))
+            out = out + shared.to(x.dtype)
         return out
 
     def _rank_in_expert(self, order, flat_expert, counts, b: int, t: int) -> tuple[torch.Tensor, int]:
@@ -305,6 +317,8 @@ class MoE(nn.Module):
         flops = 2 * d * self.n_experts + self.top_k * 2 * 3 * d * self.hidden
         if self.shared is not None:
             flops += self.shared.flops_per_token(seq_len)
+        if self.shared_gate is not None:
+            flops += 2 * d
         return float(flops)
 
     def tp_plan(self, tp: int) -> TPPlan:
@@ -315,16 +329,19 @@ class MoE(nn.Module):
 
         Routing is replicated: the router stays plain and sees the layer input as it is (every tp rank
         routes the same tokens to the same experts, counts the same load and computes the same
-        auxiliary loss, so its gradient is already complete). The experts' input and the routing
-        weights (they multiply partial expert outputs) get ``copy_to_region``; the experts' and the
-        shared experts' partial sums are added and reduced once."""
+        auxiliary loss, so its gradient is already complete); so does the shared gate. The experts' input,
+        the routing weights and the shared gate's logit (the last two multiply partial outputs) get
+        ``copy_to_region``; the experts' and the shared experts' partial sums are added and reduced once."""
         checks = [(self.hidden, "model.moe.expert_hidden")]
         children = {}
         if self.shared is not None:
             checks.append((self.shared.gate_proj.out_features, "model.moe.shared_hidden"))
             children["shared"] = self.shared.tp_plan(tp)
-        return TPPlan(params={"gate_up": Split(2), "down": Split(1)}, checks=tuple(checks), plain=("router.weight",),
-                      children=children, copy_outputs=("expert_input", "route_weights"),
+        plain, copies = ("router.weight",), ("expert_input", "route_weights")
+        if self.shared_gate is not None:
+            plain, copies = (*plain, "shared_gate.weight"), (*copies, "shared_gate_out")
+        return TPPlan(params={"gate_up": Split(2), "down": Split(1)}, checks=tuple(checks), plain=plain,
+                      children=children, copy_outputs=copies,
                       packed_outputs={"gate_up_out": (self.hidden, self.hidden)}, replicated_input=True)
 
 

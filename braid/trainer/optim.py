@@ -30,8 +30,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def muon_param_ids(model: nn.Module) -> dict[int, bool]:
     """The parameters Muon updates, each with whether it is stored ``[in, out]`` (the experts' stacked
     ``[E, in, out]`` matrices) rather than ``nn.Linear``'s ``[out, in]``: weights of the ``nn.Linear``
-    layers inside the blocks and the experts' matrices, except the MoE router (its rows are per-expert
-    scores, not a linear map to orthogonalise) and anything marked ``_no_weight_decay``. Embeddings, the
+    layers inside the blocks and the experts' matrices, except the MoE router and shared-expert gate (their
+    rows are per-expert or per-token scores, not a linear map to orthogonalise) and anything marked
+    ``_no_weight_decay``. Embeddings, the
     LM head (tied or not), norms, biases, convolutions and other 1-D or scalar parameters stay with AdamW."""
     head = getattr(model, "lm_head", None)
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -39,7 +40,7 @@ def muon_param_ids(model: nn.Module) -> dict[int, bool]:
         skip.add(id(head.weight))
     ids: dict[int, bool] = {}
     for name, module in model.named_modules():
-        if name.split(".")[-1] == "router":
+        if name.split(".")[-1] in ("router", "shared_gate"):
             continue
         for pname, p in module.named_parameters(recurse=False):
             matrix = isinstance(module, nn.Linear) and pname == "weight"
