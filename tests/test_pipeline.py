@@ -298,6 +298,19 @@ def test_pp2_composes_with_s2_context_parallel(tmp_path):
     assert_same_run(tmp_path / "pp2", tmp_path / "pp1", "pp2 × cp2 s2 against pp1 × cp2 s2")
 
 
+@pytest.mark.slow
+def test_pp2_composes_with_hsdp(tmp_path):
+    """pp 2 × HSDP (dp_replicate 2 × dp_shard 2) on 8 ranks, held to HSDP without a pipeline on 4, and its
+    trajectory to one process."""
+    batch = {"train.global_batch_size": 8}  # 2 micro-batches for each of the 4 data-parallel ranks
+    hsdp = {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, **batch}
+    run_one_process(tmp_path / "ref", "hybrid-tiny", **_pp(**batch))
+    launch(tmp_path, 4, [overrides(tmp_path / "pp1", "hybrid-tiny", **_pp(**hsdp))])
+    launch(tmp_path, 8, [overrides(tmp_path / "pp2", "hybrid-tiny", **_pp(**{"parallel.pp": 2}, **hsdp))])
+    assert_same_run(tmp_path / "pp2", tmp_path / "pp1", "pp2 × hsdp against pp1 × hsdp")
+    assert_same_trajectory(train_records(tmp_path / "pp2"), train_records(tmp_path / "ref"), "pp2 × hsdp")
+
+
 COMPOSED = {
     "dp_shard2": {"parallel.dp_shard": 2},
     "tp2": {"parallel.tp": 2},
