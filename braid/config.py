@@ -410,6 +410,9 @@ def validate(cfg: Config) -> None:
     _require(m.rotary_percent == 1.0 or "M" not in m.pattern, "model.rotary_percent",
              "1.0 on a pattern with M layers (MLA rotates its own model.mla.qk_rope_head_dim channels)",
              m.rotary_percent)
+    _require(not (m.norm_zero_centered and m.connection == "ngpt"), "model.norm_zero_centered",
+             "false with model.connection=ngpt (its connections and final norm are not RMSNorms)",
+             m.norm_zero_centered)
 
     _require(bool(d.source), "data.source", str(CHOICES["data.source"]), d.source)
     _require(d.tokenizer in CHOICES["data.tokenizer"].values or Path(d.tokenizer).exists(), "data.tokenizer",

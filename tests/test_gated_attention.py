@@ -159,6 +159,15 @@ def test_a_zero_centered_norm_scales_by_one_plus_its_weight():
     assert torch.equal(norm.weight, torch.zeros(16))
 
 
+def test_zero_centered_norms_are_refused_with_ngpt():
+    """nGPT's connections and final norm are not RMSNorms: the option would do nothing there."""
+    from braid.config import load_config
+    from braid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.norm_zero_centered.*ngpt"):
+        load_config(None, ["model.preset=llama-tiny", "model.connection=ngpt", "model.norm_zero_centered=true"])
+
+
 def test_partial_rotary_rotates_the_first_channels_as_a_head_that_size():
     """model.rotary_percent: the first int(D · fraction) channels rotate with the frequencies of a
     head of that many channels (transformers' partial_rotary_factor); the others pass unchanged."""
