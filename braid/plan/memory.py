@@ -12,7 +12,9 @@ prefetched) and one block's unsharded fp32 gradient before its reduce-scatter.
 Activations per layer and token: the bf16 tensors each op keeps for backward, counted as Korthikanti et
 al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1-2) do; for a GPT block
 with dropout their count is 34·h bytes per token (s·b·h·34 + 5·a·s²·b). The flash-style attention kernels
-keep no s×s scores, so the 5·a·s/h term is absent here; dropout is not used. With tp and sequence
+keep no s×s scores, so the 5·a·s/h term is absent here; dropout is not used. The delta-rule mixers (K,
+D) are counted tensor by tensor as their Triton path saves them
+(:func:`braid.plan.model_cost.delta_rule_width`, measured in tests/test_plan_activations.py). With tp and sequence
 parallelism every tensor is split by tp (without it, the norms' inputs are not); cp splits the tokens.
 ``full`` checkpointing keeps only each block's input (2·h bytes per token) plus one block's activations
 while it recomputes; ``every_<N>`` keeps full activations of the other blocks. The LM head adds its bf16

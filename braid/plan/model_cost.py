@@ -82,6 +82,32 @@ def _stored_width(module: nn.Module, d_model: int) -> float:
     return width
 
 
+def _chunked_delta_rule(h: int, dk: int, dv: int, c: int) -> float:
+    """fp32 elements per token the Triton chunked delta rule keeps for backward, per its autograd functions:
+    the intra-chunk transform's q, k, v, Γ, β, (I + A)⁻¹, w and u, and the state recurrence's q̃, P, k̃,
+    chunk-end states and decays (``h`` heads of ``dk`` × ``dv``, chunks of ``c``)."""
+    return h * (6 * dk + 2 * dv + 2 * c + dk * dv / c + 1 + dk / c)
+
+
+def delta_rule_width(mixer: nn.Module, letter: str, d_model: int) -> float:
+    """bf16 elements per token a KDA (``K``) or Gated DeltaNet (``D``) mixer keeps for backward on a GPU,
+    tensor by tensor (fp32 ones count twice; ``tests/test_plan_activations.py`` measures the Triton path in
+    the interpreter against it): its input; each short conv's input and pre-SiLU output; the fp32
+    l2-normalised q and k, decay and β gates; the delta rule's own tensors; the gated output norm's fp32
+    intermediates (4 for KDA's sigmoid gate, 5 for GDN's SiLU); the output projection's input."""
+    if letter == "K":
+        h, hd = mixer.n_heads, mixer.head_dim
+        inner = h * hd
+        bf16 = d_model + 6 * inner + 2 * hd + inner  # + the low-rank gates' inner inputs (f_a, g_a outputs)
+        fp32 = 8 * inner + _chunked_delta_rule(h, hd, hd, mixer.chunk_size) + 4 * h  # + per-head norms, β
+        return bf16 + 2 * fp32
+    hk, hv, dk, dv = mixer.n_k_heads, mixer.n_v_heads, mixer.head_k_dim, mixer.head_v_dim
+    conv = 2 * hk * dk + hv * dv
+    bf16 = d_model + 2 * conv + hv * dv
+    fp32 = 2 * hk * (dk + 1) + _chunked_delta_rule(hv, dk, dv, mixer.chunk_size) + 4 * hv + 5 * hv * dv
+    return bf16 + 2 * fp32
+
+
 def layer_costs(cfg: ModelConfig, seq_len: int) -> ModelCost:
     """The per-layer costs of a resolved model config (vocab set) at ``seq_len``."""
     from braid.models.hybrid import HybridLM
@@ -115,18 +141,15 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> ModelCost:
         elif letter == "K":
             flops["kda"] += rest
             inner = mixer.n_heads * mixer.head_dim
-            # conv outputs (q, k, v) feed the delta rule; fp32 chunk states are kept once per chunk
-            width += 3 * inner + 2 * mixer.n_heads * mixer.head_dim ** 2 / mixer.chunk_size
+            width = delta_rule_width(mixer, letter, d)
             state = mixer.n_heads * mixer.head_dim * 2 * mixer.head_dim
             halo = (mixer.conv_size - 1, 3 * inner)
         elif letter == "D":  # Gated DeltaNet: KDA's op on value heads (q, k repeated per group)
             flops["kda"] += rest
             hv, dk, dv = mixer.n_v_heads, mixer.head_k_dim, mixer.head_v_dim
-            conv = 2 * mixer.n_k_heads * dk + hv * dv
-            repeated = 2 * hv * dk if mixer.group > 1 else 0  # the op's own copies of q and k
-            width += conv + repeated + 2 * hv * dk * dv / mixer.chunk_size
+            width = delta_rule_width(mixer, letter, d)
             state = hv * dk * 2 * dv
-            halo = (mixer.conv_size - 1, conv)
+            halo = (mixer.conv_size - 1, 2 * mixer.n_k_heads * dk + hv * dv)
         elif letter == "H":
             from braid.models.attention import mean_visible_keys
 
