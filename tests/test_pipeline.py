@@ -70,8 +70,14 @@ class _Bytes:
     def stage_bytes(self, stage, lo, hi, n_stages):
         return self.stash[stage] * sum(self.per_layer[lo:hi])
 
+    def stage_matrix(self, stage, n_stages):
+        import numpy as np
+
+        n = len(self.per_layer)
+        return np.array([[self.stage_bytes(stage, j, i, n_stages) for i in range(n + 1)] for j in range(n + 1)])
+
     def fits(self, nbytes):
-        return self.limit is None or nbytes <= self.limit
+        return nbytes <= self.limit if self.limit is not None else nbytes == nbytes
 
 
 def _splits(n, n_stages, forbidden=frozenset()):

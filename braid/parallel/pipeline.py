@@ -62,26 +62,29 @@ def _layer_flops(model_cfg: ModelConfig, seq_len: int, cost=None) -> tuple[list[
 
 def _minmax_split(n: int, n_stages: int, value, forbidden: frozenset) -> tuple[float, list[int]]:
     """The contiguous split of ``n`` layers into ``n_stages`` (at least one layer a stage, no stage starting
-    at a layer in ``forbidden``) whose largest ``value(stage, first, end)`` is smallest (inf: not allowed):
-    (that value, the first layer of stages 1..). A dynamic programme, exact."""
-    inf = float("inf")
-    # best[k][i]: the smallest max over stages 0..k-1 covering layers [0, i)
-    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, n_stages + 1):
-        for i in range(k, n - (n_stages - k) + 1):
-            for j in range(k - 1, i):
-                if j in forbidden or best[k - 1][j] == inf:
-                    continue
-                v = max(best[k - 1][j], value(k - 1, j, i))
-                if v < best[k][i]:
-                    best[k][i], cut[k][i] = v, j
-    cuts, i = [], n
-    for k in range(n_stages, 1, -1):
-        i = cut[k][i]
-        cuts.append(i)
-    return best[n_stages][n], sorted(cuts)
+    at a layer in ``forbidden``) whose largest stage value is smallest: (that value, the first layer of
+    stages 1..). ``value(stage)``: an ``[n + 1, n + 1]`` array whose ``[j, i]`` is the value of the stage
+    holding layers ``[j, i)`` (inf: not allowed). A dynamic programme, exact; the earliest cut wins ties."""
+    import numpy as np
+
+    j, i = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    invalid = j >= i
+    for f in forbidden:
+        if 0 < f <= n:
+            invalid[f, :] = True
+    best = np.full(n + 1, np.inf)  # best[i]: the smallest max over the stages so far covering layers [0, i)
+    best[0] = 0.0
+    cuts = []
+    for k in range(n_stages):
+        cand = np.maximum(best[:, None], np.where(invalid, np.inf, value(k)))
+        arg = np.argmin(cand, axis=0)
+        best = cand[arg, np.arange(n + 1)]
+        cuts.append(arg)
+    out, end = [], n
+    for k in range(n_stages - 1, 0, -1):
+        end = int(cuts[k][end])
+        out.append(end)
+    return float(best[n]), sorted(out)
 
 
 def balanced_cuts(weights: list[float], n_stages: int, tail: float = 0.0, forbidden: frozenset = frozenset(),
@@ -93,34 +96,30 @@ def balanced_cuts(weights: list[float], n_stages: int, tail: float = 0.0, forbid
     split is the fastest among those whose every stage fits the GPU (when its size is known), and among
     the equally fast, the one whose fullest stage holds the least; when no split fits, the one whose fullest
     stage holds the least (the nearest to fitting)."""
+    import numpy as np
+
     n = len(weights)
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
+    span = prefix[None, :] - prefix[:, None]  # [j, i]: the weights of layers [j, i)
 
-    def time(k: int, j: int, i: int) -> float:
-        return prefix[i] - prefix[j] + (tail if k == n_stages - 1 else 0.0)
+    def time(k: int) -> np.ndarray:
+        return span + (tail if k == n_stages - 1 else 0.0)
 
-    fastest, cuts = _minmax_split(n, n_stages, time, forbidden)
-    if fastest == float("inf"):
-        raise ConfigError(f"config key 'parallel.pp': the {n} layers cannot be cut into {n_stages} stages without "
-                          f"separating layers that share state (no cut before layers {sorted(forbidden)})")
     if memory is None:
+        fastest, cuts = _minmax_split(n, n_stages, time, forbidden)
+        if fastest == np.inf:
+            raise ConfigError(f"config key 'parallel.pp': the {n} layers cannot be cut into {n_stages} stages "
+                              f"without separating layers that share state (no cut before layers {sorted(forbidden)})")
         return cuts
-
-    def fits(k: int, j: int, i: int) -> bool:
-        return memory.fits(memory.stage_bytes(k, j, i, n_stages))
-
-    fastest_fitting, _ = _minmax_split(n, n_stages, lambda k, j, i: time(k, j, i) if fits(k, j, i) else float("inf"),
-                                       forbidden)
-    bound = fastest_fitting * (1 + 1e-9)
-
-    def held(k: int, j: int, i: int) -> float:
-        if fastest_fitting < float("inf") and not (time(k, j, i) <= bound and fits(k, j, i)):
-            return float("inf")
-        return memory.stage_bytes(k, j, i, n_stages)
-
-    return _minmax_split(n, n_stages, held, forbidden)[1]
+    held = [memory.stage_matrix(k, n_stages) for k in range(n_stages)]
+    fits = [memory.fits(h) for h in held]
+    fastest, _ = _minmax_split(n, n_stages, lambda k: np.where(fits[k], time(k), np.inf), forbidden)
+    if fastest == np.inf:  # nothing fits (or nothing can be cut): the nearest to fitting
+        balanced_cuts(weights, n_stages, tail, forbidden)  # the one-line error when nothing can be cut
+        return _minmax_split(n, n_stages, lambda k: held[k], forbidden)[1]
+    bound = fastest * (1 + 1e-9)
+    return _minmax_split(n, n_stages, lambda k: np.where(fits[k] & (time(k) <= bound), held[k], np.inf),
+                         forbidden)[1]
 
 
 def shared_state_cuts(model: nn.Module) -> frozenset:

@@ -103,49 +103,72 @@ class SplitMemory:
     model states, the activations of as many micro-batches as its schedule holds at once (checkpointed
     layers keep their input, plus one layer's while it recomputes), the FSDP2 buffers of its largest layer,
     the embedding on the first stage and the head and logits on the last. ``usable``: the bytes a GPU
-    offers (None: unknown), of which a rank holding ``v`` stages gives each ``1/v``."""
+    offers (None: unknown), of which a rank holding ``v`` stages gives each ``1/v``. Every candidate stage
+    at once: :meth:`stage_matrix`."""
 
     def __init__(self, cfg: Config, cost: ModelCost, lay: Layout, n_micro: int, hbm_bytes=None, virtual=None):
-        from braid.parallel.activation_checkpoint import checkpointed_layers
+        import numpy as np
+
         from braid.parallel.pipeline import stashed_micro_batches
 
-        self.cost, self.lay = cost, lay
-        self.acts, self.block_input, self.logits = _activations(cfg, cost, lay)
-        self.per_param, self.per_block_param = _state_bytes(lay)
+        self.cost = cost
+        acts, block_input, self.logits = _activations(cfg, cost, lay)
+        per_param, per_block_param = _state_bytes(lay)
         virtual = virtual or lay.virtual  # a run's parallel.pp_virtual_stages, else the schedule's
         self.stash = {}
         for r in range(lay.pp):
             self.stash.update(stashed_micro_batches(lay.pp_schedule, r, lay.pp, virtual, n_micro))
         self.limit = usable(hbm_bytes) / virtual if hbm_bytes else None
-        self._checkpointed = lambda n: checkpointed_layers(lay.ac, n)
-        self._ranges: dict = {}
+        self.first = per_param * cost.first_params
+        self.last = per_param * cost.last_params
+        n = len(cost.layers)
+        acts = np.asarray(acts, dtype=np.float64)
+        params = np.asarray([x.params for x in cost.layers], dtype=np.float64)
 
-    def _range(self, lo: int, hi: int) -> tuple[float, float, float]:
-        """(model-state and buffer bytes, activations kept per micro-batch, recompute working bytes) of the
-        layers [lo, hi)."""
-        key = (lo, hi)
-        if key not in self._ranges:
-            layers = self.cost.layers[lo:hi]
-            params = sum(x.params for x in layers)
-            states = self.per_param * params + self.per_block_param * max(x.params for x in layers)
-            recomputed = {lo + j for j in self._checkpointed(hi - lo)}
-            kept = sum(self.block_input if i in recomputed else self.acts[i] for i in range(lo, hi))
-            working = max((self.acts[i] for i in recomputed), default=0.0)
-            self._ranges[key] = (states, kept, working)
-        return self._ranges[key]
+        def spans(x: np.ndarray) -> np.ndarray:  # [j, i]: the sum of x over layers [j, i)
+            c = np.concatenate([[0.0], np.cumsum(x)])
+            return c[None, :] - c[:, None]
 
-    def stage_bytes(self, stage: int, lo: int, hi: int, n_stages: int) -> float:
-        states, kept, working = self._range(lo, hi)
+        def range_max(x: np.ndarray) -> np.ndarray:  # [j, i]: the max of x over layers [j, i) (0 when empty)
+            out = np.zeros((n + 1, n + 1))
+            for j in range(n):
+                out[j, j + 1:] = np.maximum.accumulate(x[j:])
+            return out
+
+        self.states = per_param * spans(params) + per_block_param * range_max(params)
+        kept = spans(acts)
+        if lay.ac == "full":  # every layer keeps its input only
+            kept = spans(np.full(n, block_input))
+        elif lay.ac != "none":  # every_<N>: the N-th, 2N-th, ... layer of each stage keeps its input only
+            every = int(lay.ac.removeprefix("every_"))
+            saved = acts - block_input
+            for j in range(n):
+                at = np.arange(j + every - 1, n, every)
+                steps = np.zeros(n + 1)
+                steps[at + 1] = saved[at]
+                kept[j] -= np.cumsum(steps)
+        # One layer's activations while it recomputes, in a stage where some layer does.
+        length = np.arange(n + 1)[None, :] - np.arange(n + 1)[:, None]
+        shortest = {"none": n + 1, "full": 1}.get(lay.ac) or int(lay.ac.removeprefix("every_"))
+        self.working = np.where(length >= shortest, range_max(acts), 0.0)
+        self.kept = kept
+
+    def stage_matrix(self, stage: int, n_stages: int):
+        """``[n + 1, n + 1]`` bytes of stage ``stage`` holding layers ``[j, i)`` at ``[j, i]`` (j < i)."""
         stash = self.stash[stage]
-        out = states + stash * kept + working
+        out = self.states + stash * self.kept + self.working
         if stage == 0:
-            out += self.per_param * self.cost.first_params
+            out = out + self.first
         if stage == n_stages - 1:
-            out += self.per_param * self.cost.last_params + stash * self.logits
+            out = out + self.last + stash * self.logits
         return out
 
-    def fits(self, nbytes: float) -> bool:
-        return self.limit is None or nbytes <= self.limit
+    def stage_bytes(self, stage: int, lo: int, hi: int, n_stages: int) -> float:
+        return float(self.stage_matrix(stage, n_stages)[lo, hi])
+
+    def fits(self, nbytes):
+        """Whether ``nbytes`` (a number or an array of them) fit the stage's share of the GPU."""
+        return nbytes <= self.limit if self.limit is not None else nbytes == nbytes
 
 
 def estimate_memory(cfg: Config, cost: ModelCost, lay: Layout, hbm_bytes: float, part=None) -> Memory:
